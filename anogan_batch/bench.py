@@ -1,0 +1,160 @@
+"""`anogan-batch bench`: throughput figures of the latent search and of the Ray job.
+
+Measured in one run, on one model and one set of patches (real MNIST digits from the bundled
+sample, resized to the model's patch size):
+
+- batched: the product's batched search, patches/s in process;
+- loop: the per-patch way of public implementations (one z, one optimiser, one patch at a
+  time), same G, D and Γ; `batched_vs_loop` is the ratio;
+- job: the end-to-end `score` job on a local Ray; `job_vs_inprocess` = job ÷ in-process
+  scorer (same rows, batch size and threads).
+
+Timings are figures, not tests: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _bench_model(size: int, width: int, seed: int = 0):
+    """A DCGAN at its initialisation with BatchNorm statistics from a few train-mode passes."""
+    import torch
+
+    from anogan_batch.model import ModelConfig, build_models, freeze
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(image_size=size, g_width=width, d_width=width)
+    g, d = build_models(cfg)
+    with torch.no_grad():
+        for _ in range(3):
+            d(g(torch.rand(32, cfg.latent_dim) * 2 - 1))
+    freeze(g, d)
+    return cfg, g, d
+
+
+def _patches(n: int, size: int) -> np.ndarray:
+    """n real digits from the bundled sample, resized to size x size, uint8 (n, S, S, 1)."""
+    from PIL import Image
+
+    from anogan_batch.demo import load_sample
+
+    digits = load_sample()["test_images"]
+    out = np.empty((n, size, size, 1), np.uint8)
+    for i in range(n):
+        img = Image.fromarray(digits[i % len(digits)]).resize((size, size), Image.BILINEAR)
+        out[i, :, :, 0] = np.asarray(img)
+    return out
+
+
+def _rate(fn, n: int) -> float:
+    start = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - start)
+
+
+def run_bench(*, quick: bool = False) -> dict[str, Any]:
+    """Run the benchmark and return its figures (also printed as a table)."""
+    import ray
+    import torch
+
+    from anogan_batch.model import to_model_space
+    from anogan_batch.search import SearchConfig, latent_search
+
+    size, width = (28, 8) if quick else (64, 64)
+    iterations = 5 if quick else 100
+    batch = 16 if quick else 64
+    n_loop = 2 if quick else 4
+    n_job = 32 if quick else 128
+    cfg, g, d = _bench_model(size, width)
+    search = SearchConfig(iterations=iterations)
+    pixels = _patches(max(batch, n_job), size)
+    x = to_model_space(torch.from_numpy(pixels), "uint8")
+    ids = [f"bench-{i}" for i in range(len(x))]
+
+    latent_search(g, d, x[:2], ids[:2], SearchConfig(iterations=2))  # warm-up
+    batched = _rate(lambda: latent_search(g, d, x[:batch], ids[:batch], search), batch)
+
+    def loop() -> None:
+        # one patch, one z, one optimiser at a time: what per-sample implementations do
+        for i in range(n_loop):
+            latent_search(g, d, x[i : i + 1], ids[i : i + 1], search)
+
+    looped = _rate(loop, n_loop)
+
+    figures: dict[str, Any] = {
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "model": {"image_size": size, "g_width": width, "d_width": width},
+        "iterations": iterations,
+        "batch_size": batch,
+        "batched_patches_per_s": batched,
+        "loop_patches_per_s": looped,
+        "batched_vs_loop": batched / looped,
+    }
+    figures.update(_job_vs_inprocess(cfg, g, d, pixels[:n_job], search, batch))
+    _print_table(figures)
+    return figures
+
+
+def _job_vs_inprocess(cfg, g, d, pixels, search, batch) -> dict[str, Any]:
+    """End-to-end Ray job vs the in-process scorer, same rows, batch size, model and threads."""
+    import pyarrow.dataset as pads
+    import torch
+
+    from anogan_batch.modeldir import load_model, save_model
+    from anogan_batch.pipeline import ScoreJobConfig
+    from anogan_batch.runner import run_score_job
+    from anogan_batch.scorer import score_table
+    from anogan_batch.tables import write_patch_table
+
+    with tempfile.TemporaryDirectory(prefix="anogan-bench-") as tmp:
+        model_dir = os.path.join(tmp, "model")
+        save_model(model_dir, cfg, g, d, {})
+        table = write_patch_table(os.path.join(tmp, "patches"), pixels, files=4)
+        model = load_model(model_dir)
+        rows = pads.dataset(table).to_table()
+        threads = torch.get_num_threads()
+
+        def inprocess() -> None:
+            for start in range(0, rows.num_rows, batch):
+                score_table(model, rows.slice(start, batch), search, job_id="bench", device="cpu")
+
+        in_rate = _rate(inprocess, rows.num_rows)
+        job = run_score_job(
+            ScoreJobConfig(
+                model_dir,
+                table,
+                os.path.join(tmp, "job"),
+                search=search,
+                batch_size=batch,
+                progress=False,
+            )
+        )
+        job_rate = job.patches_per_second or 0.0
+    return {
+        "job_rows": int(rows.num_rows),
+        "inprocess_patches_per_s": in_rate,
+        "inprocess_threads": threads,
+        "job_patches_per_s": job_rate,
+        "job_vs_inprocess": job_rate / in_rate,
+        "job_resources": job.runs[-1].get("resources"),
+    }
+
+
+def _print_table(figures: dict[str, Any]) -> None:
+    rows = [(k, v) for k, v in figures.items() if not isinstance(v, dict)]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        text = f"{v:,.3f}" if isinstance(v, float) else str(v)
+        print(f"{k:<{width}}  {text}")

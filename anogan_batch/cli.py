@@ -1,0 +1,238 @@
+"""The `anogan-batch` command line (typer).
+
+Commands stay thin: parse flags into a typed config, call the library, print where the results
+are. `main` maps user errors (`AnoganError`) to exit code 2 with the message only; anything
+else is a bug and exits 1 with its traceback. Heavy libraries (torch, ray, pyarrow) are imported
+inside the commands so `anogan-batch --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from anogan_batch.errors import AnoganError, ConfigError
+
+app = typer.Typer(
+    name="anogan-batch",
+    help="Distributed batch anomaly scoring of image archives with AnoGAN on Ray.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _path(metavar: str, what: str = "local path or s3://bucket/prefix"):
+    return Annotated[str, typer.Argument(metavar=metavar, help=what, show_default=False)]
+
+
+def _echo(msg: str) -> None:
+    typer.echo(msg)
+
+
+@app.command()
+def ingest(
+    src: _path("SRC", "folder (or s3:// prefix) of scan files"),
+    out: _path("OUT", "patch table to write (Parquet dataset)"),
+    patch_size: Annotated[int, typer.Option("--patch-size", help="patch side P in pixels")],
+    stride: Annotated[int | None, typer.Option(help="grid step; default P")] = None,
+    label_from_parent: Annotated[
+        bool, typer.Option("--label-from-parent", help="label = name of the file's folder")
+    ] = False,
+) -> None:
+    """Cut every scan under SRC into P x P patches and write a patch table to OUT."""
+    from anogan_batch.ingest import IngestConfig
+    from anogan_batch.ingest import ingest as run_ingest
+
+    cfg = IngestConfig(patch_size=patch_size, stride=stride, label_from_parent=label_from_parent)
+    s = run_ingest(src, out, cfg)
+    _echo(
+        f"ingested {s.files} files: {s.scans} scans -> {s.patches} patches in {out} "
+        f"({s.quarantined_files} files quarantined)"
+    )
+
+
+@app.command()
+def train(
+    patches: _path("PATCHES", "patch table to train on"),
+    model_dir: _path("MODEL_DIR", "where to write the model"),
+    epochs: Annotated[int, typer.Option(help="passes over the normal patches")] = 25,
+    seed: Annotated[int, typer.Option(help="random seed (deterministic on CPU)")] = 0,
+    normal_label: Annotated[
+        str | None, typer.Option("--normal-label", help="train only on rows with this label")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate of G and D")] = 2e-4,
+    latent_dim: Annotated[int, typer.Option("--latent-dim")] = 100,
+    g_width: Annotated[int, typer.Option("--g-width", help="generator width")] = 64,
+    d_width: Annotated[int, typer.Option("--d-width", help="discriminator width")] = 64,
+    max_patches: Annotated[int | None, typer.Option("--max-patches")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Train the GAN on normal patches (only rows whose label is L when given)."""
+    from anogan_batch.training import TrainConfig, train_gan
+
+    cfg = TrainConfig(
+        epochs=epochs,
+        seed=seed,
+        normal_label=normal_label,
+        batch_size=batch_size,
+        lr=lr,
+        latent_dim=latent_dim,
+        g_width=g_width,
+        d_width=d_width,
+        max_patches=max_patches,
+        device=device,
+    )
+    model_id = train_gan(patches, model_dir, cfg, progress=progress)
+    _echo(f"model {model_id} written to {model_dir}")
+
+
+def parse_actors(value: str | None) -> tuple[int, int] | None:
+    """'4' -> (4, 4); '2-8' or '2:8' -> (2, 8) for an autoscaling pool."""
+    if value is None:
+        return None
+    parts = value.replace(":", "-").split("-")
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError("actors", value, "use K or MIN-MAX, e.g. 4 or 2-8") from None
+    if len(nums) == 1:
+        return nums[0], nums[0]
+    if len(nums) == 2:
+        return nums[0], nums[1]
+    raise ConfigError("actors", value, "use K or MIN-MAX, e.g. 4 or 2-8")
+
+
+@app.command()
+def score(
+    model_dir: _path("MODEL_DIR", "trained model (anogan-batch train)"),
+    patches: _path("PATCHES", "patch table to score"),
+    out: _path("OUT", "job output folder (resumes a crashed job)"),
+    iterations: Annotated[int, typer.Option(help="Γ, latent search steps")] = 500,
+    lam: Annotated[float, typer.Option("--lambda", help="λ, weight of the feature loss")] = 0.1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="patches per search")] = 64,
+    actors: Annotated[
+        str | None, typer.Option(help="actor pool size K, or MIN-MAX to autoscale")
+    ] = None,
+    gpus_per_actor: Annotated[
+        float | None, typer.Option("--gpus-per-actor", help="GPUs per actor, may be < 1")
+    ] = None,
+    cpus_per_actor: Annotated[float | None, typer.Option("--cpus-per-actor")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the z initialisation")] = 0,
+    job_id: Annotated[str | None, typer.Option("--job-id")] = None,
+    lr: Annotated[float, typer.Option(help="Adam step size of the search")] = 0.05,
+    threshold: Annotated[float | None, typer.Option(help="count patches above it per scan")] = None,
+    target_file_mb: Annotated[float, typer.Option("--target-file-mb")] = 128.0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ...; default auto")] = None,
+    progress: Annotated[bool, typer.Option(help="show live progress")] = True,
+) -> None:
+    """The distributed scoring job: latent mapping of every patch on Ray actors."""
+    from anogan_batch.pipeline import ScoreJobConfig
+    from anogan_batch.runner import run_score_job
+    from anogan_batch.search import SearchConfig
+
+    cfg = ScoreJobConfig(
+        model_dir=model_dir,
+        patches=patches,
+        out=out,
+        search=SearchConfig(iterations=iterations, lam=lam, lr=lr, seed=seed),
+        batch_size=batch_size,
+        actors=parse_actors(actors),
+        gpus_per_actor=gpus_per_actor,
+        cpus_per_actor=cpus_per_actor,
+        job_id=job_id,
+        threshold=threshold,
+        target_file_mb=target_file_mb,
+        device=device,
+        progress=progress,
+    )
+    m = run_score_job(cfg)
+    _echo(
+        f"job {m.job_id} {m.status}: {m.scored_rows} scored, {m.quarantined_rows} quarantined "
+        f"of {m.input_rows} rows ({m.patches_per_second or 0:.2f} patches/s); outputs in {out}"
+    )
+    if m.scored_rows == 0:
+        raise AnoganError(
+            f"no row of '{patches}' could be scored: all {m.quarantined_rows} rows are in "
+            f"{out}/quarantine with their reasons"
+        )
+
+
+@app.command("eval")
+def eval_(
+    out: _path("OUT", "output folder of a finished score job"),
+    normal_label: Annotated[str, typer.Option("--normal-label", help="label of normal rows")],
+) -> None:
+    """AUROC / AUPRC of a finished job against the `label` column; writes OUT/metrics.json."""
+    from anogan_batch.evaluate import evaluate_job
+
+    m = evaluate_job(out, normal_label)
+    _echo(
+        f"AUROC {m['auroc']:.4f}  AUPRC {m['auprc']:.4f}  "
+        f"({m['n_normal']} normal, {m['n_anomalous']} anomalous)"
+    )
+
+
+@app.command()
+def report(
+    out: _path("OUT", "output folder of a finished score job"),
+    html: Annotated[
+        str | None, typer.Option(help="where to write; default OUT/report.html")
+    ] = None,
+) -> None:
+    """A self-contained HTML report of a finished job."""
+    from anogan_batch.report import write_report
+
+    path = write_report(out, html)
+    _echo(f"report written to {path}")
+
+
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option(help="where the demo writes everything")] = "demo-out",
+    train: Annotated[
+        bool, typer.Option("--train", help="train the GAN here instead of using the bundled one")
+    ] = False,
+    iterations: Annotated[int, typer.Option(help="Γ, latent search steps")] = 500,
+) -> None:
+    """The whole flow on data that ships with the package; finishes with the AUROC."""
+    from anogan_batch.demo import run_demo
+
+    run_demo(out, train=train, iterations=iterations)
+
+
+@app.command()
+def bench(
+    json_path: Annotated[Path | None, typer.Option("--json", help="write figures here")] = None,
+    quick: Annotated[bool, typer.Option(help="tiny sizes: checks the bench runs")] = False,
+) -> None:
+    """The performance benchmark; writes its figures as JSON."""
+    from anogan_batch.bench import run_bench
+
+    figures = run_bench(quick=quick)
+    if json_path is not None:
+        json_path.write_text(json.dumps(figures, indent=2) + "\n")
+        _echo(f"figures written to {json_path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: exit 0 ok, 2 bad usage or input, 1 anything unexpected.
+
+    Typer (standalone mode) already turns usage errors into exit 2 and exits; a user error
+    from the library surfaces here as `AnoganError`, the one place it becomes exit 2.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("anogan_batch").setLevel(logging.INFO)
+    try:
+        app(args=argv, prog_name="anogan-batch")
+    except AnoganError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)

@@ -1,0 +1,56 @@
+"""Validation helpers shared by the typed configs (ModelConfig, SearchConfig, TrainConfig, ...).
+
+Each config is a frozen dataclass that validates itself in `__post_init__` with these helpers, so
+a bad value fails where it enters the system and the error names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from anogan_batch.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def check_int(field: str, value: Any, *, min_value: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(field, value, "must be an integer")
+    if min_value is not None and value < min_value:
+        raise ConfigError(field, value, f"must be >= {min_value}")
+
+
+def check_float(
+    field: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(field, value, "must be a finite number")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ConfigError(field, value, f"must be {'>' if low_open else '>='} {low}")
+    if high is not None and value > high:
+        raise ConfigError(field, value, f"must be <= {high}")
+
+
+def check_choice(field: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(field, value, f"must be one of {', '.join(map(str, choices))}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, where: str) -> T:
+    """Build dataclass `cls` from a dict, rejecting unknown keys (typos, other versions)."""
+    if not isinstance(data, dict):
+        raise ConfigError(where, data, "must be a JSON object")
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}", data[unknown[0]], "unknown field")
+    return cls(**data)

@@ -1,0 +1,31 @@
+"""Exceptions for user errors.
+
+Everything the user can fix (a bad flag, a bad file, a bad column) raises a subclass of
+`AnoganError`. The CLI maps that root to exit code 2 with the message only; anything else is a
+bug and exits 1 with a traceback. Keep messages to one paragraph that names the offending file,
+column, field or value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AnoganError(Exception):
+    """Root of all user-facing errors (exit code 2)."""
+
+
+class ConfigError(AnoganError):
+    """A configuration field has a bad value."""
+
+    def __init__(self, field: str, value: Any, why: str) -> None:
+        self.field, self.value, self.why = field, value, why
+        super().__init__(f"invalid value for '{field}': {value!r} ({why})")
+
+
+class InputError(AnoganError):
+    """An input table, file or row cannot be used."""
+
+
+class ModelError(AnoganError):
+    """A model directory is missing, corrupt, or does not fit the data."""

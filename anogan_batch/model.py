@@ -1,0 +1,163 @@
+"""DCGAN generator and discriminator for square patches (Radford et al. 2016; Schlegl et al. 2017).
+
+Pure model code: no file or CLI I/O. A model is rebuilt from its `ModelConfig` alone, which is
+saved in `model.json` next to the weights (see `modeldir.py`).
+
+Shapes for image size S, C channels, width w, n = number of stride-2 stages, base = S / 2**n:
+
+    G: z (B, latent) -> (B, w*2**(n-1), base, base) -> ... -> (B, w, S/2, S/2) -> (B, C, S, S)
+    D: x (B, C, S, S) -> (B, w, S/2, S/2) -> ... -> f(x) (B, w*2**(n-1), base, base) -> logit (B,)
+
+f(x), the output of D's last convolutional block, is the feature layer of the AnoGAN
+discrimination loss (the paper's feature-matching layer), never D's sigmoid output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from anogan_batch.config import check_choice, check_int
+
+# Largest value of each supported pixel type: stored pixels p in [0, max] map to p/max*2-1 in
+# [-1, 1], the range of G's tanh output. float32 tables hold intensities already in [0, 1].
+PIXEL_MAX = {"uint8": 255.0, "uint16": 65535.0, "float32": 1.0}
+PRIORS = ("uniform",)
+D_NORMS = ("batch", "spectral", "none")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a G/D pair; everything needed to rebuild it, nothing else."""
+
+    image_size: int = 64
+    channels: int = 1
+    latent_dim: int = 100
+    g_width: int = 64  # channels of G's last hidden block, doubled per stage towards z
+    d_width: int = 64  # channels of D's first block, doubled per stage
+    d_norm: str = "batch"  # normalisation in D's hidden blocks
+    prior: str = "uniform"  # z ~ U(-1, 1)^latent_dim; the search keeps z in that box
+    pixel_dtype: str = "uint8"  # dtype of the patch table's `image` column this model reads
+
+    def __post_init__(self) -> None:
+        check_int("image_size", self.image_size, min_value=8)
+        check_choice("channels", self.channels, (1, 3))
+        check_int("latent_dim", self.latent_dim, min_value=1)
+        check_int("g_width", self.g_width, min_value=1)
+        check_int("d_width", self.d_width, min_value=1)
+        check_choice("d_norm", self.d_norm, D_NORMS)
+        check_choice("prior", self.prior, PRIORS)
+        check_choice("pixel_dtype", self.pixel_dtype, tuple(PIXEL_MAX))
+        if self.stages < 2:
+            from anogan_batch.errors import ConfigError
+
+            raise ConfigError(
+                "image_size", self.image_size, "must be divisible by 4 with a quotient >= 4"
+            )
+
+    @property
+    def stages(self) -> int:
+        """Number of stride-2 stages: the most halvings that leave an integer side >= 4."""
+        n, size = 0, self.image_size
+        while size % 2 == 0 and size // 2 >= 4:
+            n, size = n + 1, size // 2
+        return n
+
+    @property
+    def base(self) -> int:
+        """Side of the smallest feature map (4 for 32 and 64, 7 for 28)."""
+        return self.image_size >> self.stages
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Generator(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        n, w = cfg.stages, cfg.g_width
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(cfg.latent_dim, w * 2 ** (n - 1), cfg.base, 1, 0, bias=False),
+            nn.BatchNorm2d(w * 2 ** (n - 1)),
+            nn.ReLU(True),
+        ]
+        for i in reversed(range(n - 1)):  # each block doubles the side, halves the channels
+            layers += [
+                nn.ConvTranspose2d(w * 2 ** (i + 1), w * 2**i, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(w * 2**i),
+                nn.ReLU(True),
+            ]
+        layers += [nn.ConvTranspose2d(w, cfg.channels, 4, 2, 1, bias=False), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        self.latent_dim = cfg.latent_dim
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        # z: (B, latent) -> (B, latent, 1, 1) -> image (B, C, S, S) in [-1, 1]
+        return self.net(z[:, :, None, None])
+
+
+def _maybe_sn(conv: nn.Conv2d, norm: str) -> nn.Module:
+    return nn.utils.parametrizations.spectral_norm(conv) if norm == "spectral" else conv
+
+
+class Discriminator(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        n, w = cfg.stages, cfg.d_width
+        layers: list[nn.Module] = [
+            _maybe_sn(nn.Conv2d(cfg.channels, w, 4, 2, 1, bias=False), cfg.d_norm),
+            nn.LeakyReLU(0.2, True),
+        ]
+        for i in range(1, n):  # each block halves the side, doubles the channels
+            layers.append(
+                _maybe_sn(nn.Conv2d(w * 2 ** (i - 1), w * 2**i, 4, 2, 1, bias=False), cfg.d_norm)
+            )
+            if cfg.d_norm == "batch":
+                layers.append(nn.BatchNorm2d(w * 2**i))
+            layers.append(nn.LeakyReLU(0.2, True))
+        self.features = nn.Sequential(*layers)
+        self.head = _maybe_sn(
+            nn.Conv2d(w * 2 ** (n - 1), 1, cfg.base, 1, 0, bias=False), cfg.d_norm
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logit (B,), features f(x) (B, w*2**(n-1), base, base))."""
+        f = self.features(x)
+        return self.head(f).flatten(), f
+
+
+def build_models(cfg: ModelConfig) -> tuple[Generator, Discriminator]:
+    """Fresh G and D with the DCGAN initialisation (N(0, 0.02) convs, N(1, 0.02) BN scales)."""
+    g, d = Generator(cfg), Discriminator(cfg)
+    for module in (*g.modules(), *d.modules()):
+        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+            weight = getattr(module, "parametrizations", None)
+            target = weight.weight.original if weight is not None else module.weight
+            nn.init.normal_(target, 0.0, 0.02)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.normal_(module.weight, 1.0, 0.02)
+            nn.init.zeros_(module.bias)
+    return g, d
+
+
+def freeze(*modules: nn.Module) -> None:
+    """Eval mode (BatchNorm uses running statistics) and no parameter gradients.
+
+    Eval mode is what makes a patch's score independent of its batch-mates.
+    """
+    for m in modules:
+        m.eval()
+        m.requires_grad_(False)
+
+
+def to_model_space(pixels: torch.Tensor, pixel_dtype: str) -> torch.Tensor:
+    """Stored pixels (B, H, W, C) of `pixel_dtype` -> float32 (B, C, H, W) in [-1, 1]."""
+    x = pixels.to(torch.float32).permute(0, 3, 1, 2)
+    return x * (2.0 / PIXEL_MAX[pixel_dtype]) - 1.0
+
+
+def to_pixel_space(x: torch.Tensor) -> torch.Tensor:
+    """Model space (B, C, H, W) in [-1, 1] -> float (B, H, W, C) in [0, 1] for display."""
+    return ((x.clamp(-1, 1) + 1.0) / 2.0).permute(0, 2, 3, 1)

@@ -1,0 +1,214 @@
+"""`anogan-batch report`: one self-contained HTML file about a finished job.
+
+Images are inlined as data: URIs and charts as inline SVG, so the file can be mailed or
+archived on its own. Only small columns and the top-K rows are read; the report never loads a
+whole patch table.
+"""
+
+from __future__ import annotations
+
+import base64
+from html import escape
+from typing import Any
+
+import numpy as np
+
+from anogan_batch import storage
+from anogan_batch.errors import InputError
+
+TOP_K = 16
+
+
+def _img(png: bytes, size: int = 84, title: str = "") -> str:
+    data = base64.b64encode(png).decode()
+    return (
+        f'<img src="data:image/png;base64,{data}" width="{size}" height="{size}" '
+        f'style="image-rendering:pixelated" title="{escape(title)}" alt="{escape(title)}">'
+    )
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return escape("" if v is None else str(v))
+
+
+def top_patches(out: str, k: int = TOP_K) -> list[dict[str, Any]]:
+    """The k most anomalous patches with x, G(z) and |x - G(z)| as PNG bytes."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import torch
+
+    from anogan_batch.job import JobManifest
+    from anogan_batch.model import to_pixel_space
+    from anogan_batch.modeldir import load_model
+    from anogan_batch.patches import DTYPES, decode_map
+    from anogan_batch.plots import png_bytes
+    from anogan_batch.tables import open_dataset
+
+    manifest = JobManifest.load(out)
+    scores = open_dataset(storage.join(out, "patch_scores"))
+    light = scores.to_table(columns=["patch_id", "anomaly_score"])
+    if light.num_rows == 0:
+        return []
+    order = pc.sort_indices(light, [("anomaly_score", "descending")])[:k]
+    ids = light.column("patch_id").take(order)
+    cols = [
+        "patch_id",
+        "scan_id",
+        "x",
+        "y",
+        "label",
+        "anomaly_score",
+        "residual_score",
+        "discrimination_score",
+        "residual_map",
+        "latent",
+        "height",
+        "width",
+        "channels",
+    ]
+    rows = scores.to_table(columns=cols, filter=pads.field("patch_id").isin(ids)).to_pylist()
+    rows.sort(key=lambda r: -r["anomaly_score"])
+
+    model = load_model(_model_dir(manifest))
+    inputs = open_dataset(manifest.params["patches"]).to_table(
+        columns=["patch_id", "image"], filter=pads.field("patch_id").isin(ids)
+    )
+    images = dict(
+        zip(inputs.column("patch_id").to_pylist(), inputs.column("image").to_pylist(), strict=True)
+    )
+    spec = model.patch_spec
+    for r in rows:
+        h, w, c = r["height"], r["width"], r["channels"]
+        z = torch.from_numpy(np.frombuffer(r.pop("latent"), dtype="<f4").copy())[None]
+        with torch.no_grad():
+            gz = to_pixel_space(model.generator(z))[0].numpy()
+        residual = decode_map(r.pop("residual_map"), h, w, c) / 2.0  # [0, 2] -> [0, 1]
+        raw = images.get(r["patch_id"])
+        if raw is not None:
+            x = np.frombuffer(raw, dtype=DTYPES[spec.dtype]).reshape(h, w, c)
+            r["x_png"] = png_bytes(x.astype(np.float32) / _pixel_max(spec.dtype))
+        r["gz_png"] = png_bytes(gz)
+        r["residual_png"] = png_bytes(residual)
+    return rows
+
+
+def _pixel_max(dtype: str) -> float:
+    from anogan_batch.model import PIXEL_MAX
+
+    return PIXEL_MAX[dtype]
+
+
+def _model_dir(manifest) -> str:
+    model_dir = manifest.params.get("model_dir")
+    if not model_dir:
+        raise InputError(f"job {manifest.job_id} does not record its model directory")
+    return model_dir
+
+
+def write_report(out: str, html_path: str | None = None) -> str:
+    """Write the report of job OUT to `html_path` (default OUT/report.html); return the path."""
+    from anogan_batch.evaluate import roc_curve
+    from anogan_batch.job import JobManifest
+    from anogan_batch.plots import histogram_svg, line_chart_svg
+    from anogan_batch.tables import read_columns
+
+    manifest = JobManifest.load(out)
+    if manifest is None:
+        raise InputError(f"'{out}' holds no job.json: not the OUT of a score job")
+    html_path = html_path or storage.join(out, "report.html")
+    table = read_columns(storage.join(out, "patch_scores"), ["anomaly_score", "label"])
+    scores = table.column("anomaly_score").to_numpy()
+    labels = (
+        table.column("label").to_pylist() if "label" in table.column_names else [None] * len(scores)
+    )
+    groups: dict[str, list[float]] = {}
+    for s, lab in zip(scores, labels, strict=True):
+        groups.setdefault("(none)" if lab is None else lab, []).append(float(s))
+    hist = histogram_svg(
+        {k: np.array(v) for k, v in sorted(groups.items())},
+        title="anomaly score by label",
+        xlabel="anomaly_score",
+    )
+    metrics = {}
+    if storage.exists(storage.join(out, "metrics.json")):
+        metrics = storage.read_json(storage.join(out, "metrics.json"))
+    roc = ""
+    if metrics.get("normal_label") is not None:
+        keep = [lab is not None for lab in labels]
+        pos = np.array([lab != metrics["normal_label"] for lab in labels])[keep]
+        fpr, tpr = roc_curve(scores[keep], pos)
+        roc = line_chart_svg(
+            {f"AUROC {metrics['auroc']:.4f}": (fpr.tolist(), tpr.tolist())},
+            title="ROC (patches)",
+            xlabel="false positive rate",
+            ylabel="true positive rate",
+            diagonal=True,
+        )
+
+    top = top_patches(out)
+    top_rows = "".join(
+        f"<tr><td>{escape(r['patch_id'])}</td><td>{_fmt(r['label'])}</td>"
+        f"<td>{r['anomaly_score']:.4g}</td>"
+        f"<td>{_img(r['x_png'], title='x') if 'x_png' in r else ''}</td>"
+        f"<td>{_img(r['gz_png'], title='G(z)')}</td>"
+        f"<td>{_img(r['residual_png'], title='residual')}</td></tr>"
+        for r in top
+    )
+    scans_html = ""
+    scan_dir = storage.join(out, "scan_scores")
+    if storage.is_dir(scan_dir) or storage.exists(scan_dir):
+        scans = read_columns(
+            scan_dir, ["scan_id", "n_patches", "max_score", "mean_score", "p95_score", "label"]
+        )
+        scans = scans.sort_by([("max_score", "descending")]).slice(0, 20).to_pylist()
+        scans_html = _table(
+            scans, ["scan_id", "label", "n_patches", "max_score", "mean_score", "p95_score"]
+        )
+    job_rows = [
+        {"key": k, "value": v}
+        for k, v in (
+            ("job_id", manifest.job_id),
+            ("status", manifest.status),
+            ("model_id", manifest.model_id),
+            (
+                "input / scored / quarantined",
+                f"{manifest.input_rows} / {manifest.scored_rows} / {manifest.quarantined_rows}",
+            ),
+            ("started / finished", f"{manifest.started_at} / {manifest.finished_at}"),
+            ("patches per second", manifest.patches_per_second),
+            *((f"param {k}", v) for k, v in manifest.params.items()),
+            *((f"metric {k}", v) for k, v in metrics.items() if not isinstance(v, dict)),
+        )
+    ]
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>anogan-batch job {escape(manifest.job_id)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ddd; padding: 4px 8px; text-align: left; font-size: 13px; }}
+th {{ background: #f4f4f4; }}
+.charts {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+</style></head><body>
+<h1>anogan-batch job {escape(manifest.job_id)}</h1>
+<h2>Job</h2>{_table(job_rows, ["key", "value"])}
+<h2>Scores</h2><div class="charts">{hist}{roc}</div>
+<h2>Top {len(top)} anomalous patches</h2>
+<p>x, its closest generated patch G(z), and the residual |x − G(z)| (bright = anomalous).</p>
+<table id="top-patches"><thead><tr><th>patch_id</th><th>label</th><th>anomaly_score</th>
+<th>x</th><th>G(z)</th><th>residual</th></tr></thead><tbody>{top_rows}</tbody></table>
+<h2>Top scans</h2>{scans_html}
+</body></html>
+"""
+    storage.write_bytes(html_path, page.encode())
+    return html_path

@@ -1,0 +1,265 @@
+"""`run_score_job`: checks, the job manifest, the Ray run, aggregation and final counts.
+
+Order matters for crash safety: job.json says `running` before any row is written; rows are
+written exactly once through the checkpointed pipeline; scan_scores is derived afterwards and
+rewritten on every run; `succeeded` is written last, only when every input row is accounted
+for in patch_scores or quarantine.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+from anogan_batch import storage
+from anogan_batch.errors import AnoganError, InputError
+from anogan_batch.job import JobManifest, check_rerun, new_job_id, now
+from anogan_batch.pipeline import (
+    CHECKPOINT_DIR,
+    IO_CPUS,
+    Resources,
+    ScoreJobConfig,
+    _make_sink,
+    _quiet_ray_data,
+    build_pipeline,
+    connect_ray,
+    plan_resources,
+    recover_pending,
+)
+
+log = logging.getLogger(__name__)
+
+
+def output_rows(out: str, table: str) -> int:
+    """Rows in OUT/<table> from Parquet footers (0 when the table does not exist yet)."""
+    from anogan_batch.tables import count_rows, open_dataset
+
+    path = storage.join(out, table)
+    if not storage.is_dir(path) and not storage.exists(path):
+        return 0
+    if not storage.list_files(path, suffixes=(".parquet",)):
+        return 0
+    return count_rows(open_dataset(path), path)
+
+
+def preflight(cfg: ScoreJobConfig) -> tuple[str, int]:
+    """Fail fast (exit 2) on a bad model or a table that cannot fit it. -> (model_id, rows)."""
+    from anogan_batch.modeldir import load_model
+    from anogan_batch.patches import row_problem
+    from anogan_batch.tables import count_rows, first_rows, open_patch_table
+
+    model = load_model(cfg.model_dir)
+    ds = open_patch_table(cfg.patches)
+    rows = count_rows(ds, cfg.patches)
+    if rows == 0:
+        raise InputError(f"patch table '{cfg.patches}' is empty: nothing to score")
+    sample = first_rows(ds, ["patch_id", "image", "height", "width", "channels", "dtype"])
+    cols = sample.column_names
+    image = sample.column("image")[0].as_py()
+    shape = None
+    if all(c in cols for c in ("height", "width", "channels")):
+        shape = tuple(
+            int(sample.column(c)[0].as_py() or 0) for c in ("height", "width", "channels")
+        )
+    dtype = sample.column("dtype")[0].as_py() if "dtype" in cols else None
+    problem = row_problem(model.patch_spec, None if image is None else len(image), shape, dtype)
+    if problem is not None:
+        raise InputError(
+            f"patch table '{cfg.patches}' does not fit model '{cfg.model_dir}': first row "
+            f"{sample.column('patch_id')[0].as_py()!r}: {problem}"
+        )
+    return model.model_id, rows
+
+
+def identity(cfg: ScoreJobConfig, model_id: str) -> dict[str, Any]:
+    return {
+        "model_id": model_id,
+        "patches": cfg.patches,
+        "iterations": cfg.search.iterations,
+        "lambda": cfg.search.lam,
+        "lr": cfg.search.lr,
+        "seed": cfg.search.seed,
+    }
+
+
+class _Progress:
+    """A Ray actor counts rows the scorers finished; a driver thread prints rate and ETA."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        import ray
+
+        @ray.remote(num_cpus=0)
+        class Counter:
+            def __init__(self) -> None:
+                self.n = 0
+
+            def add(self, k: int) -> None:
+                self.n += k
+
+            def get(self) -> int:
+                return self.n
+
+        self.actor = Counter.remote()
+        self.total, self.enabled = total, enabled
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def done(self) -> int:
+        import ray
+
+        return int(ray.get(self.actor.get.remote()))
+
+    def line(self) -> str:
+        n = self.done()
+        elapsed = max(1e-9, time.time() - self.started)
+        rate = n / elapsed
+        eta = (self.total - n) / rate if rate > 0 else float("nan")
+        eta_s = "?" if eta != eta else f"{int(eta // 60)}m{int(eta % 60):02d}s"
+        return f"scored {n:,}/{self.total:,} patches | {rate:.1f} patches/s | ETA {eta_s}"
+
+    def _run(self) -> None:
+        tty = sys.stderr.isatty()
+        interval = 1.0 if tty else 15.0
+        while not self._stop.wait(interval):
+            try:
+                text = self.line()
+            except Exception:  # the cluster is going away; the job itself reports errors
+                return
+            sys.stderr.write(("\r" + text) if tty else (text + "\n"))
+            sys.stderr.flush()
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+            sys.stderr.write("\n")
+
+
+def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
+    """Score every row of cfg.patches into cfg.out (resuming a crashed run). -> manifest."""
+    import ray
+
+    from anogan_batch.aggregate import write_scan_scores
+
+    cfg = replace(
+        cfg,
+        model_dir=storage.absolute(cfg.model_dir),
+        patches=storage.absolute(cfg.patches),
+        out=storage.absolute(cfg.out),
+    )
+    model_id, input_rows = preflight(cfg)
+    ident = identity(cfg, model_id)
+    existing = JobManifest.load(cfg.out)
+    if existing is not None:
+        check_rerun(existing, ident, cfg.job_id, cfg.out)
+        if existing.status == "succeeded":
+            log.warning("job %s in '%s' already succeeded; nothing to do", existing.job_id, cfg.out)
+            return existing
+        manifest = existing
+        manifest.status, manifest.error, manifest.finished_at = "running", None, None
+    else:
+        if output_rows(cfg.out, "patch_scores") or output_rows(cfg.out, "quarantine"):
+            raise InputError(f"'{cfg.out}' already holds scores but no job.json: use an empty OUT")
+        manifest = JobManifest(
+            job_id=cfg.job_id or new_job_id(),
+            status="running",
+            model_id=model_id,
+            params={
+                **ident,
+                "model_dir": cfg.model_dir,
+                "batch_size": cfg.batch_size,
+                "threshold": cfg.threshold,
+            },
+            input_rows=input_rows,
+        )
+    manifest.input_rows = input_rows
+    run: dict[str, Any] = {"started_at": now()}
+    manifest.runs.append(run)
+    manifest.save(cfg.out)
+
+    try:
+        connect_ray()
+        _quiet_ray_data()
+        res = plan_resources(cfg, ray.cluster_resources(), [n for n in ray.nodes() if n["Alive"]])
+        run["resources"] = asdict(res)
+        run["recovered_pending_writes"] = recover_pending(cfg.out)
+        before = output_rows(cfg.out, "patch_scores") + output_rows(cfg.out, "quarantine")
+        started = time.time()
+        _execute(cfg, res, manifest, model_id, input_rows - before)
+        elapsed = time.time() - started
+        scan_out = storage.join(cfg.out, "scan_scores")
+        manifest.scored_rows = output_rows(cfg.out, "patch_scores")
+        manifest.quarantined_rows = output_rows(cfg.out, "quarantine")
+        if manifest.scored_rows:
+            write_scan_scores(
+                storage.join(cfg.out, "patch_scores"), scan_out, threshold=cfg.threshold
+            )
+        done_now = manifest.scored_rows + manifest.quarantined_rows - before
+        run.update(finished_at=now(), rows=done_now, seconds=round(elapsed, 2))
+        manifest.patches_per_second = round(done_now / elapsed, 3) if elapsed > 0 else None
+        if manifest.scored_rows + manifest.quarantined_rows != input_rows:
+            raise RuntimeError(
+                f"row accounting failed: {input_rows} input rows, {manifest.scored_rows} scored, "
+                f"{manifest.quarantined_rows} quarantined"
+            )
+        manifest.status, manifest.finished_at = "succeeded", now()
+        manifest.save(cfg.out)
+        storage.delete(storage.join(cfg.out, CHECKPOINT_DIR))
+        return manifest
+    except BaseException as e:
+        manifest.status, manifest.finished_at = "failed", now()
+        manifest.error = f"{type(e).__name__}: {e}"
+        run["finished_at"] = now()
+        try:
+            manifest.save(cfg.out)
+        except Exception:  # keep the original error
+            log.exception("could not record the failure in job.json")
+        raise
+
+
+def _execute(
+    cfg: ScoreJobConfig, res: Resources, manifest: JobManifest, model_id: str, todo: int
+) -> None:
+    from ray.data import DataContext
+    from ray.data.checkpoint import CheckpointConfig
+
+    ctx = DataContext.get_current()
+    fs, _ = storage.filesystem_for(storage.join(cfg.out, CHECKPOINT_DIR))
+    ctx.checkpoint_config = CheckpointConfig(
+        id_column="patch_id",
+        checkpoint_path=storage.join(cfg.out, CHECKPOINT_DIR),
+        override_filesystem=fs,
+        # job.json, not Ray, decides when a job is over: a checkpoint deleted before
+        # job.json says "succeeded" would make a rerun score everything again.
+        delete_checkpoint_on_success=False,
+    )
+    try:
+        with _Progress(todo, cfg.progress) as progress:
+            ds = build_pipeline(cfg, res, manifest.job_id, model_id, progress=progress.actor)
+            ds.write_datasink(
+                _make_sink(cfg.out, _rows_per_file(cfg, model_id)),
+                ray_remote_args={"num_cpus": IO_CPUS},
+            )
+    finally:
+        ctx.checkpoint_config = None
+
+
+def _rows_per_file(cfg: ScoreJobConfig, model_id: str) -> int:
+    from anogan_batch.modeldir import read_model_json
+
+    arch = read_model_json(cfg.model_dir)["architecture"]
+    row_bytes = arch["image_size"] ** 2 * arch["channels"] * 4 + arch["latent_dim"] * 4 + 256
+    return max(1, int(cfg.target_file_mb * 2**20 / row_bytes))
+
+
+__all__ = ["AnoganError", "output_rows", "preflight", "run_score_job"]

@@ -1,0 +1,174 @@
+"""The scoring actor: loads the frozen model once, then scores batches of patch rows.
+
+`PatchScorer` is the callable class Ray Data runs in an actor pool (`map_batches`); it is also
+usable in process (the benchmark's baseline). Each output row carries either scores (`reason`
+null) or a `reason` why the row could not be scored; the job's sink routes the latter to
+`quarantine`. A batch whose search raises is quarantined with the error rather than failing the
+job: one poisoned batch must not cost a night's run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from anogan_batch.search import SearchConfig
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from anogan_batch.modeldir import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def output_schema() -> pa.Schema:
+    """Rows leaving the scorer: patch_scores columns plus `reason` (null when scored)."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("patch_id", pa.string()),
+            ("scan_id", pa.string()),
+            ("x", pa.int32()),
+            ("y", pa.int32()),
+            ("label", pa.string()),
+            ("anomaly_score", pa.float64()),
+            ("residual_score", pa.float64()),
+            ("discrimination_score", pa.float64()),
+            ("residual_map", pa.binary()),  # float32 LE, (height, width, channels)
+            ("latent", pa.binary()),  # float32 LE, the final z (latent_dim,)
+            ("height", pa.int32()),
+            ("width", pa.int32()),
+            ("channels", pa.int32()),
+            ("job_id", pa.string()),
+            ("model_id", pa.string()),
+            ("reason", pa.string()),
+        ]
+    )
+
+
+def pick_device(requested: str | None = None) -> str:
+    import torch
+
+    if requested:
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def score_table(
+    model: LoadedModel, table: pa.Table, cfg: SearchConfig, *, job_id: str, device: str
+) -> pa.Table:
+    """Score one batch of patch rows in process; returns rows of `output_schema()`."""
+    import pyarrow as pa
+    import torch
+
+    from anogan_batch.model import to_model_space
+    from anogan_batch.patches import decode_patches, encode_maps
+    from anogan_batch.search import latent_search
+
+    spec = model.patch_spec
+    n = table.num_rows
+    pixels, reasons = decode_patches(table, spec)
+    ok = np.array([r is None for r in reasons], dtype=bool)
+    ids = table.column("patch_id").to_pylist()
+
+    anomaly = np.full(n, np.nan)
+    residual = np.full(n, np.nan)
+    discrimination = np.full(n, np.nan)
+    maps: list[bytes | None] = [None] * n
+    latents: list[bytes | None] = [None] * n
+    idx = np.flatnonzero(ok)
+    if len(idx):
+        try:
+            x = to_model_space(torch.from_numpy(pixels[idx]), spec.dtype).to(device)
+            result = latent_search(
+                model.generator, model.discriminator, x, [ids[i] for i in idx], cfg
+            )
+            anomaly[idx] = result.anomaly_score
+            residual[idx] = result.residual_score
+            discrimination[idx] = result.discrimination_score
+            for j, raw in zip(idx, encode_maps(result.residual_map), strict=True):
+                maps[j] = raw
+            for j, z in zip(idx, result.z.astype("<f4"), strict=True):
+                latents[j] = z.tobytes()
+            bad = ~np.isfinite(anomaly[idx])
+            for j in idx[bad]:
+                reasons[j] = "search produced a non-finite score"
+        except Exception as e:  # quarantine the batch, keep the job alive
+            log.exception("scoring a batch of %d patches failed", len(idx))
+            for j in idx:
+                reasons[j] = f"scoring failed: {type(e).__name__}: {e}"
+
+    scored = np.array([r is None for r in reasons], dtype=bool)
+    nulls = ~scored
+
+    def col(name: str, typ: pa.DataType) -> pa.Array:
+        if name in table.column_names:
+            return table.column(name).combine_chunks().cast(typ)
+        return pa.nulls(n, typ)
+
+    s = spec.size
+    return pa.table(
+        {
+            "patch_id": col("patch_id", pa.string()),
+            "scan_id": col("scan_id", pa.string()),
+            "x": col("x", pa.int32()),
+            "y": col("y", pa.int32()),
+            "label": col("label", pa.string()),
+            "anomaly_score": pa.array(anomaly, pa.float64(), mask=nulls),
+            "residual_score": pa.array(residual, pa.float64(), mask=nulls),
+            "discrimination_score": pa.array(discrimination, pa.float64(), mask=nulls),
+            "residual_map": pa.array(
+                [m if k else None for m, k in zip(maps, scored, strict=True)], pa.binary()
+            ),
+            "latent": pa.array(
+                [z if k else None for z, k in zip(latents, scored, strict=True)], pa.binary()
+            ),
+            "height": pa.array(np.full(n, s, np.int32), pa.int32()),
+            "width": pa.array(np.full(n, s, np.int32), pa.int32()),
+            "channels": pa.array(np.full(n, spec.channels, np.int32), pa.int32()),
+            "job_id": pa.array([job_id] * n, pa.string()),
+            "model_id": pa.array([model.model_id] * n, pa.string()),
+            "reason": pa.array(reasons, pa.string()),
+        },
+        schema=output_schema(),
+    )
+
+
+class PatchScorer:
+    """Ray Data callable class: one frozen G/D per actor, `__call__` per batch of rows."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        search: SearchConfig,
+        job_id: str,
+        model_id: str | None = None,
+        device: str | None = None,
+        threads: int | None = None,
+        progress=None,
+    ) -> None:
+        import torch
+
+        from anogan_batch.modeldir import load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = pick_device(device)
+        self.model = load_model(model_dir, expect_model_id=model_id).to(self.device)
+        self.search = search
+        self.job_id = job_id
+        self.progress = progress  # optional Ray actor counting rows done, for the driver's bar
+        log.info(
+            "scorer on pid %d: model %s on %s", os.getpid(), self.model.model_id[:12], self.device
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = score_table(self.model, batch, self.search, job_id=self.job_id, device=self.device)
+        if self.progress is not None:
+            self.progress.add.remote(out.num_rows)
+        return out

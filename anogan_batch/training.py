@@ -1,0 +1,269 @@
+"""GAN training on the normal patches of a patch table (DCGAN recipe).
+
+Adam(2e-4, β1 = 0.5), non-saturating generator loss, z ~ U(-1, 1). Deterministic on CPU for a
+given seed: one torch.Generator drives shuffling and z, and deterministic kernels are enforced.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from anogan_batch import storage
+from anogan_batch.config import check_float, check_int
+from anogan_batch.errors import InputError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training parameters; saved in model.json under "training"."""
+
+    epochs: int = 25
+    batch_size: int = 64
+    lr: float = 2e-4
+    beta1: float = 0.5
+    seed: int = 0
+    normal_label: str | None = None
+    latent_dim: int = 100
+    g_width: int = 64
+    d_width: int = 64
+    d_norm: str = "batch"
+    max_patches: int | None = None  # cap on training patches (first by patch_id)
+    device: str | None = None  # None: CUDA when present, else CPU
+
+    def __post_init__(self) -> None:
+        check_int("epochs", self.epochs, min_value=1)
+        check_int("batch_size", self.batch_size, min_value=2)
+        check_float("lr", self.lr, low=0.0, low_open=True)
+        check_float("beta1", self.beta1, low=0.0, high=1.0)
+        check_int("seed", self.seed, min_value=0)
+        if self.max_patches is not None:
+            check_int("max_patches", self.max_patches, min_value=1)
+
+
+@dataclass
+class TrainingData:
+    pixels: np.ndarray  # (N, S, S, C) of the table's dtype
+    dtype: str
+    fingerprint: str  # sha256 over (patch_id, image bytes) in patch_id order
+    skipped: int  # rows not readable as the first row's shape/dtype
+
+
+def load_training_patches(path: str, cfg: TrainConfig) -> TrainingData:
+    """Read the normal patches of a patch table into memory, checked and fingerprinted."""
+    import pyarrow.dataset as pads
+
+    from anogan_batch.patches import decode_patches
+    from anogan_batch.tables import open_patch_table
+
+    ds = open_patch_table(path)
+    filt = None
+    if cfg.normal_label is not None:
+        if "label" not in ds.schema.names:
+            raise InputError(
+                f"--normal-label {cfg.normal_label!r} given, but '{path}' has no 'label' column"
+            )
+        filt = pads.field("label") == cfg.normal_label
+    cols = [
+        c
+        for c in ("patch_id", "image", "height", "width", "channels", "dtype")
+        if c in ds.schema.names
+    ]
+    table = ds.to_table(columns=cols, filter=filt)
+    if table.num_rows == 0:
+        which = f"with label {cfg.normal_label!r} " if cfg.normal_label is not None else ""
+        raise InputError(f"patch table '{path}' has no rows {which}to train on")
+    table = table.sort_by("patch_id")
+    if cfg.max_patches is not None:
+        table = table.slice(0, cfg.max_patches)
+
+    spec = _spec_of_first_row(table, path)
+    pixels, reasons = decode_patches(table, spec)
+    ok = np.array([r is None for r in reasons])
+    if not ok.any():
+        raise InputError(f"patch table '{path}': no readable rows; first problem: {reasons[0]}")
+    digest = hashlib.sha256()
+    ids = table.column("patch_id").to_pylist()
+    for i in np.flatnonzero(ok):
+        digest.update(ids[i].encode() + b"\0" + pixels[i].tobytes())
+    return TrainingData(pixels[ok], spec.dtype, digest.hexdigest(), int((~ok).sum()))
+
+
+def _spec_of_first_row(table, path: str):
+    from anogan_batch.patches import DTYPES, PatchSpec
+
+    names = table.column_names
+    if all(c in names for c in ("height", "width", "channels", "dtype")):
+        h, w, c, dt = (table.column(k)[0].as_py() for k in ("height", "width", "channels", "dtype"))
+        if h != w:
+            raise InputError(f"patch table '{path}': patches are {h}x{w}; only square patches")
+        if dt not in DTYPES:
+            raise InputError(f"patch table '{path}': unsupported pixel dtype {dt!r}")
+        return PatchSpec(int(h), int(c), dt)
+    raise InputError(
+        f"patch table '{path}' has no height/width/channels/dtype columns, which training "
+        "needs to know the patch shape (anogan-batch ingest writes them)"
+    )
+
+
+def _pick_device(requested: str | None):
+    import torch
+
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class FitResult:
+    config: Any  # ModelConfig
+    generator: Any
+    discriminator: Any
+    history: list[tuple[int, float, float]]  # (step, loss_d, loss_g)
+    device: str
+    seconds: float
+
+
+def fit_gan(
+    pixels: np.ndarray, dtype: str, cfg: TrainConfig, *, progress: bool = True
+) -> FitResult:
+    """Train G and D on pixels (N, S, S, C) of `dtype`; returns frozen CPU models."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from anogan_batch.model import ModelConfig, build_models, freeze, to_model_space
+
+    n, size, _, channels = pixels.shape
+    model_cfg = ModelConfig(
+        image_size=size,
+        channels=channels,
+        latent_dim=cfg.latent_dim,
+        g_width=cfg.g_width,
+        d_width=cfg.d_width,
+        d_norm=cfg.d_norm,
+        pixel_dtype=dtype,
+    )
+    device = _pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    rng = torch.Generator().manual_seed(cfg.seed)
+    g, d = build_models(model_cfg)
+    g.to(device).train()
+    d.to(device).train()
+    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    x_all = to_model_space(torch.from_numpy(np.ascontiguousarray(pixels)), dtype)  # (N, C, S, S)
+
+    batch = min(cfg.batch_size, n)
+    steps_per_epoch = n // batch  # drop the ragged last batch: BatchNorm dislikes tiny ones
+    history: list[tuple[int, float, float]] = []
+    started = time.time()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="train", unit="step", disable=not progress)
+    try:
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(n, generator=rng)
+            for s in range(steps_per_epoch):
+                real = x_all[order[s * batch : (s + 1) * batch]].to(device)
+                z = (torch.rand(batch, cfg.latent_dim, generator=rng) * 2 - 1).to(device)
+                fake = g(z)
+                # D: real -> 1, fake -> 0
+                logit_real, _ = d(real)
+                logit_fake, _ = d(fake.detach())
+                loss_d = F.binary_cross_entropy_with_logits(
+                    logit_real, torch.ones_like(logit_real)
+                ) + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake))
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+                # G: non-saturating loss, maximise log D(G(z))
+                logit_gen, _ = d(fake)
+                loss_g = F.binary_cross_entropy_with_logits(logit_gen, torch.ones_like(logit_gen))
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_g.step()
+                history.append((epoch * steps_per_epoch + s, loss_d.item(), loss_g.item()))
+                bar.update(1)
+                bar.set_postfix(
+                    epoch=epoch + 1, loss_d=f"{history[-1][1]:.3f}", loss_g=f"{history[-1][2]:.3f}"
+                )
+    finally:
+        bar.close()
+        torch.use_deterministic_algorithms(previous)
+    freeze(g, d)
+    return FitResult(model_cfg, g.cpu(), d.cpu(), history, str(device), time.time() - started)
+
+
+def train_gan(patches: str, model_dir: str, cfg: TrainConfig, *, progress: bool = True) -> str:
+    """Train on the normal patches of the table `patches`; write MODEL_DIR; return model_id."""
+    from anogan_batch.modeldir import save_model
+
+    data = load_training_patches(patches, cfg)
+    fit = fit_gan(data.pixels, data.dtype, cfg, progress=progress)
+    history = fit.history
+    meta = {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "training": {
+            **{k: v for k, v in asdict(cfg).items() if k != "device"},
+            "device": fit.device,
+            "recipe": "DCGAN: Adam, non-saturating G loss, z ~ U(-1,1)",
+            "steps": len(history),
+            "duration_s": round(fit.seconds, 1),
+            "final_loss_d": history[-1][1] if history else None,
+            "final_loss_g": history[-1][2] if history else None,
+        },
+        "data": {
+            "source": patches,
+            "n_patches": len(data.pixels),
+            "skipped_rows": data.skipped,
+            "fingerprint_sha256": data.fingerprint,
+        },
+        "versions": _versions(),
+    }
+    model_id = save_model(model_dir, fit.config, fit.generator, fit.discriminator, meta)
+    _write_artefacts(model_dir, fit.generator, fit.config, history, cfg.seed)
+    return model_id
+
+
+def _versions() -> dict[str, Any]:
+    import torch
+
+    from anogan_batch import __version__
+
+    return {"anogan_batch": __version__, "torch": torch.__version__}
+
+
+def _write_artefacts(model_dir, g, model_cfg, history, seed: int) -> None:
+    """samples.png (64 draws of G), losses.csv and loss_curve.svg."""
+    import torch
+
+    from anogan_batch.model import to_pixel_space
+    from anogan_batch.plots import image_grid, line_chart_svg, png_bytes
+
+    rng = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        z = torch.rand(64, model_cfg.latent_dim, generator=rng) * 2 - 1
+        samples = to_pixel_space(g(z)).numpy()
+    storage.write_bytes(storage.join(model_dir, "samples.png"), png_bytes(image_grid(samples)))
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["step", "loss_d", "loss_g"])
+    writer.writerows((s, f"{a:.6f}", f"{b:.6f}") for s, a, b in history)
+    storage.write_bytes(storage.join(model_dir, "losses.csv"), buf.getvalue().encode())
+    steps = [h[0] for h in history]
+    svg = line_chart_svg(
+        {"D loss": (steps, [h[1] for h in history]), "G loss": (steps, [h[2] for h in history])},
+        title="GAN training losses",
+        xlabel="step",
+        ylabel="BCE loss",
+    )
+    storage.write_bytes(storage.join(model_dir, "loss_curve.svg"), svg.encode())

@@ -1,0 +1,51 @@
+"""Rebuild anogan_batch/data/mnist_sample.npz, the demo's bundled data, from ../shared/data/mnist.
+
+    python scripts/make_demo_sample.py [--mnist DIR]
+
+The sample: 4,000 training images of the normal digit (0) from the training half of a seeded
+80/20 per-digit split, and 300 held-out test images (150 zeros, 150 of the other nine digits)
+from the other half. Deterministic: rerunning writes the same arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+from anogan_batch.datasets import load_mnist, one_class_split
+
+NORMAL_DIGIT = 0
+N_TRAIN, N_TEST_NORMAL, N_TEST_ANOMALOUS = 4000, 150, 150
+OUT = os.path.join(os.path.dirname(__file__), "..", "anogan_batch", "data", "mnist_sample.npz")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mnist", default=None, help="folder with the MNIST IDX files")
+    args = parser.parse_args()
+    images, labels = load_mnist(args.mnist)
+    train, held_out = one_class_split(labels, seed=0)
+    rng = np.random.default_rng(2017)
+    train_normal = train[labels[train] == NORMAL_DIGIT][:N_TRAIN]
+    test_normal = rng.choice(held_out[labels[held_out] == NORMAL_DIGIT], N_TEST_NORMAL, False)
+    test_anomalous = rng.choice(held_out[labels[held_out] != NORMAL_DIGIT], N_TEST_ANOMALOUS, False)
+    test = np.sort(np.concatenate([test_normal, test_anomalous]))
+    np.savez_compressed(
+        OUT,
+        train_images=images[train_normal],
+        train_labels=labels[train_normal],
+        train_index=train_normal.astype(np.int32),
+        test_images=images[test],
+        test_labels=labels[test],
+        test_index=test.astype(np.int32),
+        normal_digit=np.int32(NORMAL_DIGIT),
+    )
+    print(
+        f"wrote {OUT}: {len(train_normal)} train, {len(test)} test ({os.path.getsize(OUT)} bytes)"
+    )
+
+
+if __name__ == "__main__":
+    main()

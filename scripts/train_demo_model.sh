@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Retrain the demo's bundled model (anogan_batch/data/model/) with the project's own commands.
+# Run from the repository root with the venv active. CPU, about 2 minutes on 2 cores.
+set -euo pipefail
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+python -m anogan_batch.demo "$work/scans" train          # the 4,000 training zeros as PNGs
+anogan-batch ingest "$work/scans" "$work/patches" --patch-size 28 --label-from-parent
+rm -rf anogan_batch/data/model
+anogan-batch train "$work/patches" anogan_batch/data/model \
+  --normal-label 0 --epochs 20 --g-width 64 --d-width 64 --seed 0 --no-progress

@@ -1,0 +1,60 @@
+"""DCGAN architecture: shapes for the supported sizes, the feature layer, config checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anogan_batch.errors import ConfigError
+from anogan_batch.model import ModelConfig, build_models, freeze, to_model_space, to_pixel_space
+
+
+@pytest.mark.parametrize(
+    ("size", "channels", "base", "stages"),
+    [(28, 1, 7, 2), (32, 3, 4, 3), (64, 1, 4, 4), (48, 3, 6, 3)],
+)
+def test_shapes(size, channels, base, stages):
+    cfg = ModelConfig(image_size=size, channels=channels, latent_dim=10, g_width=4, d_width=4)
+    assert (cfg.base, cfg.stages) == (base, stages)
+    g, d = build_models(cfg)
+    freeze(g, d)
+    x = g(torch.rand(3, 10) * 2 - 1)
+    assert x.shape == (3, channels, size, size)
+    assert x.min() >= -1 and x.max() <= 1
+    logit, f = d(x)
+    assert logit.shape == (3,)
+    assert f.shape == (3, 4 * 2 ** (stages - 1), base, base)  # the layer the score uses
+
+
+def test_spectral_norm_discriminator_builds():
+    cfg = ModelConfig(image_size=28, g_width=4, d_width=4, latent_dim=8, d_norm="spectral")
+    g, d = build_models(cfg)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in d.modules())
+    assert d(g(torch.zeros(2, 8)))[1].shape == (2, 8, 7, 7)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("image_size", 30),
+        ("image_size", 4),
+        ("channels", 2),
+        ("latent_dim", 0),
+        ("prior", "gauss"),
+        ("pixel_dtype", "int8"),
+        ("d_norm", "layer"),
+    ],
+)
+def test_bad_config_names_field(field, value):
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        ModelConfig(**{field: value})
+
+
+def test_pixel_normalisation_round_trip():
+    pixels = torch.tensor([[[[0], [255]], [[128], [64]]]], dtype=torch.uint8)  # (1, 2, 2, 1)
+    x = to_model_space(pixels, "uint8")
+    assert x.shape == (1, 1, 2, 2)
+    assert x.min() == -1 and x.max() == 1
+    back = to_pixel_space(x) * 255
+    torch.testing.assert_close(back, pixels.float(), atol=1e-4, rtol=0)
+    assert to_model_space(torch.tensor([[[[65535]]]], dtype=torch.int32), "uint16").item() == 1

@@ -1,0 +1,118 @@
+"""MODEL_DIR: save -> load -> identical scores, no unpickling, clear errors for bad dirs."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from anogan_batch.errors import ModelError
+from anogan_batch.model import to_model_space
+from anogan_batch.modeldir import load_model, save_model
+from anogan_batch.search import SearchConfig, latent_search
+
+
+def test_model_dir_contents(tiny_model):
+    from pathlib import Path
+
+    files = {p.name for p in Path(tiny_model).iterdir()}
+    assert {"weights.safetensors", "model.json", "samples.png", "loss_curve.svg"} <= files
+    doc = json.loads((Path(tiny_model) / "model.json").read_text())
+    assert doc["architecture"]["image_size"] == 28
+    assert doc["normalisation"]["pixel_dtype"] == "uint8"
+    assert doc["training"]["epochs"] == 4 and doc["training"]["lr"] == 5e-4
+    assert len(doc["data"]["fingerprint_sha256"]) == 64
+    import hashlib
+
+    blob = (Path(tiny_model) / "weights.safetensors").read_bytes()
+    assert doc["model_id"] == hashlib.sha256(blob).hexdigest()
+
+
+def test_save_load_gives_identical_scores(tmp_path, loaded_tiny, sample):
+    x = to_model_space(torch.from_numpy(sample["test_images"][:8, :, :, None].copy()), "uint8")
+    ids = [str(i) for i in range(8)]
+    cfg = SearchConfig(iterations=15)
+    before = latent_search(loaded_tiny.generator, loaded_tiny.discriminator, x, ids, cfg)
+    model_id = save_model(
+        str(tmp_path / "m"),
+        loaded_tiny.config,
+        loaded_tiny.generator,
+        loaded_tiny.discriminator,
+        {},
+    )
+    assert model_id == loaded_tiny.model_id  # same tensors, same bytes, same id
+    again = load_model(str(tmp_path / "m"))
+    assert not again.generator.training and not any(
+        p.requires_grad for p in again.discriminator.parameters()
+    )
+    after = latent_search(again.generator, again.discriminator, x, ids, cfg)
+    np.testing.assert_array_equal(before.anomaly_score, after.anomaly_score)
+    np.testing.assert_array_equal(before.residual_map, after.residual_map)
+
+
+def test_loading_never_unpickles(tiny_model, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("unpickling attempted while loading a model")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    model = load_model(tiny_model)
+    assert model.generator is not None
+
+
+@pytest.fixture
+def model_copy(tmp_path, tiny_model):
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_model, dst)
+    return dst
+
+
+def test_missing_directory():
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model("/nonexistent/model")
+
+
+def test_directory_without_model_json(tmp_path):
+    with pytest.raises(ModelError, match="model.json' is missing"):
+        load_model(str(tmp_path))
+
+
+def test_corrupt_weights(model_copy):
+    path = model_copy / "weights.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ModelError, match="corrupt or were replaced"):
+        load_model(str(model_copy))
+
+
+def test_pickled_weights_are_not_loaded(model_copy, loaded_tiny):
+    (model_copy / "weights.safetensors").unlink()
+    torch.save(loaded_tiny.generator.state_dict(), model_copy / "weights.pt")
+    with pytest.raises(ModelError, match="weights.safetensors' is missing"):
+        load_model(str(model_copy))
+
+
+def test_model_json_of_another_architecture(model_copy):
+    doc = json.loads((model_copy / "model.json").read_text())
+    doc["architecture"]["g_width"] = 32
+    (model_copy / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="another architecture|needs"):
+        load_model(str(model_copy))
+
+
+def test_model_json_with_unknown_field(model_copy):
+    doc = json.loads((model_copy / "model.json").read_text())
+    doc["architecture"]["depth"] = 12
+    (model_copy / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="architecture.depth"):
+        load_model(str(model_copy))
+
+
+def test_model_json_not_json(model_copy):
+    (model_copy / "model.json").write_text("{ nope")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        load_model(str(model_copy))

@@ -1,0 +1,116 @@
+"""Patch table encoding: lossless round trips and a reason for every bad row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from anogan_batch.errors import InputError
+from anogan_batch.patches import (
+    PATCH_SCHEMA,
+    PatchSpec,
+    check_columns,
+    decode_map,
+    decode_patches,
+    encode_maps,
+    encode_pixels,
+)
+
+
+def table_of(images, shapes=None, dtype="uint8", ids=None):
+    n = len(images)
+    shapes = shapes or [(8, 8, 1)] * n
+    return pa.table(
+        {
+            "patch_id": ids or [f"p{i}" for i in range(n)],
+            "scan_id": ["s"] * n,
+            "x": pa.array([0] * n, pa.int32()),
+            "y": pa.array([0] * n, pa.int32()),
+            "image": pa.array(images, pa.binary()),
+            "height": pa.array([s[0] for s in shapes], pa.int32()),
+            "width": pa.array([s[1] for s in shapes], pa.int32()),
+            "channels": pa.array([s[2] for s in shapes], pa.int32()),
+            "dtype": [dtype] * n,
+            "label": [None] * n,
+        },
+        schema=PATCH_SCHEMA,
+    )
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_round_trip_is_lossless(dtype, channels):
+    rng = np.random.default_rng(0)
+    if dtype == "float32":
+        pixels = rng.random((5, 8, 8, channels), dtype=np.float32)
+    else:
+        pixels = rng.integers(0, np.iinfo(dtype).max, (5, 8, 8, channels)).astype(dtype)
+    table = table_of([encode_pixels(p) for p in pixels], [(8, 8, channels)] * 5, dtype)
+    decoded, reasons = decode_patches(table, PatchSpec(8, channels, dtype))
+    assert reasons == [None] * 5
+    np.testing.assert_array_equal(decoded, pixels)
+
+
+def test_bad_rows_get_reasons():
+    good = np.zeros((8, 8, 1), np.float32)
+    nan = good.copy()
+    nan[0, 0, 0] = np.nan
+    inf = good.copy()
+    inf[1, 1, 0] = np.inf
+    table = table_of(
+        [
+            encode_pixels(good),
+            encode_pixels(nan),
+            encode_pixels(inf),
+            None,
+            encode_pixels(np.zeros((4, 4, 1), np.float32)),
+            b"\x00" * 7,
+        ],
+        [(8, 8, 1), (8, 8, 1), (8, 8, 1), (8, 8, 1), (4, 4, 1), (8, 8, 1)],
+        "float32",
+    )
+    _, reasons = decode_patches(table, PatchSpec(8, 1, "float32"))
+    assert reasons[0] is None
+    assert reasons[1] == "image has 1 NaN/inf pixels"
+    assert reasons[2] == "image has 1 NaN/inf pixels"
+    assert reasons[3] == "image is null"
+    assert reasons[4] == "patch is 4x4x1, model expects 8x8x1"
+    assert reasons[5] == "image has 7 bytes, 8x8x1 float32 needs 256"
+
+
+def test_wrong_channels_and_dtype():
+    rgb = encode_pixels(np.zeros((8, 8, 3), np.uint8))
+    table = table_of([rgb], [(8, 8, 3)])
+    _, reasons = decode_patches(table, PatchSpec(8, 1, "uint8"))
+    assert reasons == ["patch is 8x8x3, model expects 8x8x1"]
+    _, reasons = decode_patches(table_of([rgb], [(8, 8, 3)]), PatchSpec(8, 3, "uint16"))
+    assert reasons == ["pixel dtype uint8, model expects uint16"]
+
+
+def test_null_patch_id_is_a_bad_row():
+    table = table_of([encode_pixels(np.zeros((8, 8, 1), np.uint8))], ids=[None])
+    assert decode_patches(table, PatchSpec(8, 1, "uint8"))[1] == ["patch_id is null"]
+
+
+def test_missing_shape_columns_fall_back_to_byte_length():
+    table = table_of([encode_pixels(np.ones((8, 8, 1), np.uint8)), b"\x01" * 10])
+    table = table.drop_columns(["height", "width", "channels", "dtype"])
+    pixels, reasons = decode_patches(table, PatchSpec(8, 1, "uint8"))
+    assert reasons == [None, "image has 10 bytes, 8x8x1 uint8 needs 64"]
+    assert pixels[0].sum() == 64
+
+
+def test_check_columns_names_the_missing_column():
+    with pytest.raises(InputError, match="no column 'image'"):
+        check_columns(PATCH_SCHEMA.remove(PATCH_SCHEMA.get_field_index("image")), "t")
+    bad = pa.schema([(f.name, pa.int64() if f.name == "image" else f.type) for f in PATCH_SCHEMA])
+    with pytest.raises(InputError, match="'image' must be binary"):
+        check_columns(bad, "t")
+
+
+def test_residual_map_layout():
+    maps = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)  # (B, C, H, W)
+    raw = encode_maps(maps)
+    back = decode_map(raw[1], 4, 4, 3)  # (H, W, C)
+    np.testing.assert_array_equal(back, maps[1].transpose(1, 2, 0))

@@ -1,0 +1,138 @@
+"""The Ray Data job in process on a real local Ray: outputs, invariance, quarantine, reruns."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from anogan_batch.errors import InputError
+from anogan_batch.model import to_model_space
+from anogan_batch.pipeline import ScoreJobConfig
+from anogan_batch.runner import run_score_job
+from anogan_batch.search import SearchConfig, latent_search
+from tests.conftest import make_patch_table
+
+SEARCH = SearchConfig(iterations=10, seed=5)
+
+
+def scores_of(out) -> pa.Table:
+    return pads.dataset(out / "patch_scores", partitioning="hive").to_table().sort_by("patch_id")
+
+
+@pytest.fixture(scope="module")
+def finished_job(ray_local, tiny_model, test_table, tmp_path_factory):
+    out = tmp_path_factory.mktemp("job") / "out"
+    cfg = ScoreJobConfig(
+        tiny_model, test_table, str(out), search=SEARCH, batch_size=7, progress=False
+    )
+    return run_score_job(cfg), out
+
+
+def test_every_row_scored_with_contract_columns(finished_job):
+    manifest, out = finished_job
+    job = json.loads((out / "job.json").read_text())
+    assert job["status"] == "succeeded"
+    assert job["input_rows"] == job["scored_rows"] == 60 and job["quarantined_rows"] == 0
+    assert job["patches_per_second"] > 0
+    for key in ("job_id", "model_id", "params", "started_at", "finished_at"):
+        assert job[key]
+    table = scores_of(out)
+    assert table.num_rows == 60 and len(set(table.column("patch_id").to_pylist())) == 60
+    types = {f.name: f.type for f in table.schema}
+    for col in ("anomaly_score", "residual_score", "discrimination_score"):
+        assert types[col] == pa.float64()
+    assert types["x"] == types["y"] == pa.int32()
+    assert set(table.column("job_id").to_pylist()) == {manifest.job_id}
+    assert set(table.column("model_id").to_pylist()) == {manifest.model_id}
+    assert sorted(p.name for p in (out / "patch_scores").iterdir()) == [f"job_id={manifest.job_id}"]
+    assert not (out / "_checkpoint").exists()
+
+
+def test_job_scores_equal_in_process_scores(finished_job, loaded_tiny, sample):
+    """Batch size 7 on Ray actors == one in-process batch of 60: no batch or order effects."""
+    _, out = finished_job
+    table = scores_of(out)
+    idx = {f"digits/{i:05d}#28x28+0+0": k for k, i in enumerate(sample["test_index"][:60])}
+    order = [idx[p] for p in table.column("patch_id").to_pylist()]
+    x = to_model_space(torch.from_numpy(sample["test_images"][order][..., None].copy()), "uint8")
+    ref = latent_search(
+        loaded_tiny.generator,
+        loaded_tiny.discriminator,
+        x,
+        table.column("patch_id").to_pylist(),
+        SEARCH,
+    )
+    np.testing.assert_allclose(
+        table.column("anomaly_score").to_numpy(), ref.anomaly_score, rtol=1e-5
+    )
+    maps = np.stack([np.frombuffer(b, "<f4") for b in table.column("residual_map").to_pylist()])
+    np.testing.assert_allclose(maps.sum(1), table.column("residual_score").to_numpy(), rtol=1e-5)
+
+
+def test_scan_scores_aggregate_patch_scores(finished_job):
+    _, out = finished_job
+    patches = scores_of(out).to_pandas()
+    scans = pads.dataset(out / "scan_scores").to_table().to_pandas().set_index("scan_id")
+    expected = patches.groupby("scan_id")["anomaly_score"].agg(["count", "max", "mean"])
+    assert len(scans) == len(expected)
+    np.testing.assert_array_equal(scans.loc[expected.index, "n_patches"], expected["count"])
+    np.testing.assert_allclose(scans.loc[expected.index, "max_score"], expected["max"])
+    np.testing.assert_allclose(scans.loc[expected.index, "mean_score"], expected["mean"])
+    assert scans["n_above_threshold"].isna().all()
+
+
+def test_rerun_of_a_finished_job_scores_nothing(finished_job, tiny_model, test_table):
+    manifest, out = finished_job
+    cfg = ScoreJobConfig(tiny_model, test_table, str(out), search=SEARCH, progress=False)
+    again = run_score_job(cfg)
+    assert again.job_id == manifest.job_id and again.status == "succeeded"
+    assert scores_of(out).num_rows == 60
+
+
+def test_rerun_with_other_parameters_is_refused(finished_job, tiny_model, test_table):
+    _, out = finished_job
+    cfg = ScoreJobConfig(
+        tiny_model, test_table, str(out), search=SearchConfig(iterations=11), progress=False
+    )
+    with pytest.raises(InputError, match="iterations=10.*iterations=11"):
+        run_score_job(cfg)
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory, sample):
+    from anogan_batch.training import TrainConfig, train_gan
+
+    root = tmp_path_factory.mktemp("float")
+    pixels = sample["train_images"][:256].astype(np.float32) / 255.0
+    table = make_patch_table(root / "train", pixels)
+    train_gan(
+        str(table),
+        str(root / "model"),
+        TrainConfig(epochs=1, g_width=4, d_width=4, latent_dim=8),
+        progress=False,
+    )
+    return str(root / "model")
+
+
+def test_bad_rows_are_quarantined_and_the_job_completes(ray_local, float_model, sample, tmp_path):
+    pixels = sample["test_images"][:20].astype(np.float32)[..., None] / 255.0
+    pixels[3, 5, 5] = np.nan
+    pixels[7, 0, 0] = np.inf
+    table = make_patch_table(tmp_path / "p", pixels, [str(v) for v in sample["test_labels"][:20]])
+    out = tmp_path / "out"
+    m = run_score_job(
+        ScoreJobConfig(
+            float_model, str(table), str(out), search=SEARCH, batch_size=6, progress=False
+        )
+    )
+    assert (m.status, m.input_rows, m.scored_rows, m.quarantined_rows) == ("succeeded", 20, 18, 2)
+    q = pads.dataset(out / "quarantine").to_table().sort_by("patch_id").to_pylist()
+    assert [r["reason"] for r in q] == ["image has 1 NaN/inf pixels"] * 2
+    assert {r["patch_id"] for r in q} == {"scan00003#28x28+0+0", "scan00007#28x28+0+0"}
+    scored = set(scores_of(out).column("patch_id").to_pylist())
+    assert not scored & {r["patch_id"] for r in q}

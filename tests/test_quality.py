@@ -1,0 +1,42 @@
+"""Detection quality on real MNIST: a small model separates a normal digit from the others."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anogan_batch.datasets import load_mnist, mnist_dir, one_class_split
+from anogan_batch.evaluate import auroc
+from anogan_batch.model import to_model_space
+from anogan_batch.search import SearchConfig, latent_search
+from anogan_batch.training import TrainConfig, fit_gan
+
+# Measured 0.944 with this recipe on this split (2 cores, torch 2.13 CPU); floor with margin.
+AUROC_FLOOR = 0.85
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir(mnist_dir()), reason="MNIST not available")
+def test_small_model_separates_zeros_from_other_digits():
+    images, labels = load_mnist()
+    train, held_out = one_class_split(labels, seed=0)  # our own held-out split
+    normal_train = train[labels[train] == 0][:2048]
+    rng = np.random.default_rng(7)
+    test = np.concatenate(
+        [
+            rng.choice(held_out[labels[held_out] == 0], 150, replace=False),
+            rng.choice(held_out[labels[held_out] != 0], 150, replace=False),
+        ]
+    )
+    fit = fit_gan(
+        images[normal_train][..., None],
+        "uint8",
+        TrainConfig(epochs=4, g_width=16, d_width=16, latent_dim=32, lr=5e-4),
+        progress=False,
+    )
+    x = to_model_space(torch.from_numpy(images[test][..., None].copy()), "uint8")
+    result = latent_search(
+        fit.generator, fit.discriminator, x, [str(i) for i in test], SearchConfig(iterations=40)
+    )
+    score = auroc(result.anomaly_score, labels[test] != 0)
+    assert score >= AUROC_FLOOR, f"AUROC {score:.4f} below the floor {AUROC_FLOOR}"

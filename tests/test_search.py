@@ -1,0 +1,124 @@
+"""The latent search: batch invariance, determinism, frozen weights, the score formula."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anogan_batch.model import ModelConfig, build_models, freeze, to_model_space
+from anogan_batch.search import SearchConfig, initial_latents, latent_search
+
+CFG = SearchConfig(iterations=40, seed=3)
+
+
+@pytest.fixture(scope="module")
+def batch(sample, loaded_tiny):
+    pixels = sample["test_images"][:64, :, :, None]
+    x = to_model_space(torch.from_numpy(pixels.copy()), "uint8")
+    ids = [f"digit-{i}" for i in sample["test_index"][:64]]
+    return x, ids
+
+
+def test_scores_do_not_depend_on_batch_mates_size_or_order(loaded_tiny, batch):
+    g, d = loaded_tiny.generator, loaded_tiny.discriminator
+    x, ids = batch
+    full = latent_search(g, d, x, ids, CFG)
+    for i in (0, 17, 63):
+        alone = latent_search(g, d, x[i : i + 1], ids[i : i + 1], CFG)
+        np.testing.assert_allclose(alone.anomaly_score[0], full.anomaly_score[i], rtol=1e-5)
+        np.testing.assert_allclose(alone.residual_score[0], full.residual_score[i], rtol=1e-5)
+        np.testing.assert_allclose(
+            alone.discrimination_score[0], full.discrimination_score[i], rtol=1e-5
+        )
+    perm = np.random.default_rng(0).permutation(64)
+    shuffled = latent_search(g, d, x[perm], [ids[i] for i in perm], CFG)
+    np.testing.assert_allclose(shuffled.anomaly_score, full.anomaly_score[perm], rtol=1e-5)
+    # a different split of the same patches into two batches
+    first = latent_search(g, d, x[:23], ids[:23], CFG)
+    np.testing.assert_allclose(first.anomaly_score, full.anomaly_score[:23], rtol=1e-5)
+
+
+def test_same_seed_same_result_other_seed_other_z(loaded_tiny, batch):
+    g, d = loaded_tiny.generator, loaded_tiny.discriminator
+    x, ids = batch
+    a = latent_search(g, d, x[:8], ids[:8], CFG)
+    b = latent_search(g, d, x[:8], ids[:8], CFG)
+    np.testing.assert_array_equal(a.z, b.z)
+    np.testing.assert_array_equal(a.anomaly_score, b.anomaly_score)
+    np.testing.assert_array_equal(a.residual_map, b.residual_map)
+    other = latent_search(g, d, x[:8], ids[:8], SearchConfig(iterations=40, seed=4))
+    assert not np.allclose(other.z, a.z)
+
+
+def test_initial_z_is_per_patch_and_in_the_prior_box():
+    z = initial_latents(["a", "b", "a"], seed=0, latent_dim=100)
+    torch.testing.assert_close(z[0], z[2])
+    assert not torch.allclose(z[0], z[1])
+    assert z.min() >= -1 and z.max() <= 1
+    assert not torch.allclose(initial_latents(["a"], 1, 100)[0], z[0])
+
+
+def test_weights_untouched_and_only_z_gets_gradients(loaded_tiny, batch, monkeypatch):
+    g, d = loaded_tiny.generator, loaded_tiny.discriminator
+    x, ids = batch
+    before = {k: v.clone() for k, v in [*g.state_dict().items(), *d.state_dict().items()]}
+    seen: list[torch.Tensor] = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        seen.extend(p for group in self.param_groups for p in group["params"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    result = latent_search(g, d, x[:4], ids[:4], SearchConfig(iterations=5))
+    after = {k: v for k, v in [*g.state_dict().items(), *d.state_dict().items()]}
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), f"{k} changed during the search"
+    for p in [*g.parameters(), *d.parameters()]:
+        assert p.grad is None and not p.requires_grad
+    assert seen and all(p.shape == (4, g.latent_dim) for p in seen)  # only z is optimised
+    assert np.abs(result.z).max() <= 1.0  # kept in the prior's support
+
+
+def test_score_formula_and_residual_map(loaded_tiny, batch):
+    g, d = loaded_tiny.generator, loaded_tiny.discriminator
+    x, ids = batch
+    lam = 0.3
+    r = latent_search(g, d, x[:16], ids[:16], SearchConfig(iterations=10, lam=lam))
+    np.testing.assert_allclose(
+        r.anomaly_score, (1 - lam) * r.residual_score + lam * r.discrimination_score, rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        r.residual_map.astype(np.float64).reshape(16, -1).sum(1), r.residual_score, rtol=1e-9
+    )
+    # the residual map is |x - G(z)| at the final z
+    with torch.no_grad():
+        gz = g(torch.from_numpy(r.z))
+    np.testing.assert_allclose(r.residual_map, (x[:16] - gz).abs().numpy(), atol=1e-6)
+
+
+def test_search_improves_the_fit(loaded_tiny, batch):
+    g, d = loaded_tiny.generator, loaded_tiny.discriminator
+    x, ids = batch
+    start = latent_search(g, d, x[:16], ids[:16], SearchConfig(iterations=0))
+    end = latent_search(g, d, x[:16], ids[:16], SearchConfig(iterations=60))
+    assert end.anomaly_score.mean() < 0.9 * start.anomaly_score.mean()
+
+
+def test_refuses_models_in_train_mode():
+    g, d = build_models(ModelConfig(image_size=28, g_width=4, d_width=4, latent_dim=8))
+    x = torch.zeros(2, 1, 28, 28)
+    with pytest.raises(RuntimeError, match="frozen"):
+        latent_search(g, d, x, ["a", "b"], CFG)
+    freeze(g, d)
+    assert latent_search(g, d, x, ["a", "b"], SearchConfig(iterations=1)).z.shape == (2, 8)
+
+
+def test_config_errors_name_the_field():
+    from anogan_batch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'lambda'.*1.5"):
+        SearchConfig(lam=1.5)
+    with pytest.raises(ConfigError, match="'iterations'"):
+        SearchConfig(iterations=-1)

@@ -1,0 +1,69 @@
+"""Training: deterministic on CPU, trains on normal rows only, writes its artefacts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from anogan_batch.errors import InputError
+from anogan_batch.training import TrainConfig, load_training_patches, train_gan
+from tests.conftest import make_patch_table
+
+FAST = {"epochs": 1, "g_width": 4, "d_width": 4, "latent_dim": 8, "batch_size": 32}
+
+
+@pytest.fixture(scope="module")
+def mixed_table(tmp_path_factory, sample):
+    images = sample["test_images"][:120]
+    labels = [str(v) for v in sample["test_labels"][:120]]
+    return str(make_patch_table(tmp_path_factory.mktemp("mixed") / "t", images, labels))
+
+
+def test_same_seed_same_model_other_seed_other_model(tmp_path, mixed_table):
+    ids = [
+        train_gan(mixed_table, str(tmp_path / f"m{i}"), TrainConfig(**FAST), progress=False)
+        for i in range(2)
+    ]
+    other = train_gan(
+        mixed_table, str(tmp_path / "m3"), TrainConfig(**FAST, seed=1), progress=False
+    )
+    assert ids[0] == ids[1]
+    assert other != ids[0]
+
+
+def test_trains_only_on_the_normal_label(tmp_path, mixed_table, sample):
+    data = load_training_patches(mixed_table, TrainConfig(normal_label="0"))
+    expected = int((sample["test_labels"][:120] == 0).sum())
+    assert len(data.pixels) == expected > 0
+    train_gan(
+        mixed_table, str(tmp_path / "m"), TrainConfig(**FAST, normal_label="0"), progress=False
+    )
+    doc = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert doc["data"]["n_patches"] == expected
+    assert doc["training"]["normal_label"] == "0"
+    assert (tmp_path / "m" / "losses.csv").read_text().startswith("step,loss_d,loss_g")
+
+
+def test_fingerprint_follows_the_data(mixed_table):
+    a = load_training_patches(mixed_table, TrainConfig(normal_label="0"))
+    b = load_training_patches(mixed_table, TrainConfig(normal_label="1"))
+    assert a.fingerprint != b.fingerprint
+    assert (
+        a.fingerprint
+        == load_training_patches(mixed_table, TrainConfig(normal_label="0")).fingerprint
+    )
+
+
+def test_no_rows_with_label(mixed_table):
+    with pytest.raises(InputError, match="no rows with label 'cat'"):
+        load_training_patches(mixed_table, TrainConfig(normal_label="cat"))
+
+
+def test_bad_config():
+    from anogan_batch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'epochs'"):
+        TrainConfig(epochs=0)
+    assert np.isclose(TrainConfig().lr, 2e-4) and TrainConfig().beta1 == 0.5
