@@ -160,9 +160,11 @@ def score(
         f"of {m.input_rows} rows ({m.patches_per_second or 0:.2f} patches/s); outputs in {out}"
     )
     if m.scored_rows == 0:
+        from anogan_batch.runner import first_quarantine_reason
+
         raise AnoganError(
             f"no row of '{patches}' could be scored: all {m.quarantined_rows} rows are in "
-            f"{out}/quarantine with their reasons"
+            f"{out}/quarantine; first reason: {first_quarantine_reason(out)}"
         )
 
 

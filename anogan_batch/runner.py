@@ -46,6 +46,15 @@ def output_rows(out: str, table: str) -> int:
     return count_rows(open_dataset(path), path)
 
 
+def first_quarantine_reason(out: str) -> str | None:
+    """The reason of one quarantined row (for messages), or None."""
+    from anogan_batch.tables import open_dataset
+
+    if not output_rows(out, "quarantine"):
+        return None
+    return open_dataset(storage.join(out, "quarantine")).head(1, columns=["reason"])[0][0].as_py()
+
+
 def preflight(cfg: ScoreJobConfig) -> tuple[str, int]:
     """Fail fast (exit 2) on a bad model or a table that cannot fit it. -> (model_id, rows)."""
     from anogan_batch.modeldir import load_model

@@ -34,7 +34,6 @@ def test_end_to_end_ingest_train_score_eval_report(tmp_path):
 
     scans = tmp_path / "scans"
     assert write_sample_scans(str(scans), split="test") == 300
-    # a small slice keeps the test fast: 2 normal folders' worth of zeros are in 'test'
     r = run_cli(
         "ingest", str(scans), str(tmp_path / "patches"), "--patch-size", "28", "--label-from-parent"
     )
@@ -184,3 +183,59 @@ def test_unknown_flag_is_usage_error(tiny_model):
 def test_ingest_patch_size_too_small(tmp_path):
     r = run_cli("ingest", str(tmp_path), str(tmp_path / "o"), "--patch-size", "2")
     assert_user_error(r, "'patch_size': 2")
+
+
+@pytest.fixture(scope="module")
+def float_model_cli(tmp_path_factory, sample):
+    root = tmp_path_factory.mktemp("fm")
+    make_patch_table(root / "t", sample["train_images"][:128].astype(np.float32) / 255)
+    r = run_cli(
+        "train",
+        str(root / "t"),
+        str(root / "m"),
+        "--epochs",
+        "1",
+        "--g-width",
+        "4",
+        "--d-width",
+        "4",
+        "--latent-dim",
+        "8",
+        "--no-progress",
+    )
+    assert r.returncode == 0, r.stderr
+    return str(root / "m")
+
+
+def test_nan_rows_are_quarantined_and_the_rest_scored(tmp_path, float_model_cli, sample):
+    pixels = sample["test_images"][:6].astype(np.float32) / 255
+    pixels[1, 3, 3] = np.nan
+    table = make_patch_table(tmp_path / "p", pixels)
+    r = run_cli(
+        "score",
+        float_model_cli,
+        str(table),
+        str(tmp_path / "o"),
+        "--iterations",
+        "2",
+        "--no-progress",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "5 scored, 1 quarantined of 6 rows" in r.stdout
+
+
+def test_all_rows_nan_is_exit_2(tmp_path, float_model_cli):
+    pixels = np.full((4, 28, 28), np.inf, np.float32)
+    table = make_patch_table(tmp_path / "p", pixels)
+    r = run_cli(
+        "score",
+        float_model_cli,
+        str(table),
+        str(tmp_path / "o"),
+        "--iterations",
+        "2",
+        "--no-progress",
+    )
+    assert_user_error(r, "no row of", "could be scored", "784 NaN/inf pixels")
+    job = json.loads((tmp_path / "o" / "job.json").read_text())
+    assert (job["status"], job["quarantined_rows"]) == ("succeeded", 4)
