@@ -45,6 +45,8 @@ def write_scan_scores(
 ) -> None:
     """Group `patch_scores` by scan on Ray and write `out` (replacing it) as Parquet."""
     import ray.data
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
 
     from anogan_batch import storage
 
@@ -62,4 +64,12 @@ def write_scan_scores(
     )
     storage.delete(out)
     out_fs, out_inner = storage.filesystem_for(out)
-    summary.write_parquet(out_inner, filesystem=out_fs, ray_remote_args={"num_cpus": io_cpus})
+    ctx = DataContext.get_current()
+    previous = ctx.shuffle_strategy
+    # A task-based sort shuffle: the hash shuffle's aggregator actors take several seconds
+    # to start on a small cluster, longer than the whole aggregation of a typical job.
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        summary.write_parquet(out_inner, filesystem=out_fs, ray_remote_args={"num_cpus": io_cpus})
+    finally:
+        ctx.shuffle_strategy = previous

@@ -133,7 +133,10 @@ def connect_ray() -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False, **kwargs)
+        # address="local": always a fresh cluster, never one left running by someone else
+        ray.init(
+            address="local", num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False, **kwargs
+        )
 
 
 def _quiet_ray_data() -> None:
@@ -234,6 +237,10 @@ def build_pipeline(cfg: ScoreJobConfig, res: Resources, job_id: str, model_id: s
         num_cpus=IO_CPUS,
         file_extensions=["parquet", "parq", "pq"],
     )
+    # Blocks of one batch each: an actor task is then one search, so progress, failures and
+    # retries are per batch, and a file's worth of rows is committed as soon as it is scored
+    # (without this, Ray hands an actor a whole read block, often a whole file).
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     return ds.map_batches(
         PatchScorer,
         fn_constructor_kwargs={

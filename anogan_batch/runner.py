@@ -166,7 +166,9 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
         patches=storage.absolute(cfg.patches),
         out=storage.absolute(cfg.out),
     )
+    t0 = time.time()
     model_id, input_rows = preflight(cfg)
+    preflight_s = time.time() - t0
     ident = identity(cfg, model_id)
     existing = JobManifest.load(cfg.out)
     if existing is not None:
@@ -192,27 +194,35 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
             input_rows=input_rows,
         )
     manifest.input_rows = input_rows
-    run: dict[str, Any] = {"started_at": now()}
+    run: dict[str, Any] = {"started_at": now(), "phase_seconds": {"preflight": preflight_s}}
+    phases = run["phase_seconds"]
     manifest.runs.append(run)
     manifest.save(cfg.out)
 
     try:
+        t0 = time.time()
         connect_ray()
         _quiet_ray_data()
+        phases["connect"] = time.time() - t0
         res = plan_resources(cfg, ray.cluster_resources(), [n for n in ray.nodes() if n["Alive"]])
         run["resources"] = asdict(res)
         run["recovered_pending_writes"] = recover_pending(cfg.out)
+        manifest.save(cfg.out)
         before = output_rows(cfg.out, "patch_scores") + output_rows(cfg.out, "quarantine")
         started = time.time()
         _execute(cfg, res, manifest, model_id, input_rows - before)
         elapsed = time.time() - started
+        phases["score"] = elapsed
         scan_out = storage.join(cfg.out, "scan_scores")
         manifest.scored_rows = output_rows(cfg.out, "patch_scores")
         manifest.quarantined_rows = output_rows(cfg.out, "quarantine")
+        t0 = time.time()
         if manifest.scored_rows:
             write_scan_scores(
                 storage.join(cfg.out, "patch_scores"), scan_out, threshold=cfg.threshold
             )
+        phases["aggregate"] = time.time() - t0
+        run["phase_seconds"] = {k: round(v, 2) for k, v in phases.items()}
         done_now = manifest.scored_rows + manifest.quarantined_rows - before
         run.update(finished_at=now(), rows=done_now, seconds=round(elapsed, 2))
         manifest.patches_per_second = round(done_now / elapsed, 3) if elapsed > 0 else None

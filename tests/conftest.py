@@ -66,9 +66,77 @@ def test_table(tmp_path_factory, sample) -> str:
     )
 
 
+# A distinctive secret: tests assert it never shows up in output, logs or written files.
+S3_SECRET = "tEsT-sEcReT-4f1c9e2b7a"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the session's in-process pipeline tests (started like the CLI does)."""
+def s3_server():
+    """A real S3 endpoint: moto's server in its own process on 127.0.0.1.
+
+    The AWS variables are set for the whole session (before Ray starts, so Ray workers inherit
+    them, as they would inherit an instance profile on a cluster).
+    """
+    import time
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    env = {
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_REGION": "us-east-1",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_server, request) -> str:
+    """A fresh bucket per test, named after it."""
+    import re
+
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") or "b"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One local Ray for the session's in-process pipeline tests (started like the CLI does).
+
+    Depends on s3_server so that the workers inherit the S3 endpoint and credentials.
+    """
     import ray
 
     from anogan_batch.pipeline import connect_ray
