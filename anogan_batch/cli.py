@@ -212,6 +212,28 @@ def demo(
 
 
 @app.command()
+def submit(
+    spec: _path("SPEC", "job spec YAML, e.g. jobs/score.yaml"),
+    address: Annotated[
+        str | None, typer.Option(help="Ray Jobs API URL; default $RAY_API_SERVER_ADDRESS")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="NAME=value for a ${NAME} of the spec")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="follow the logs until the job ends")] = True,
+    timeout: Annotated[float, typer.Option(help="seconds to wait")] = 7 * 24 * 3600.0,
+) -> None:
+    """Submit a job spec from jobs/ to a Ray cluster (Ray Jobs API); exits like the job."""
+    from anogan_batch.submit import default_address, load_spec, parse_sets
+    from anogan_batch.submit import submit as run_submit
+
+    job = load_spec(spec, parse_sets(set_ or []))
+    code = run_submit(job, address or default_address(), wait=wait, timeout_s=timeout, echo=_echo)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
 def bench(
     json_path: Annotated[Path | None, typer.Option("--json", help="write figures here")] = None,
     quick: Annotated[bool, typer.Option(help="tiny sizes: checks the bench runs")] = False,

@@ -18,6 +18,7 @@ from anogan_batch.search import SearchConfig, latent_search
 from tests.conftest import make_patch_table
 
 SEARCH = SearchConfig(iterations=10, seed=5)
+THRESHOLD = 450.0
 
 
 def scores_of(out) -> pa.Table:
@@ -27,8 +28,16 @@ def scores_of(out) -> pa.Table:
 @pytest.fixture(scope="module")
 def finished_job(ray_local, tiny_model, test_table, tmp_path_factory):
     out = tmp_path_factory.mktemp("job") / "out"
+    # ~20 rows per file (one row is about 3.5 kB): 60 rows must not become 9 one-batch files
     cfg = ScoreJobConfig(
-        tiny_model, test_table, str(out), search=SEARCH, batch_size=7, progress=False
+        tiny_model,
+        test_table,
+        str(out),
+        search=SEARCH,
+        batch_size=7,
+        target_file_mb=0.067,
+        threshold=THRESHOLD,
+        progress=False,
     )
     return run_score_job(cfg), out
 
@@ -83,7 +92,40 @@ def test_scan_scores_aggregate_patch_scores(finished_job):
     np.testing.assert_array_equal(scans.loc[expected.index, "n_patches"], expected["count"])
     np.testing.assert_allclose(scans.loc[expected.index, "max_score"], expected["max"])
     np.testing.assert_allclose(scans.loc[expected.index, "mean_score"], expected["mean"])
-    assert scans["n_above_threshold"].isna().all()
+    p95 = patches.groupby("scan_id")["anomaly_score"].quantile(0.95)
+    np.testing.assert_allclose(scans.loc[p95.index, "p95_score"], p95)
+    above = (patches["anomaly_score"] > THRESHOLD).groupby(patches["scan_id"]).sum()
+    np.testing.assert_array_equal(scans.loc[above.index, "n_above_threshold"], above)
+    top = patches.loc[patches.groupby("scan_id")["anomaly_score"].idxmax()].set_index("scan_id")
+    assert (scans.loc[top.index, "max_patch_id"] == top["patch_id"]).all()
+
+
+def test_output_files_follow_the_target_size(finished_job):
+    import pyarrow.parquet as pq
+
+    _, out = finished_job
+    sizes = [pq.read_metadata(f).num_rows for f in (out / "patch_scores").rglob("*.parquet")]
+    assert sum(sizes) == 60
+    assert 2 <= len(sizes) <= 4, sizes
+    assert sorted(sizes)[1] >= 20, sizes  # every file but the last reaches the target
+
+
+def test_duckdb_reads_the_warehouse_tables(finished_job):
+    import duckdb
+
+    manifest, out = finished_job
+    con = duckdb.connect()
+    n, distinct, jobs = con.execute(
+        f"SELECT count(*), count(DISTINCT patch_id), list(DISTINCT job_id) "
+        f"FROM read_parquet('{out}/patch_scores/**/*.parquet', hive_partitioning = true)"
+    ).fetchall()[0]
+    assert (n, distinct, jobs) == (60, 60, [manifest.job_id])
+    # the README's query
+    rows = con.execute(
+        f"SELECT scan_id, max_score, mean_score, n_patches "
+        f"FROM read_parquet('{out}/scan_scores/*.parquet') ORDER BY max_score DESC LIMIT 10"
+    ).fetchall()
+    assert len(rows) == 10 and rows[0][1] >= rows[-1][1]
 
 
 def test_rerun_of_a_finished_job_scores_nothing(finished_job, tiny_model, test_table):

@@ -19,7 +19,7 @@ from anogan_batch.runner import run_score_job
 from anogan_batch.search import SearchConfig
 from tests.conftest import make_patch_table
 
-ITER = 30
+ITER = 20
 
 
 def written_files(out) -> list:
@@ -34,7 +34,7 @@ def read_scores(out):
 def test_sigkill_of_the_driver_then_rerun_finishes_exactly_once(
     tmp_path, tiny_model, sample, ray_local
 ):
-    table = make_patch_table(tmp_path / "patches", sample["train_images"][:400], files=4)
+    table = make_patch_table(tmp_path / "patches", sample["train_images"][:240], files=4)
     out = tmp_path / "out"
     # small files (about 14 rows) so rows are committed while the job runs
     args = [
@@ -68,17 +68,17 @@ def test_sigkill_of_the_driver_then_rerun_finishes_exactly_once(
     job = json.loads((out / "job.json").read_text())
     assert job["status"] == "running"  # the crash left it unfinished
     before = sum(pq.read_metadata(f).num_rows for f in written_files(out))
-    assert 0 < before < 400, before
+    assert 0 < before < 240, before
 
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     job = json.loads((out / "job.json").read_text())
     assert job["status"] == "succeeded"
-    assert job["input_rows"] == job["scored_rows"] == 400
-    assert job["runs"][-1]["rows"] == 400 - before  # finished rows were not scored again
+    assert job["input_rows"] == job["scored_rows"] == 240
+    assert job["runs"][-1]["rows"] == 240 - before  # finished rows were not scored again
     resumed = read_scores(out)
     ids = resumed.column("patch_id").to_pylist()
-    assert len(ids) == len(set(ids)) == 400
+    assert len(ids) == len(set(ids)) == 240
 
     # the same job without interruption, for comparison
     clean = tmp_path / "clean"

@@ -1,0 +1,196 @@
+"""jobs/ and cluster/: specs parse, entrypoints are real CLI calls, GPU numbers agree, and a
+job submitted through the Jobs API of a real `ray start --head` succeeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from anogan_batch.cli import app, parse_actors
+from anogan_batch.submit import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+YAMLS = sorted([*ROOT.glob("jobs/*.yaml"), *ROOT.glob("cluster/*.yaml")])
+GPUS_PER_INSTANCE = {"g5.xlarge": 1, "g5.12xlarge": 4, "p4d.24xlarge": 8, "m6i.2xlarge": 0}
+
+
+def parse_cli(argv: list[str]) -> dict:
+    """Parse an entrypoint with the real CLI (no execution); returns the command's params."""
+    import typer.main
+
+    assert argv[0] == "anogan-batch", argv
+    group = typer.main.get_command(app)
+    command = group.commands[argv[1]]
+    return command.make_context(argv[1], list(argv[2:])).params
+
+
+def worker_gpus(spec: dict) -> list[tuple[int, int, int]]:
+    """(gpus per pod, max pods, ray num-gpus) of every KubeRay worker group; checks agreement."""
+    groups = []
+    for group in spec["workerGroupSpecs"]:
+        (container,) = group["template"]["spec"]["containers"]
+        limit = int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
+        request = int(container["resources"]["requests"].get("nvidia.com/gpu", 0))
+        ray_gpus = int(group["rayStartParams"].get("num-gpus", 0))
+        assert limit == request == ray_gpus, group["groupName"]
+        groups.append((limit, group.get("maxReplicas", group["replicas"]), ray_gpus))
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    (container,) = head["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    return groups
+
+
+def gpu_demand(params: dict) -> float:
+    _, hi = parse_actors(params["actors"])
+    return hi * params["gpus_per_actor"]
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
+def test_every_yaml_parses(path):
+    docs = list(yaml.safe_load_all(path.read_text()))
+    assert docs and all(isinstance(d, dict) for d in docs)
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("jobs/*.yaml")), ids=lambda p: p.name)
+def test_job_spec_entrypoints_are_real_cli_calls(path):
+    if path.name == "runtime_env.yaml":
+        pytest.skip("a runtime env, not a job spec")
+    spec = load_spec(str(path))
+    params = parse_cli(spec.argv)
+    for key, value in params.items():
+        if isinstance(value, str):
+            assert "${" not in value, key
+
+
+def test_rayjob_entrypoint_is_a_real_cli_call_and_fits_its_gpus():
+    doc = yaml.safe_load((ROOT / "cluster/kuberay-rayjob.yaml").read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    params = parse_cli(shlex.split(doc["spec"]["entrypoint"]))
+    assert params["model_dir"].startswith("s3://") and params["out"].startswith("s3://")
+    groups = worker_gpus(doc["spec"]["rayClusterSpec"])
+    assert gpu_demand(params) <= sum(g * n for g, n, _ in groups)
+
+
+def test_raycluster_gpus_fit_the_score_job_spec():
+    doc = yaml.safe_load((ROOT / "cluster/kuberay-raycluster.yaml").read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
+    groups = worker_gpus(doc["spec"])
+    params = parse_cli(load_spec(str(ROOT / "jobs/score.yaml")).argv)
+    assert gpu_demand(params) <= sum(g * n for g, n, _ in groups)
+
+
+def test_cluster_launcher_gpu_resources_match_instances():
+    doc = yaml.safe_load((ROOT / "cluster/aws-gpu.yaml").read_text())
+    total = 0
+    for name, node in doc["available_node_types"].items():
+        gpus = GPUS_PER_INSTANCE[node["node_config"]["InstanceType"]]
+        assert node["resources"].get("GPU", 0) == gpus, name
+        assert "instance-profile" in node["node_config"]["IamInstanceProfile"]["Arn"], name
+        total += gpus * node.get("max_workers", 1 if name == doc["head_node_type"] else 0)
+    params = parse_cli(load_spec(str(ROOT / "jobs/score.yaml")).argv)
+    assert gpu_demand(params) <= total
+
+
+def test_set_overrides_and_unknown_variables(tmp_path):
+    from anogan_batch.errors import ConfigError
+
+    spec = load_spec(str(ROOT / "jobs/score.yaml"), {"OUT": "s3://b/o", "ACTORS": "3"})
+    assert "s3://b/o" in spec.argv and spec.argv[spec.argv.index("--actors") + 1] == "3"
+    with pytest.raises(ConfigError, match="NOPE"):
+        load_spec(str(ROOT / "jobs/score.yaml"), {"NOPE": "1"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("entrypoint: anogan-batch score ${MISSING} a b\n")
+    with pytest.raises(ConfigError, match="MISSING"):
+        load_spec(str(bad))
+
+
+@pytest.fixture
+def ray_head():
+    """`ray start --head --block` with token auth, the Jobs API on a free port."""
+    from tests.conftest import _free_port
+
+    port, dash = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": os.urandom(16).hex(),
+        # the job's entrypoint must find this venv's anogan-batch
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    }
+    proc = subprocess.Popen(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--dashboard-port={dash}",
+            "--include-dashboard=true",
+            "--num-cpus=4",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # the dashboard comes up a few seconds after the head
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # 401 without the token: it is up
+            break
+        except OSError:
+            time.sleep(1)
+    yield address, env
+    os.killpg(proc.pid, signal.SIGKILL)  # the head and everything it started
+    proc.wait(timeout=30)
+
+
+def test_submit_a_score_job_through_the_jobs_api(ray_head, tmp_path, tiny_model, test_table):
+    address, env = ray_head
+    out = tmp_path / "out"
+    args = [
+        sys.executable,
+        "-m",
+        "anogan_batch",
+        "submit",
+        str(ROOT / "jobs/score.yaml"),
+        "--address",
+        address,
+        "--set",
+        f"MODEL_DIR={tiny_model}",
+        "--set",
+        f"PATCHES={test_table}",
+        "--set",
+        f"OUT={out}",
+        "--set",
+        "ACTORS=1",
+        "--set",
+        "GPUS_PER_ACTOR=0",
+        "--set",
+        "BATCH_SIZE=20",
+        "--set",
+        "ITERATIONS=3",
+        "--timeout",
+        "400",
+    ]
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "SUCCEEDED" in r.stdout
+    job = json.loads((out / "job.json").read_text())
+    assert job["status"] == "succeeded" and job["scored_rows"] == job["input_rows"] == 60
