@@ -71,7 +71,7 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
     iterations = 5 if quick else 100
     batch = 16 if quick else 64
     n_loop = 2 if quick else 4
-    n_job = 32 if quick else 128
+    n_job = 32 if quick else 256  # 4 batches: the job's fixed start-up cost is ~10 s
     cfg, g, d = _bench_model(size, width)
     search = SearchConfig(iterations=iterations)
     pixels = _patches(max(batch, n_job), size)
@@ -103,6 +103,7 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
         "batched_vs_loop": batched / looped,
     }
     figures.update(_job_vs_inprocess(cfg, g, d, pixels[:n_job], search, batch))
+    figures.update(_peak_memory(200 if quick else 2_000))
     _print_table(figures)
     return figures
 
@@ -150,6 +151,67 @@ def _job_vs_inprocess(cfg, g, d, pixels, search, batch) -> dict[str, Any]:
         "job_vs_inprocess": job_rate / in_rate,
         "job_resources": job.runs[-1].get("resources"),
     }
+
+
+def _peak_memory(n: int) -> dict[str, Any]:
+    """Peak RSS of the driver and of the scoring actors for n and 10 n patches.
+
+    Each size runs as its own `anogan-batch score` process (a fresh driver and local Ray), so
+    each peak is that job's own. Streaming means the 10x job's peaks stay where the 1x job's are.
+    """
+    import json
+    import subprocess
+    import sys
+
+    from anogan_batch.modeldir import save_model
+    from anogan_batch.tables import write_patch_table
+
+    cfg, g, d = _bench_model(28, 8)
+    digits = _patches(500, 28)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="anogan-bench-mem-") as tmp:
+        model_dir = os.path.join(tmp, "model")
+        save_model(model_dir, cfg, g, d, {})
+        peaks = {}
+        for scale in (1, 10):
+            rows = n * scale
+            table = write_patch_table(
+                os.path.join(tmp, f"p{scale}"),
+                digits[np.arange(rows) % len(digits)],
+                scan_ids=[f"s{i}" for i in range(rows)],
+                files=4 * scale,  # same file size at both scales
+            )
+            job = os.path.join(tmp, f"job{scale}")
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "anogan_batch",
+                    "score",
+                    model_dir,
+                    table,
+                    job,
+                    "--iterations",
+                    "1",
+                    "--batch-size",
+                    "64",
+                    "--target-file-mb",
+                    "4",
+                    "--no-progress",
+                ],
+                check=True,
+                capture_output=True,
+            )
+            with open(os.path.join(job, "job.json")) as f:
+                run = json.load(f)["runs"][-1]
+            peaks[scale] = (run["driver_peak_rss_mb"], run["actor_peak_rss_mb"])
+            out[f"peak_rss_mb_{scale}x"] = {
+                "patches": rows,
+                "driver": peaks[scale][0],
+                "actor": peaks[scale][1],
+            }
+    out["peak_rss_ratio_10x"] = max(peaks[10][0] / peaks[1][0], peaks[10][1] / peaks[1][1])
+    return out
 
 
 def _print_table(figures: dict[str, Any]) -> None:

@@ -45,17 +45,60 @@ def ingest(
     label_from_parent: Annotated[
         bool, typer.Option("--label-from-parent", help="label = name of the file's folder")
     ] = False,
+    slice_axis: Annotated[
+        int, typer.Option("--slice-axis", help="axis of 3-D NPY volumes that indexes slices")
+    ] = 0,
+    window: Annotated[
+        str | None,
+        typer.Option(
+            help="CENTER,WIDTH in source units (DICOM: after rescale); values in the window "
+            "map linearly onto uint16"
+        ),
+    ] = None,
+    min_foreground: Annotated[
+        float,
+        typer.Option("--min-foreground", help="skip patches with less Otsu foreground (0-1)"),
+    ] = 0.0,
+    engine: Annotated[
+        str, typer.Option(help=f"auto (Ray above {256} files), local, or ray")
+    ] = "auto",
+    rows_per_file: Annotated[int, typer.Option("--rows-per-file")] = 50_000,
 ) -> None:
-    """Cut every scan under SRC into P x P patches and write a patch table to OUT."""
+    """Cut every scan under SRC into P x P patches and write a patch table to OUT.
+
+    Formats: PNG/JPEG (8/16-bit), TIFF (multi-page), NPY (2-D, or 3-D volumes), DICOM.
+    """
     from anogan_batch.ingest import IngestConfig
     from anogan_batch.ingest import ingest as run_ingest
 
-    cfg = IngestConfig(patch_size=patch_size, stride=stride, label_from_parent=label_from_parent)
+    cfg = IngestConfig(
+        patch_size=patch_size,
+        stride=stride,
+        label_from_parent=label_from_parent,
+        slice_axis=slice_axis,
+        window=_parse_window(window),
+        min_foreground=min_foreground,
+        engine=engine,
+        rows_per_file=rows_per_file,
+    )
     s = run_ingest(src, out, cfg)
     _echo(
         f"ingested {s.files} files: {s.scans} scans -> {s.patches} patches in {out} "
-        f"({s.quarantined_files} files quarantined)"
+        f"({s.skipped_patches} patches below --min-foreground skipped, "
+        f"{s.quarantined} files or slices quarantined; {s.engine}, {s.seconds:.1f} s)"
     )
+
+
+def _parse_window(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    from anogan_batch.errors import ConfigError
+
+    try:
+        center, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError("--window", text, "must be CENTER,WIDTH, e.g. 40,400") from None
+    return center, width
 
 
 @app.command()
@@ -133,6 +176,12 @@ def score(
     target_file_mb: Annotated[float, typer.Option("--target-file-mb")] = 128.0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ...; default auto")] = None,
     progress: Annotated[bool, typer.Option(help="show live progress")] = True,
+    heatmaps: Annotated[
+        bool, typer.Option(help="stitch per-scan heatmaps and PNG overlays after scoring")
+    ] = True,
+    table_format: Annotated[
+        str, typer.Option("--table-format", help="parquet, or delta (Delta Lake, in place)")
+    ] = "parquet",
 ) -> None:
     """The distributed scoring job: latent mapping of every patch on Ray actors."""
     from anogan_batch.pipeline import ScoreJobConfig
@@ -153,6 +202,8 @@ def score(
         target_file_mb=target_file_mb,
         device=device,
         progress=progress,
+        heatmaps=heatmaps,
+        table_format=table_format,
     )
     m = run_score_job(cfg)
     _echo(
@@ -172,14 +223,44 @@ def score(
 def eval_(
     out: _path("OUT", "output folder of a finished score job"),
     normal_label: Annotated[str, typer.Option("--normal-label", help="label of normal rows")],
+    truth: Annotated[
+        str | None,
+        typer.Option(help="CSV/Parquet of patch_id,label that overrides the label column"),
+    ] = None,
 ) -> None:
     """AUROC / AUPRC of a finished job against the `label` column; writes OUT/metrics.json."""
     from anogan_batch.evaluate import evaluate_job
 
-    m = evaluate_job(out, normal_label)
+    m = evaluate_job(out, normal_label, truth=truth)
     _echo(
         f"AUROC {m['auroc']:.4f}  AUPRC {m['auprc']:.4f}  "
         f"({m['n_normal']} normal, {m['n_anomalous']} anomalous)"
+    )
+    if "scan" in m:
+        s = m["scan"]
+        _echo(f"scan AUROC {s['auroc']:.4f}  AUPRC {s['auprc']:.4f} (by {s['score']})")
+
+
+@app.command()
+def heatmap(
+    out: _path("OUT", "output folder of a finished score job"),
+    scan_id: Annotated[str, typer.Argument(metavar="SCAN_ID", help="the scan to fetch")],
+    npy: Annotated[str | None, typer.Option(help="write the heatmap as .npy here")] = None,
+) -> None:
+    """Fetch one scan's anomaly heatmap by scan_id (and where its overlay PNG is)."""
+    import numpy as np
+
+    from anogan_batch import storage
+    from anogan_batch.heatmaps import heatmap_for
+
+    heat = heatmap_for(out, scan_id)
+    if npy:
+        np.save(npy, heat)
+    overlay = storage.join(out, "overlays", scan_id + ".png")
+    _echo(
+        f"{scan_id}: {heat.shape[0]}x{heat.shape[1]} heatmap, max {heat.max():.3f} at "
+        f"(x={int(heat.argmax() % heat.shape[1])}, y={int(heat.argmax() // heat.shape[1])}); "
+        f"overlay {overlay}" + (f"; saved to {npy}" if npy else "")
     )
 
 

@@ -1,11 +1,16 @@
-"""`anogan-batch demo`: the whole flow on MNIST digits that ship with the package.
+"""`anogan-batch demo`: the whole flow on MNIST scans that ship with the package.
 
-Task: digit 0 is normal, the nine other digits are anomalies. The bundled sample
-(data/mnist_sample.npz, made by scripts/make_demo_sample.py) holds 4,000 training zeros and 300
-held-out test digits (150 zeros, 150 others). The bundled model (data/model/) was trained by
-this project's own `train` command: see scripts/train_demo_model.sh for the exact command.
+The archive: 24 "scans", each a 4 x 4 mosaic (112 x 112 px) of real handwritten zeros, the
+normal tissue. Twelve of them carry one or two lesions: tiles replaced by other digits. The
+bundled sample (data/mnist_sample.npz, made by scripts/make_demo_sample.py) holds those digits,
+all held out from the 4,000 training zeros. The bundled model (data/model/) was trained by this
+project's own `train` command: see scripts/train_demo_model.sh for the exact command.
 
-    scans (PNG, one folder per digit) -> ingest -> [train] -> score on local Ray -> eval -> report
+    mosaic PNG scans -> ingest -> [train] -> score on local Ray -> heatmaps -> eval -> report
+
+It reports patch-level AUROC (lesion tiles against normal tiles, from the truth file the demo
+writes next to the scans) and scan-level AUROC (lesion scans against normal scans, by each
+scan's highest patch score), and writes heatmap overlays that light up at the lesions.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import numpy as np
 
 from anogan_batch import storage
 
-NORMAL_LABEL = "0"
+NORMAL_LABEL = "0"  # the digit the model was trained on
 PATCH_SIZE = 28
+GRID = 4  # tiles per side of a mosaic scan
+N_NORMAL_SCANS, N_LESION_SCANS = 12, 12
 # The recipe of the bundled model (also what `demo --train` runs).
 TRAIN_ARGS = {"epochs": 20, "g_width": 64, "d_width": 64, "seed": 0}
 
@@ -37,7 +44,7 @@ def load_sample() -> dict[str, np.ndarray]:
 
 
 def write_sample_scans(scans: str, *, split: str) -> int:
-    """Write the sample's `split` ('train' or 'test') as PNG scans in one folder per digit."""
+    """Write the sample's `split` ('train' or 'test') digits as PNGs in one folder per digit."""
     from anogan_batch.plots import png_bytes
 
     sample = load_sample()
@@ -45,6 +52,38 @@ def write_sample_scans(scans: str, *, split: str) -> int:
     for img, label, idx in zip(images, labels, index, strict=True):
         storage.write_bytes(storage.join(scans, str(label), f"{idx:05d}.png"), png_bytes(img))
     return len(images)
+
+
+def write_mosaic_scans(scans: str, truth: str, *, seed: int = 0) -> tuple[int, int]:
+    """Write the mosaic archive (normal/ and lesion/ folders) and the patch truth CSV.
+
+    -> (number of scans, number of lesion tiles). Deterministic for a seed.
+    """
+    from anogan_batch.patches import patch_id_for
+    from anogan_batch.plots import png_bytes
+
+    sample = load_sample()
+    tiles, lesions = iter(sample["tile_images"]), iter(sample["lesion_images"])
+    rng = np.random.default_rng(seed)
+    rows = ["patch_id,label"]
+    n_lesions = 0
+    for k in range(N_NORMAL_SCANS + N_LESION_SCANS):
+        folder = "normal" if k < N_NORMAL_SCANS else "lesion"
+        sick = set()
+        if folder == "lesion":
+            sick = set(rng.choice(GRID * GRID, 1 + k % 2, replace=False).tolist())
+        scan = np.zeros((GRID * PATCH_SIZE, GRID * PATCH_SIZE), dtype=np.uint8)
+        scan_id = f"{folder}/scan_{k:02d}"
+        for t in range(GRID * GRID):
+            row, col = divmod(t, GRID)
+            y, x = row * PATCH_SIZE, col * PATCH_SIZE
+            scan[y : y + PATCH_SIZE, x : x + PATCH_SIZE] = next(lesions if t in sick else tiles)
+            label = "lesion" if t in sick else "normal"
+            rows.append(f"{patch_id_for(scan_id, x, y, PATCH_SIZE)},{label}")
+        n_lesions += len(sick)
+        storage.write_bytes(storage.join(scans, scan_id + ".png"), png_bytes(scan))
+    storage.write_bytes(truth, ("\n".join(rows) + "\n").encode())
+    return N_NORMAL_SCANS + N_LESION_SCANS, n_lesions
 
 
 def run_demo(out: str, *, train: bool = False, iterations: int = 500) -> dict:
@@ -58,19 +97,23 @@ def run_demo(out: str, *, train: bool = False, iterations: int = 500) -> dict:
     from anogan_batch.training import TrainConfig, train_gan
 
     out = storage.absolute(out)
-    for sub in ("scans", "patches", "train_patches", "model", "job"):
+    for sub in ("scans", "truth.csv", "patches", "train_scans", "train_patches", "model", "job"):
         storage.delete(storage.join(out, sub))
     started = time.time()
     say = print
 
-    n = write_sample_scans(storage.join(out, "scans", "test"), split="test")
-    say(f"[1/5] wrote {n} test scans (digit 0 normal, 1-9 anomalous) to {out}/scans/test")
+    truth = storage.join(out, "truth.csv")
+    n_scans, n_lesions = write_mosaic_scans(storage.join(out, "scans"), truth)
+    say(
+        f"[1/5] wrote {n_scans} mosaic scans ({GRID}x{GRID} digits: zeros are normal tissue, "
+        f"{n_lesions} lesion tiles of other digits) to {out}/scans"
+    )
     icfg = IngestConfig(patch_size=PATCH_SIZE, label_from_parent=True)
-    ingest(storage.join(out, "scans", "test"), storage.join(out, "patches"), icfg)
+    ingest(storage.join(out, "scans"), storage.join(out, "patches"), icfg)
 
     if train:
-        write_sample_scans(storage.join(out, "scans", "train"), split="train")
-        ingest(storage.join(out, "scans", "train"), storage.join(out, "train_patches"), icfg)
+        write_sample_scans(storage.join(out, "train_scans"), split="train")
+        ingest(storage.join(out, "train_scans"), storage.join(out, "train_patches"), icfg)
         model_dir = storage.join(out, "model")
         say("[2/5] training the GAN on 4,000 normal digits ...")
         train_gan(
@@ -82,7 +125,8 @@ def run_demo(out: str, *, train: bool = False, iterations: int = 500) -> dict:
         model_dir = bundled_model_dir()
         say(f"[2/5] using the bundled model in {model_dir} (retrain with --train)")
 
-    say(f"[3/5] scoring {n} patches on local Ray (Γ = {iterations}) ...")
+    n = n_scans * GRID * GRID
+    say(f"[3/5] scoring {n} patches on local Ray (Γ = {iterations}), then heatmaps ...")
     job = storage.join(out, "job")
     manifest = run_score_job(
         ScoreJobConfig(
@@ -92,8 +136,8 @@ def run_demo(out: str, *, train: bool = False, iterations: int = 500) -> dict:
             search=SearchConfig(iterations=iterations),
         )
     )
-    say("[4/5] evaluating ...")
-    metrics = evaluate_job(job, NORMAL_LABEL)
+    say("[4/5] evaluating against the lesion truth ...")
+    metrics = evaluate_job(job, "normal", truth=truth)
     say("[5/5] writing the report ...")
     report = write_report(job)
     minutes = (time.time() - started) / 60
@@ -101,12 +145,19 @@ def run_demo(out: str, *, train: bool = False, iterations: int = 500) -> dict:
     say(f"done in {minutes:.1f} min; {manifest.patches_per_second:.1f} patches/s")
     say(f"  patch scores : {job}/patch_scores/")
     say(f"  scan scores  : {job}/scan_scores/")
+    say(f"  heatmaps     : {job}/heatmaps/ (one row per scan), overlays in {job}/overlays/")
     say(f"  job manifest : {job}/job.json")
     say(f"  report       : {report}")
+    scan = metrics.get("scan", {})
     say(
-        f"AUROC {metrics['auroc']:.4f}  AUPRC {metrics['auprc']:.4f}  "
-        f"({metrics['n_normal']} normal, {metrics['n_anomalous']} anomalous)"
+        f"patch AUROC {metrics['auroc']:.4f}  AUPRC {metrics['auprc']:.4f}  "
+        f"({metrics['n_normal']} normal, {metrics['n_anomalous']} lesion tiles)"
     )
+    if scan:
+        say(
+            f"scan  AUROC {scan['auroc']:.4f}  AUPRC {scan['auprc']:.4f}  "
+            f"({scan['n_normal']} normal, {scan['n_anomalous']} lesion scans)"
+        )
     return metrics
 
 

@@ -7,6 +7,7 @@ counted as one half, AUPRC is average precision (the step-wise area, as scikit-l
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
@@ -79,15 +80,41 @@ def metrics(scores: np.ndarray, labels: list[str | None], normal_label: str) -> 
     }
 
 
-def evaluate_job(out: str, normal_label: str) -> dict[str, Any]:
-    """Compute metrics of a finished job OUT and write OUT/metrics.json."""
+def read_truth(path: str) -> dict[str, str]:
+    """patch_id -> label from a CSV or Parquet file with those two columns."""
+    import pyarrow.csv as pacsv
+
+    from anogan_batch.tables import read_columns
+
+    if path.endswith(".csv"):
+        table = pacsv.read_csv(io.BytesIO(storage.read_bytes(path)))
+    else:
+        table = read_columns(path, ["patch_id", "label"])
+    for col in ("patch_id", "label"):
+        if col not in table.column_names:
+            raise InputError(f"truth file '{path}' has no column '{col}'")
+    ids = table.column("patch_id").to_pylist()
+    return dict(zip(ids, map(str, table.column("label").to_pylist()), strict=True))
+
+
+def evaluate_job(out: str, normal_label: str, truth: str | None = None) -> dict[str, Any]:
+    """Compute metrics of a finished job OUT and write OUT/metrics.json.
+
+    Patch labels come from the `label` column, or from `truth` (patch_id -> label, e.g. lesion
+    annotations made apart from the archive) where it has the patch. Scan-level metrics use
+    `scan_scores.max_score` against the scans' labels.
+    """
     from anogan_batch.tables import read_columns
 
     patch_dir = storage.join(out, "patch_scores")
-    table = read_columns(patch_dir, ["anomaly_score", "label"])
-    if "label" not in table.column_names:
+    table = read_columns(patch_dir, ["anomaly_score", "label", "patch_id"])
+    if "label" not in table.column_names and truth is None:
         raise InputError(f"'{patch_dir}' has no 'label' column: nothing to evaluate against")
-    labels = table.column("label").to_pylist()
+    labels = table.column("label").to_pylist() if "label" in table.column_names else []
+    if truth is not None:
+        known = read_truth(truth)
+        ids = table.column("patch_id").to_pylist()
+        labels = [known.get(i, labels[k] if labels else None) for k, i in enumerate(ids)]
     result = metrics(table.column("anomaly_score").to_numpy(), labels, normal_label)
     if result["n_normal"] == 0 or result["n_anomalous"] == 0:
         seen = sorted({lab for lab in labels if lab is not None})
@@ -97,6 +124,7 @@ def evaluate_job(out: str, normal_label: str) -> dict[str, Any]:
             f"(labels present: {', '.join(seen[:10]) or 'none'})"
         )
     result["normal_label"] = normal_label
+    result["truth"] = truth
     scan_dir = storage.join(out, "scan_scores")
     if storage.exists(scan_dir) or storage.is_dir(scan_dir):
         scans = read_columns(scan_dir, ["max_score", "label"])

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from anogan_batch import storage
-from anogan_batch.config import check_float, check_int
+from anogan_batch.config import check_choice, check_float, check_int
 from anogan_batch.errors import InputError
 from anogan_batch.search import SearchConfig
 
@@ -63,6 +63,8 @@ class ScoreJobConfig:
     target_file_mb: float = 128.0  # approximate size of each output Parquet file
     device: str | None = None  # None: CUDA when the actor has a GPU, else CPU
     progress: bool = True
+    heatmaps: bool = True  # stitch per-scan heatmaps and PNG overlays after scoring
+    table_format: str = "parquet"  # or "delta": the output tables committed as Delta Lake
 
     def __post_init__(self) -> None:
         check_int("batch_size", self.batch_size, min_value=1)
@@ -77,6 +79,9 @@ class ScoreJobConfig:
         if self.threshold is not None:
             check_float("threshold", self.threshold)
         check_float("target_file_mb", self.target_file_mb, low=0.0, low_open=True)
+        from anogan_batch.warehouse import TABLE_FORMATS
+
+        check_choice("table_format", self.table_format, TABLE_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -139,7 +144,7 @@ def connect_ray() -> None:
         )
 
 
-def _quiet_ray_data() -> None:
+def quiet_ray_data() -> None:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -150,7 +155,7 @@ def _quiet_ray_data() -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
-def _make_sink(out: str, rows_per_file: int):
+def make_sink(out: str, rows_per_file: int):
     """A Parquet sink writing scored rows and quarantined rows to their two tables."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads

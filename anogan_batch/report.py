@@ -17,6 +17,7 @@ from anogan_batch import storage
 from anogan_batch.errors import InputError
 
 TOP_K = 16
+TOP_SCANS = 8
 
 
 def _img(png: bytes, size: int = 84, title: str = "") -> str:
@@ -102,6 +103,17 @@ def top_patches(out: str, k: int = TOP_K) -> list[dict[str, Any]]:
     return rows
 
 
+def _overlays(out: str, scan_ids: list[str]) -> str:
+    """The overlay PNGs of these scans (from OUT/overlays), inlined, with captions."""
+    cells = []
+    for scan_id in scan_ids:
+        path = storage.join(out, "overlays", scan_id + ".png")
+        if storage.exists(path):
+            img = _img(storage.read_bytes(path), size=224, title=scan_id)
+            cells.append(f"<figure>{img}<figcaption>{escape(scan_id)}</figcaption></figure>")
+    return f'<div class="charts" id="top-scans">{"".join(cells)}</div>' if cells else ""
+
+
 def _pixel_max(dtype: str) -> float:
     from anogan_batch.model import PIXEL_MAX
 
@@ -126,11 +138,20 @@ def write_report(out: str, html_path: str | None = None) -> str:
     if manifest is None:
         raise InputError(f"'{out}' holds no job.json: not the OUT of a score job")
     html_path = html_path or storage.join(out, "report.html")
-    table = read_columns(storage.join(out, "patch_scores"), ["anomaly_score", "label"])
+    metrics = {}
+    if storage.exists(storage.join(out, "metrics.json")):
+        metrics = storage.read_json(storage.join(out, "metrics.json"))
+    table = read_columns(storage.join(out, "patch_scores"), ["anomaly_score", "label", "patch_id"])
     scores = table.column("anomaly_score").to_numpy()
     labels = (
         table.column("label").to_pylist() if "label" in table.column_names else [None] * len(scores)
     )
+    if metrics.get("truth"):  # eval's labels, so that the ROC here is the one it measured
+        from anogan_batch.evaluate import read_truth
+
+        truth = read_truth(metrics["truth"])
+        ids = table.column("patch_id").to_pylist()
+        labels = [truth.get(i, lab) for i, lab in zip(ids, labels, strict=True)]
     groups: dict[str, list[float]] = {}
     for s, lab in zip(scores, labels, strict=True):
         groups.setdefault("(none)" if lab is None else lab, []).append(float(s))
@@ -139,9 +160,6 @@ def write_report(out: str, html_path: str | None = None) -> str:
         title="anomaly score by label",
         xlabel="anomaly_score",
     )
-    metrics = {}
-    if storage.exists(storage.join(out, "metrics.json")):
-        metrics = storage.read_json(storage.join(out, "metrics.json"))
     roc = ""
     if metrics.get("normal_label") is not None:
         keep = [lab is not None for lab in labels]
@@ -174,6 +192,7 @@ def write_report(out: str, html_path: str | None = None) -> str:
         scans_html = _table(
             scans, ["scan_id", "label", "n_patches", "max_score", "mean_score", "p95_score"]
         )
+        scans_html = _overlays(out, [r["scan_id"] for r in scans[:TOP_SCANS]]) + scans_html
     job_rows = [
         {"key": k, "value": v}
         for k, v in (
@@ -188,8 +207,15 @@ def write_report(out: str, html_path: str | None = None) -> str:
             ("patches per second", manifest.patches_per_second),
             *((f"param {k}", v) for k, v in manifest.params.items()),
             *((f"metric {k}", v) for k, v in metrics.items() if not isinstance(v, dict)),
+            *((f"scan metric {k}", v) for k, v in metrics.get("scan", {}).items()),
         )
     ]
+    timing_rows = [
+        {"run": i, "started_at": r.get("started_at"), "rows": r.get("rows"),
+         "seconds": r.get("seconds"), **r.get("phase_seconds", {})}
+        for i, r in enumerate(manifest.runs)
+    ]  # fmt: skip
+    phase_names = sorted({k for r in manifest.runs for k in r.get("phase_seconds", {})})
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>anogan-batch job {escape(manifest.job_id)}</title>
@@ -202,12 +228,16 @@ th {{ background: #f4f4f4; }}
 </style></head><body>
 <h1>anogan-batch job {escape(manifest.job_id)}</h1>
 <h2>Job</h2>{_table(job_rows, ["key", "value"])}
+<h2>Timings (seconds per phase, per run)</h2>
+{_table(timing_rows, ["run", "started_at", "rows", "seconds", *phase_names])}
 <h2>Scores</h2><div class="charts">{hist}{roc}</div>
 <h2>Top {len(top)} anomalous patches</h2>
 <p>x, its closest generated patch G(z), and the residual |x − G(z)| (bright = anomalous).</p>
 <table id="top-patches"><thead><tr><th>patch_id</th><th>label</th><th>anomaly_score</th>
 <th>x</th><th>G(z)</th><th>residual</th></tr></thead><tbody>{top_rows}</tbody></table>
-<h2>Top scans</h2>{scans_html}
+<h2>Top scans</h2>
+<p>Heatmap overlays of the most anomalous scans: bright, hot colours where the residual is large.
+</p>{scans_html}
 </body></html>
 """
     storage.write_bytes(html_path, page.encode())

@@ -8,6 +8,7 @@ for in patch_scores or quarantine.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -16,20 +17,21 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from anogan_batch import storage
-from anogan_batch.errors import AnoganError, InputError
+from anogan_batch.errors import InputError
 from anogan_batch.job import JobManifest, check_rerun, new_job_id, now
 from anogan_batch.pipeline import (
     CHECKPOINT_DIR,
     IO_CPUS,
     Resources,
     ScoreJobConfig,
-    _make_sink,
-    _quiet_ray_data,
     build_pipeline,
     connect_ray,
+    make_sink,
     plan_resources,
+    quiet_ray_data,
     recover_pending,
 )
+from anogan_batch.scorer import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +59,20 @@ def first_quarantine_reason(out: str) -> str | None:
 
 def preflight(cfg: ScoreJobConfig) -> tuple[str, int]:
     """Fail fast (exit 2) on a bad model or a table that cannot fit it. -> (model_id, rows)."""
-    from anogan_batch.modeldir import load_model
+    from anogan_batch.modeldir import load_model, read_model_json
     from anogan_batch.patches import row_problem
-    from anogan_batch.tables import count_rows, first_rows, open_patch_table
+    from anogan_batch.tables import (
+        check_normalisation,
+        count_rows,
+        first_rows,
+        open_patch_table,
+        table_normalisation,
+    )
 
     model = load_model(cfg.model_dir)
     ds = open_patch_table(cfg.patches)
+    model_norm = read_model_json(cfg.model_dir).get("normalisation", {})
+    check_normalisation(table_normalisation(cfg.patches), model_norm, cfg.patches, cfg.model_dir)
     rows = count_rows(ds, cfg.patches)
     if rows == 0:
         raise InputError(f"patch table '{cfg.patches}' is empty: nothing to score")
@@ -105,18 +115,39 @@ class _Progress:
         class Counter:
             def __init__(self) -> None:
                 self.n = 0
+                self.peak_rss: dict[int, float] = {}  # scorer pid -> peak RSS (MiB)
 
-            def add(self, k: int) -> None:
+            def add(self, k: int, pid: int = 0, rss_mb: float = 0.0) -> None:
                 self.n += k
+                self.peak_rss[pid] = max(rss_mb, self.peak_rss.get(pid, 0.0))
 
             def get(self) -> int:
                 return self.n
 
-        self.actor = Counter.remote()
+            def actor_peak_rss_mb(self) -> float:
+                return max(self.peak_rss.values(), default=0.0)
+
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On the driver's node: a counter on a worker node would die with that node, and the
+        # job must survive node failures (the driver's own node is one it cannot survive).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.actor = Counter.options(scheduling_strategy=here).remote()
         self.total, self.enabled = total, enabled
         self.started = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def actor_peak_rss_mb(self) -> float | None:
+        """Largest peak RSS any scorer reported; None if the counter is gone (it is only
+        telemetry and must never fail a job)."""
+        import ray
+
+        try:
+            return round(float(ray.get(self.actor.actor_peak_rss_mb.remote(), timeout=30)), 1)
+        except Exception:
+            log.warning("could not read the scorers' peak memory", exc_info=True)
+            return None
 
     def done(self) -> int:
         import ray
@@ -151,6 +182,9 @@ class _Progress:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2)
+            if exc[0] is None:  # the final count, also where no line was due yet
+                with contextlib.suppress(Exception):
+                    sys.stderr.write(("\r" if sys.stderr.isatty() else "") + self.line())
             sys.stderr.write("\n")
 
 
@@ -158,7 +192,8 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
     """Score every row of cfg.patches into cfg.out (resuming a crashed run). -> manifest."""
     import ray
 
-    from anogan_batch.aggregate import write_scan_scores
+    from anogan_batch.aggregate import write_scan_tables
+    from anogan_batch.warehouse import publish
 
     cfg = replace(
         cfg,
@@ -202,7 +237,7 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
     try:
         t0 = time.time()
         connect_ray()
-        _quiet_ray_data()
+        quiet_ray_data()
         phases["connect"] = time.time() - t0
         res = plan_resources(cfg, ray.cluster_resources(), [n for n in ray.nodes() if n["Alive"]])
         run["resources"] = asdict(res)
@@ -213,15 +248,23 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
         _execute(cfg, res, manifest, model_id, input_rows - before)
         elapsed = time.time() - started
         phases["score"] = elapsed
-        scan_out = storage.join(cfg.out, "scan_scores")
         manifest.scored_rows = output_rows(cfg.out, "patch_scores")
         manifest.quarantined_rows = output_rows(cfg.out, "quarantine")
         t0 = time.time()
         if manifest.scored_rows:
-            write_scan_scores(
-                storage.join(cfg.out, "patch_scores"), scan_out, threshold=cfg.threshold
+            write_scan_tables(
+                cfg.out,
+                cfg.patches,
+                threshold=cfg.threshold,
+                heatmaps=_heatmap_geometry(cfg) if cfg.heatmaps else None,
+                io_cpus=IO_CPUS,
             )
-        phases["aggregate"] = time.time() - t0
+        phases["scans_and_heatmaps" if cfg.heatmaps else "scans"] = time.time() - t0
+        if cfg.table_format != "parquet":
+            t0 = time.time()
+            run["published"] = publish(cfg.out, cfg.table_format)
+            phases["publish"] = time.time() - t0
+        run["driver_peak_rss_mb"] = round(peak_rss_mb(), 1)
         run["phase_seconds"] = {k: round(v, 2) for k, v in phases.items()}
         done_now = manifest.scored_rows + manifest.quarantined_rows - before
         run.update(finished_at=now(), rows=done_now, seconds=round(elapsed, 2))
@@ -246,6 +289,13 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
         raise
 
 
+def _heatmap_geometry(cfg: ScoreJobConfig) -> tuple[int, int]:
+    from anogan_batch.modeldir import read_model_json
+
+    patch = read_model_json(cfg.model_dir)["patch"]
+    return patch["size"], patch["channels"]
+
+
 def _execute(
     cfg: ScoreJobConfig, res: Resources, manifest: JobManifest, model_id: str, todo: int
 ) -> None:
@@ -266,19 +316,19 @@ def _execute(
         with _Progress(todo, cfg.progress) as progress:
             ds = build_pipeline(cfg, res, manifest.job_id, model_id, progress=progress.actor)
             ds.write_datasink(
-                _make_sink(cfg.out, _rows_per_file(cfg, model_id)),
+                make_sink(cfg.out, _rows_per_file(cfg)),
                 ray_remote_args={"num_cpus": IO_CPUS},
             )
+            # memory figures for the bench's flat-memory check (and for capacity planning)
+            manifest.runs[-1]["actor_peak_rss_mb"] = progress.actor_peak_rss_mb()
     finally:
         ctx.checkpoint_config = None
 
 
-def _rows_per_file(cfg: ScoreJobConfig, model_id: str) -> int:
+def _rows_per_file(cfg: ScoreJobConfig) -> int:
+    """Rows per output file for --target-file-mb (of uncompressed row bytes)."""
     from anogan_batch.modeldir import read_model_json
 
     arch = read_model_json(cfg.model_dir)["architecture"]
     row_bytes = arch["image_size"] ** 2 * arch["channels"] * 4 + arch["latent_dim"] * 4 + 256
     return max(1, int(cfg.target_file_mb * 2**20 / row_bytes))
-
-
-__all__ = ["AnoganError", "output_rows", "preflight", "run_score_job"]

@@ -51,6 +51,13 @@ def output_schema() -> pa.Schema:
     )
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def pick_device(requested: str | None = None) -> str:
     import torch
 
@@ -170,5 +177,5 @@ class PatchScorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = score_table(self.model, batch, self.search, job_id=self.job_id, device=self.device)
         if self.progress is not None:
-            self.progress.add.remote(out.num_rows)
+            self.progress.add.remote(out.num_rows, os.getpid(), peak_rss_mb())
         return out

@@ -126,3 +126,32 @@ def write_patch_table(
         with fs.open_output_stream(inner) as f:
             pq.write_table(table, f, compression="zstd")
     return path
+
+
+def table_normalisation(path: str) -> dict | None:
+    """The pixel normalisation ingest recorded for a patch table, or None when unrecorded
+    (a table not written by `ingest`). A table mixing several is an error: one model can
+    only have learned one."""
+    record = storage.join(path, "_ingest.json")
+    if not storage.exists(record):
+        return None
+    norms = storage.read_json(record).get("normalisation") or []
+    if len(norms) > 1:
+        raise InputError(
+            f"patch table '{path}' mixes pixel normalisations {norms}; ingest scans of each "
+            "depth separately, or pass the same --window to all of them"
+        )
+    return norms[0] if norms else None
+
+
+def check_normalisation(table: dict | None, model: dict, patches: str, model_dir: str) -> None:
+    """InputError when a table's recorded normalisation differs from the model's."""
+    if table is None:
+        return
+    want = {"dtype": model.get("pixel_dtype"), "window": model.get("window")}
+    if table != want:
+        raise InputError(
+            f"patch table '{patches}' was normalised as {table}, but model '{model_dir}' was "
+            f"trained on {want}; re-ingest the scans the way the training scans were "
+            "(same bit depth and --window)"
+        )

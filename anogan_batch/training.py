@@ -205,8 +205,12 @@ def fit_gan(
 def train_gan(patches: str, model_dir: str, cfg: TrainConfig, *, progress: bool = True) -> str:
     """Train on the normal patches of the table `patches`; write MODEL_DIR; return model_id."""
     from anogan_batch.modeldir import save_model
+    from anogan_batch.tables import table_normalisation
 
+    norm = table_normalisation(patches)  # read first: a mixed table fails before training
     data = load_training_patches(patches, cfg)
+    if norm is not None and norm["dtype"] != data.dtype:
+        raise InputError(f"patch table '{patches}' records {norm} but holds {data.dtype} pixels")
     fit = fit_gan(data.pixels, data.dtype, cfg, progress=progress)
     history = fit.history
     meta = {
@@ -227,6 +231,11 @@ def train_gan(patches: str, model_dir: str, cfg: TrainConfig, *, progress: bool 
             "fingerprint_sha256": data.fingerprint,
         },
         "versions": _versions(),
+        "normalisation": {
+            "pixel_dtype": fit.config.pixel_dtype,
+            "window": None if norm is None else norm["window"],
+            "model_space": "x / max(pixel_dtype) * 2 - 1, in [-1, 1] (G ends in tanh)",
+        },
     }
     model_id = save_model(model_dir, fit.config, fit.generator, fit.discriminator, meta)
     _write_artefacts(model_dir, fit.generator, fit.config, history, cfg.seed)

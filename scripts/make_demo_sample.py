@@ -3,8 +3,9 @@
     python scripts/make_demo_sample.py [--mnist DIR]
 
 The sample: 4,000 training images of the normal digit (0) from the training half of a seeded
-80/20 per-digit split, and 300 held-out test images (150 zeros, 150 of the other nine digits)
-from the other half. Deterministic: rerunning writes the same arrays.
+80/20 per-digit split, and from the held-out half: 300 test images (150 zeros, 150 of the other
+nine digits) and, for the demo's mosaic scans, 400 more zeros (the tissue) and 40 other digits
+(the lesions). Deterministic: rerunning writes the same arrays.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from anogan_batch.datasets import load_mnist, one_class_split
 
 NORMAL_DIGIT = 0
 N_TRAIN, N_TEST_NORMAL, N_TEST_ANOMALOUS = 4000, 150, 150
+N_TILES, N_LESIONS = 400, 40
 OUT = os.path.join(os.path.dirname(__file__), "..", "anogan_batch", "data", "mnist_sample.npz")
 
 
@@ -32,6 +34,9 @@ def main() -> None:
     test_normal = rng.choice(held_out[labels[held_out] == NORMAL_DIGIT], N_TEST_NORMAL, False)
     test_anomalous = rng.choice(held_out[labels[held_out] != NORMAL_DIGIT], N_TEST_ANOMALOUS, False)
     test = np.sort(np.concatenate([test_normal, test_anomalous]))
+    rest = np.setdiff1d(held_out, test)
+    tiles = rng.choice(rest[labels[rest] == NORMAL_DIGIT], N_TILES, replace=False)
+    lesions = rng.choice(rest[labels[rest] != NORMAL_DIGIT], N_LESIONS, replace=False)
     np.savez_compressed(
         OUT,
         train_images=images[train_normal],
@@ -40,6 +45,9 @@ def main() -> None:
         test_images=images[test],
         test_labels=labels[test],
         test_index=test.astype(np.int32),
+        tile_images=images[tiles],
+        lesion_images=images[lesions],
+        lesion_labels=labels[lesions],
         normal_digit=np.int32(NORMAL_DIGIT),
     )
     print(

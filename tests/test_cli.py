@@ -67,9 +67,9 @@ def test_end_to_end_ingest_train_score_eval_report(tmp_path):
         "50",
         "--actors",
         "1",
-        "--no-progress",
     )
     assert r.returncode == 0, r.stderr
+    assert "scored 300/300 patches |" in r.stderr and "patches/s | ETA" in r.stderr  # progress
     job = json.loads((tmp_path / "job" / "job.json").read_text())
     assert job["status"] == "succeeded" and job["scored_rows"] == 300
     r = run_cli("eval", str(tmp_path / "job"), "--normal-label", "0")

@@ -55,7 +55,7 @@ def test_ingest_png_jpeg_and_16_bit(scans, tmp_path):
     assert rows["lesion/b#16x16+0+0"]["channels"] == 3
     c = rows["lesion/deep/c#16x16+4+4"]
     assert (c["dtype"], c["label"]) == ("uint16", "deep")
-    assert set(pq.read_schema(next(out.glob("*.parquet"))).names) >= {
+    assert set(pq.read_schema(next(out.glob("part-*.parquet"))).names) >= {
         "patch_id",
         "scan_id",
         "x",
@@ -85,7 +85,7 @@ def test_bad_files_are_quarantined_not_fatal(scans, tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "normal" / "tiny.png")
     out = tmp_path / "patches"
     summary = ingest(str(root), str(out), IngestConfig(patch_size=16))
-    assert summary.quarantined_files == 4
+    assert summary.quarantined == 4
     q = pq.read_table(out / "_quarantine.parquet").to_pylist()
     reasons = {r["path"].rsplit("/", 1)[1]: r["reason"] for r in q}
     assert "unreadable .png" in reasons["broken.png"]
@@ -103,3 +103,139 @@ def test_nothing_readable_is_an_error(tmp_path):
         ingest(str(tmp_path / "s"), str(tmp_path / "o"), IngestConfig(patch_size=16))
     with pytest.raises(InputError, match="does not exist"):
         ingest(str(tmp_path / "missing"), str(tmp_path / "o"), IngestConfig(patch_size=16))
+
+
+# ---- formats, windows, masking (issue: scan archives) ----
+
+
+def write_dicom(path, pixels: np.ndarray, *, slope=1.0, intercept=0.0, bits=12, pixel_data=True):
+    """A minimal valid CT-like DICOM file written by pydicom (no fixtures on disk needed)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if pixel_data:
+        ds.PixelData = pixels.astype("<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _pixels(out, patch_id, spec):
+    table = pads.dataset(out).to_table(filter=pads.field("patch_id") == patch_id)
+    assert table.num_rows == 1, patch_id
+    pixels, reasons = decode_patches(table, spec)
+    assert reasons == [None]
+    return pixels[0]
+
+
+def test_tiff_pages_and_npy_volume_slices(tmp_path):
+    import tifffile
+
+    rng = np.random.default_rng(1)
+    src = tmp_path / "scans"
+    src.mkdir()
+    pages = rng.integers(0, 65535, (3, 20, 24)).astype(np.uint16)  # 3 pages, 16-bit
+    tifffile.imwrite(src / "stack.tif", pages, photometric="minisblack")
+    rgb = rng.integers(0, 255, (16, 16, 3)).astype(np.uint8)
+    tifffile.imwrite(src / "rgb.tiff", rgb, photometric="rgb")
+    volume = rng.random((16, 5, 32)).astype(np.float32)  # slices along axis 1
+    np.save(src / "vol.npy", volume)
+    out = tmp_path / "patches"
+    s = ingest(str(src), str(out), IngestConfig(patch_size=16, slice_axis=1))
+    # stack: 3 pages x (2 x 2); rgb: 1; vol: 5 slices of 16x32 -> 2 patches each
+    assert (s.scans, s.patches, s.quarantined) == (3 + 1 + 5, 12 + 1 + 10, 0)
+    page2 = _pixels(out, "stack@0002#16x16+8+4", PatchSpec(16, 1, "uint16"))
+    np.testing.assert_array_equal(page2[:, :, 0], pages[2, 4:20, 8:24])  # 16 bits kept
+    np.testing.assert_array_equal(_pixels(out, "rgb#16x16+0+0", PatchSpec(16, 3, "uint8")), rgb)
+    sl = _pixels(out, "vol@0003#16x16+16+0", PatchSpec(16, 1, "float32"))
+    np.testing.assert_array_equal(sl[:, :, 0], volume[:, 3, 16:32])
+    assert {json_key(n) for n in s.normalisation} == {"uint16", "uint8", "float32"}
+
+
+def json_key(norm: dict) -> str:
+    return norm["dtype"] + ("" if norm["window"] is None else f"@{norm['window']}")
+
+
+def test_dicom_rescale_window_and_bad_dicoms(tmp_path):
+    src = tmp_path / "scans"
+    src.mkdir()
+    stored = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) % 4096
+    write_dicom(src / "ct.dcm", stored, slope=1.0, intercept=-1024.0)
+    write_dicom(src / "nopixels.dcm", stored, pixel_data=False)
+    (src / "garbage.dcm").write_bytes(b"DICM but not really" * 10)
+    out = tmp_path / "patches"
+    s = ingest(str(src), str(out), IngestConfig(patch_size=16, window=(40.0, 400.0)))
+    assert (s.scans, s.patches, s.quarantined) == (1, 4, 2)
+    rows = pq.read_table(out / "_quarantine.parquet").to_pylist()
+    q = {r["path"].rsplit("/", 1)[1]: r["reason"] for r in rows}
+    assert "no pixel data" in q["nopixels.dcm"]
+    assert "unreadable .dcm" in q["garbage.dcm"]
+    got = _pixels(out, "ct#16x16+16+16", PatchSpec(16, 1, "uint16"))[:, :, 0]
+    hu = stored[16:32, 16:32].astype(np.float64) - 1024.0  # rescale applied first
+    want = np.rint(np.clip((hu - (40 - 200)) / 400, 0, 1) * 65535)
+    np.testing.assert_array_equal(got, want)
+    assert s.normalisation == [{"dtype": "uint16", "window": [40.0, 400.0]}]
+
+    # without --window: the stored 12-bit range after rescale is the window
+    s2 = ingest(str(src), str(tmp_path / "p2"), IngestConfig(patch_size=16))
+    assert s2.normalisation == [{"dtype": "uint16", "window": [1023.5, 4095.0]}]
+    raw = _pixels(tmp_path / "p2", "ct#16x16+0+0", PatchSpec(16, 1, "uint16"))[:, :, 0]
+    np.testing.assert_array_equal(raw, np.rint(stored[:16, :16] / 4095 * 65535))
+
+
+def test_signed_npy_needs_a_window(tmp_path):
+    src = tmp_path / "scans"
+    src.mkdir()
+    np.save(src / "hu.npy", np.full((16, 16), -500, np.int16))
+    with pytest.raises(InputError, match="pass --window"):
+        ingest(str(src), str(tmp_path / "p"), IngestConfig(patch_size=16))
+    s = ingest(str(src), str(tmp_path / "p"), IngestConfig(patch_size=16, window=(-500, 100)))
+    assert s.patches == 1
+
+
+def test_min_foreground_skips_background_patches(tmp_path):
+    src = tmp_path / "scans"
+    src.mkdir()
+    img = np.zeros((64, 64), np.uint8)
+    img[8:40, 8:40] = 200  # a bright object covering parts of 4 of the 16 patches
+    Image.fromarray(img).save(src / "a.png")
+    out = tmp_path / "p"
+    s = ingest(str(src), str(out), IngestConfig(patch_size=16, min_foreground=0.25))
+    ids = set(pads.dataset(out).to_table(columns=["patch_id"]).column(0).to_pylist())
+    # patches (16,16) fully inside; (0,0),(32,0),(0,32),(32,32) hold 64/256 = 0.25 foreground
+    assert "a#16x16+16+16" in ids and "a#16x16+48+48" not in ids
+    assert s.patches == len(ids) == 9 and s.skipped_patches == 7
+    scans = pq.read_table(out / "_scans.parquet").to_pylist()
+    assert (scans[0]["height"], scans[0]["n_patches"], scans[0]["n_skipped"]) == (64, 9, 7)
+
+
+def test_ray_engine_gives_the_same_table(scans, tmp_path, ray_local):
+    root, _ = scans
+    local = ingest(str(root), str(tmp_path / "a"), IngestConfig(patch_size=16, engine="local"))
+    on_ray = ingest(str(root), str(tmp_path / "b"), IngestConfig(patch_size=16, engine="ray"))
+    assert on_ray.engine == "ray" and on_ray.patches == local.patches
+    ta = pads.dataset(tmp_path / "a").to_table().sort_by("patch_id")
+    tb = pads.dataset(tmp_path / "b").to_table().sort_by("patch_id")
+    assert ta.equals(tb)
+
+
+def test_reingest_replaces_and_foreign_folders_are_refused(scans, tmp_path):
+    root, _ = scans
+    out = tmp_path / "p"
+    ingest(str(root), str(out), IngestConfig(patch_size=16))
+    ingest(str(root), str(out), IngestConfig(patch_size=32))  # replaces, no stale parts
+    assert {r for r in pads.dataset(out).to_table().column("height").to_pylist()} == {32}
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="not empty"):
+        ingest(str(root), str(tmp_path / "mine"), IngestConfig(patch_size=16))

@@ -178,3 +178,37 @@ def test_bad_rows_are_quarantined_and_the_job_completes(ray_local, float_model, 
     assert {r["patch_id"] for r in q} == {"scan00003#28x28+0+0", "scan00007#28x28+0+0"}
     scored = set(scores_of(out).column("patch_id").to_pylist())
     assert not scored & {r["patch_id"] for r in q}
+
+
+def test_table_normalised_unlike_the_model_is_refused(tiny_model, sample, tmp_path):
+    """A model trained on 8-bit scans must not score windowed 16-bit CT patches (exit 2)."""
+    import shutil
+
+    from PIL import Image
+
+    from anogan_batch.ingest import IngestConfig, ingest
+
+    src = tmp_path / "scans"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(sample["test_images"][i]).save(src / f"{i}.png")
+    ingest(str(src), str(tmp_path / "ok"), IngestConfig(patch_size=28))
+    ingest(str(src), str(tmp_path / "ct"), IngestConfig(patch_size=28, window=(100.0, 50.0)))
+    # same weights, but the model card says it was trained on windowed 8-bit scans
+    windowed = tmp_path / "windowed_model"
+    shutil.copytree(tiny_model, windowed)
+    doc = json.loads((windowed / "model.json").read_text())
+    doc["normalisation"]["window"] = [100.0, 50.0]
+    (windowed / "model.json").write_text(json.dumps(doc))
+
+    def job(model, table):
+        out = str(tmp_path / f"out-{table}")
+        return ScoreJobConfig(str(model), str(tmp_path / table), out, search=SEARCH)
+
+    from anogan_batch.runner import preflight
+
+    assert preflight(job(tiny_model, "ok"))[1] == 3
+    with pytest.raises(InputError, match="normalised as .*uint16.*trained on .*uint8"):
+        preflight(job(tiny_model, "ct"))
+    with pytest.raises(InputError, match=r"window': None.*window': \[100.0, 50.0\]"):
+        preflight(job(windowed, "ok"))

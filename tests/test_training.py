@@ -67,3 +67,36 @@ def test_bad_config():
     with pytest.raises(ConfigError, match="'epochs'"):
         TrainConfig(epochs=0)
     assert np.isclose(TrainConfig().lr, 2e-4) and TrainConfig().beta1 == 0.5
+
+
+def _windowed_scans(root, window_ok=True):
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def test_training_records_the_tables_normalisation(tmp_path):
+    from anogan_batch.ingest import IngestConfig, ingest
+
+    src = _windowed_scans(tmp_path / "scans")
+    ingest(str(src), str(tmp_path / "p"), IngestConfig(patch_size=16, window=(128.0, 200.0)))
+    fast = {**FAST, "g_width": 4, "d_width": 4}
+    train_gan(str(tmp_path / "p"), str(tmp_path / "m"), TrainConfig(**fast), progress=False)
+    norm = json.loads((tmp_path / "m" / "model.json").read_text())["normalisation"]
+    assert (norm["pixel_dtype"], norm["window"]) == ("uint16", [128.0, 200.0])
+
+
+def test_a_table_mixing_bit_depths_is_refused(tmp_path):
+    from PIL import Image
+
+    from anogan_batch.ingest import IngestConfig, ingest
+
+    src = _windowed_scans(tmp_path / "scans")
+    Image.fromarray(np.full((16, 16), 4000, np.uint16)).save(src / "deep.png")
+    ingest(str(src), str(tmp_path / "p"), IngestConfig(patch_size=16))
+    with pytest.raises(InputError, match="mixes pixel normalisations"):
+        train_gan(str(tmp_path / "p"), str(tmp_path / "m"), TrainConfig(**FAST), progress=False)

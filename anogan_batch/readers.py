@@ -1,0 +1,206 @@
+"""Scan file formats: bytes -> 2-D images, and how their values become stored pixels.
+
+A reader turns one file's bytes into a list of `Image`s: one for a 2-D file, one per page or
+slice for multi-page TIFFs, NPY volumes and multi-frame DICOMs (the `suffix` then names the
+slice, e.g. "@0007"). Readers return values in the file's own units and depth; `to_stored`
+then applies the one documented normalisation:
+
+- 8-bit sources stay uint8 (model space: v / 255), 16-bit sources stay uint16 (v / 65535):
+  the depth of the file is kept end to end.
+- float sources stay float32 when they already lie in [0, 1].
+- with a window (`--window CENTER,WIDTH`, in the source's units after DICOM rescale), values
+  are clipped to [C - W/2, C + W/2] and mapped linearly onto uint16 0..65535.
+- DICOM without `--window`: the full range its BitsStored can hold, after RescaleSlope and
+  RescaleIntercept, is the window; MONOCHROME1 is inverted so that bright means dense.
+- anything else (signed integers, floats outside [0, 1]) needs `--window`: it is refused with
+  that advice rather than guessed.
+
+A new format is a function `(raw: bytes, opts: ReadOptions) -> list[Image]` and one line in
+`READERS`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    slice_axis: int = 0  # which axis of a 3-D NPY volume indexes its slices
+    window: tuple[float, float] | None = None  # (center, width) in source units
+
+
+@dataclass
+class Image:
+    suffix: str  # "" for a 2-D file, "@0007" for slice 7 of a volume
+    values: np.ndarray  # (H, W) or (H, W, C), the source's own dtype and units
+    default_window: tuple[float, float] | None = None  # used when the user gave none
+
+
+Reader = Callable[[bytes, ReadOptions], list[Image]]
+
+
+def slice_suffix(i: int) -> str:
+    return f"@{i:04d}"
+
+
+def _slices(arrays: list[np.ndarray]) -> list[Image]:
+    if len(arrays) == 1:
+        return [Image("", arrays[0])]
+    return [Image(slice_suffix(i), a) for i, a in enumerate(arrays)]
+
+
+def read_pil(raw: bytes, opts: ReadOptions) -> list[Image]:
+    """PNG / JPEG via Pillow: 8-bit gray or RGB, 16-bit gray; alpha and palettes dropped."""
+    from PIL import Image as PILImage
+
+    with PILImage.open(io.BytesIO(raw)) as img:
+        img.load()
+        if img.mode.startswith("I;16"):
+            arr = np.asarray(img).astype(np.uint16)
+        elif img.mode == "I":  # 16-bit PNGs on some Pillow versions
+            arr = np.clip(np.asarray(img), 0, 65535).astype(np.uint16)
+        elif img.mode in ("L", "1", "LA"):
+            arr = np.asarray(img.convert("L"), dtype=np.uint8)
+        else:
+            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return [Image("", arr)]
+
+
+def read_tiff(raw: bytes, opts: ReadOptions) -> list[Image]:
+    """TIFF via tifffile: every page is a slice; 8/16-bit, float, gray or RGB."""
+    import tifffile
+
+    pages = []
+    with tifffile.TiffFile(io.BytesIO(raw)) as tif:
+        for page in tif.pages:
+            arr = page.asarray()
+            if page.axes == "SYX":  # planar RGB: samples first
+                arr = np.moveaxis(arr, 0, -1)
+            pages.append(arr)
+    if not pages:
+        raise ValueError("TIFF file has no pages")
+    return _slices(pages)
+
+
+def read_npy(raw: bytes, opts: ReadOptions) -> list[Image]:
+    """NPY: a 2-D image, or a 3-D volume cut into 2-D slices along `opts.slice_axis`."""
+    arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    if arr.ndim == 2:
+        return [Image("", arr)]
+    if arr.ndim != 3:
+        raise ValueError(f"array has {arr.ndim} dimensions, expected 2 (image) or 3 (volume)")
+    if not -3 <= opts.slice_axis < 3:
+        raise ValueError(f"--slice-axis {opts.slice_axis} does not exist in a 3-D volume")
+    return _slices(list(np.moveaxis(arr, opts.slice_axis, 0)))
+
+
+def read_dicom(raw: bytes, opts: ReadOptions) -> list[Image]:
+    """DICOM via pydicom: rescale applied, frames as slices, default window = stored range."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(raw), force=True)
+    if "PixelData" not in ds:
+        raise ValueError("DICOM file has no pixel data")
+    arr = ds.pixel_array
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if samples > 1:  # colour: 8-bit RGB, no rescale or window
+        return _slices(list(arr) if frames > 1 else [arr])
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    values = arr.astype(np.float64) * slope + intercept
+    bits = int(getattr(ds, "BitsStored", arr.dtype.itemsize * 8) or 16)
+    if int(getattr(ds, "PixelRepresentation", 0) or 0) == 1:
+        lo_raw, hi_raw = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        lo_raw, hi_raw = 0, 2**bits - 1
+    lo, hi = sorted((lo_raw * slope + intercept, hi_raw * slope + intercept))
+    if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
+        values = (lo + hi) - values
+    window = ((lo + hi) / 2, hi - lo)
+    images = _slices(list(values) if frames > 1 else [values])
+    for img in images:
+        img.default_window = window
+    return images
+
+
+READERS: dict[str, Reader] = {
+    ".png": read_pil,
+    ".jpg": read_pil,
+    ".jpeg": read_pil,
+    ".tif": read_tiff,
+    ".tiff": read_tiff,
+    ".npy": read_npy,
+    ".dcm": read_dicom,
+    ".dicom": read_dicom,
+}
+
+
+def normalisation_of(dtype: str, window: tuple[float, float] | None) -> dict:
+    """The record kept with a table: compared between a table and its model."""
+    return {"dtype": dtype, "window": None if window is None else [float(w) for w in window]}
+
+
+def to_stored(img: Image, opts: ReadOptions) -> tuple[np.ndarray, dict]:
+    """An image's values -> (stored pixels (H, W, C) uint8/uint16/float32, normalisation)."""
+    values = img.values
+    if values.ndim == 3 and values.shape[2] in (2, 4):  # drop alpha
+        values = values[:, :, : values.shape[2] - 1]
+    if values.ndim == 2:
+        values = values[:, :, None]
+    if values.ndim != 3 or values.shape[2] not in (1, 3):
+        raise ValueError(f"image of shape {img.values.shape} is neither gray nor RGB")
+    window = opts.window or img.default_window
+    if window is not None:
+        center, width = window
+        if not width > 0:
+            raise ValueError(f"window width must be > 0, got {width}")
+        scaled = (values.astype(np.float64) - (center - width / 2)) / width
+        stored = np.rint(np.clip(scaled, 0.0, 1.0) * 65535.0).astype(np.uint16)
+        return stored, normalisation_of("uint16", window)
+    if values.dtype == np.bool_:
+        values = values.astype(np.uint8) * 255
+    if values.dtype in (np.uint8, np.uint16):
+        return values, normalisation_of(values.dtype.name, None)
+    if np.issubdtype(values.dtype, np.floating):
+        lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+        if np.isfinite(values).all() and lo >= 0.0 and hi <= 1.0:
+            return values.astype(np.float32), normalisation_of("float32", None)
+        raise ValueError(
+            f"float pixels span [{lo:g}, {hi:g}], outside [0, 1]; pass --window CENTER,WIDTH"
+        )
+    if np.issubdtype(values.dtype, np.integer):
+        lo, hi = int(values.min()), int(values.max())
+        if lo >= 0 and hi <= 65535:
+            return values.astype(np.uint16), normalisation_of("uint16", None)
+        raise ValueError(
+            f"{values.dtype} pixels span [{lo}, {hi}], beyond uint16; pass --window CENTER,WIDTH"
+        )
+    raise ValueError(f"pixel type {values.dtype} is not supported")
+
+
+def otsu_threshold(gray: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of values in [0, 1]: maximises the between-class variance."""
+    hist, edges = np.histogram(gray, bins=bins, range=(0.0, 1.0))
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist).astype(np.float64)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    mean0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
+    mean1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
+    between = w0 * w1 * (mean0 - mean1) ** 2
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def foreground_mask(stored: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels brighter than the scan's Otsu threshold (of the channel mean)."""
+    scale = {"uint8": 255.0, "uint16": 65535.0}.get(stored.dtype.name, 1.0)
+    gray = stored.astype(np.float32).mean(axis=2) / scale
+    if float(gray.max()) - float(gray.min()) < 1e-6:  # flat scan: no foreground at all
+        return np.zeros(gray.shape, dtype=bool)
+    return gray > otsu_threshold(gray)

@@ -1,0 +1,71 @@
+"""Publishing a finished job's tables in a warehouse format.
+
+`parquet` (the default) is the job's own output: hive-partitioned Parquet that DuckDB, Spark,
+Trino, Athena and pandas read as it is. `delta` turns each output table into a Delta Lake table
+*in place*: the Parquet files the job wrote become the table's data files, and one commit in
+`_delta_log/` adds them all. Nothing is copied or rewritten, and the commit is atomic: readers
+see either no table or every row of the job. Publishing is idempotent (a table that already has
+a log is left as it is), so a job that crashes after publishing and is rerun does not commit
+twice.
+
+Delta needs the `deltalake` package (`pip install 'anogan-batch[warehouse]'`). On S3, the
+endpoint and region come from the same environment as everywhere else; the job is the only
+writer of its tables, so S3's missing atomic rename is not a problem
+(`AWS_S3_ALLOW_UNSAFE_RENAME`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from anogan_batch import storage
+from anogan_batch.errors import InputError
+
+TABLE_FORMATS = ("parquet", "delta")
+# table -> hive partition columns of its directory layout
+TABLES = {"patch_scores": ("job_id",), "scan_scores": (), "quarantine": (), "heatmaps": ()}
+
+
+def _storage_options(uri: str) -> dict[str, str] | None:
+    if not uri.startswith("s3://"):
+        return None
+    options = {"AWS_S3_ALLOW_UNSAFE_RENAME": "true"}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            options["AWS_ALLOW_HTTP"] = "true"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["AWS_REGION"] = region
+    return options
+
+
+def publish(out: str, table_format: str) -> dict[str, str]:
+    """Publish OUT's tables as `table_format`; -> {table: uri} of what was published."""
+    if table_format == "parquet":
+        return {}
+    if table_format != "delta":
+        raise InputError(f"--table-format {table_format!r}: use one of {', '.join(TABLE_FORMATS)}")
+    try:
+        from deltalake import Field, Schema, convert_to_deltalake
+    except ImportError:
+        raise InputError(
+            "--table-format delta needs the deltalake package: "
+            "pip install 'anogan-batch[warehouse]'"
+        ) from None
+    published = {}
+    for table, partitions in TABLES.items():
+        uri = storage.join(out, table)
+        if not storage.list_files(uri, suffixes=(".parquet",)):
+            continue  # e.g. no quarantine
+        convert_to_deltalake(
+            uri,
+            mode="ignore",
+            partition_by=Schema([Field(c, "string") for c in partitions]) if partitions else None,
+            partition_strategy="hive" if partitions else None,
+            name=table,
+            storage_options=_storage_options(uri),
+        )
+        published[table] = uri
+    return published

@@ -1,0 +1,167 @@
+"""Heatmaps, overlays, the Delta output and the report, on a real job over mosaic scans."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+from PIL import Image
+
+from anogan_batch.heatmaps import heatmap_for, stitch
+from anogan_batch.patches import decode_map
+from tests.conftest import run_cli
+
+P, STRIDE = 28, 14  # overlapping patches: every inner pixel is covered by up to 4 of them
+
+
+def test_stitch_averages_overlaps():
+    a, b = np.full((2, 2, 1), 1.0), np.full((2, 2, 1), 3.0)
+    mean, count = stitch([(0, 0, a), (1, 0, b)], height=2, width=4)
+    np.testing.assert_array_equal(mean[:, :, 0], [[1, 2, 3, 0], [1, 2, 3, 0]])
+    np.testing.assert_array_equal(count, [[1, 2, 1, 0], [1, 2, 1, 0]])
+
+
+@pytest.fixture(scope="module")
+def mosaic_job(ray_local, tiny_model, sample, tmp_path_factory):
+    """Four 56x56 scans of 2x2 real digits: two all zeros, two with one non-zero 'lesion'."""
+    from anogan_batch.ingest import IngestConfig, ingest
+    from anogan_batch.pipeline import ScoreJobConfig
+    from anogan_batch.runner import run_score_job
+    from anogan_batch.search import SearchConfig
+
+    root = tmp_path_factory.mktemp("mosaic")
+    images, labels = sample["test_images"], sample["test_labels"]
+    zeros, others = iter(images[labels == 0]), iter(images[labels != 0])
+    lesions = {"lesion/a": 1, "lesion/b": 2}  # scan -> lesion tile index (row-major)
+    for name in ("normal/a", "normal/b", *lesions):
+        tiles = [next(others) if lesions.get(name) == t else next(zeros) for t in range(4)]
+        scan = np.block([[tiles[0], tiles[1]], [tiles[2], tiles[3]]])
+        (root / "scans" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(scan).save(root / "scans" / f"{name}.png")
+    ingest(
+        str(root / "scans"),
+        str(root / "patches"),
+        IngestConfig(patch_size=P, stride=STRIDE, label_from_parent=True),
+    )
+    out = root / "job"
+    cfg = ScoreJobConfig(
+        tiny_model,
+        str(root / "patches"),
+        str(out),
+        search=SearchConfig(iterations=20),
+        progress=False,
+        table_format="delta",
+    )
+    return run_score_job(cfg), out, lesions
+
+
+def test_heatmap_is_the_stitched_residual_maps(mosaic_job):
+    manifest, out, _ = mosaic_job
+    scores = pads.dataset(out / "patch_scores", partitioning="hive").to_table()
+    assert manifest.scored_rows == scores.num_rows == 4 * 9
+    for scan_id in ("normal/a", "lesion/b"):
+        rows = [r for r in scores.to_pylist() if r["scan_id"] == scan_id]
+        tiles = [(r["x"], r["y"], decode_map(r["residual_map"], P, P, 1)) for r in rows]
+        want = stitch(tiles, 56, 56)[0][:, :, 0]
+        got = heatmap_for(str(out), scan_id)
+        assert got.shape == (56, 56)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        overlay = Image.open(out / "overlays" / f"{scan_id}.png")
+        assert overlay.size == (56, 56) and overlay.mode == "RGB"
+    table = pads.dataset(out / "heatmaps").to_table(columns=["scan_id", "overlay", "max_score"])
+    assert sorted(table.column("scan_id").to_pylist()) == [
+        "lesion/a",
+        "lesion/b",
+        "normal/a",
+        "normal/b",
+    ]
+
+
+def test_lesions_light_up(mosaic_job):
+    _, out, lesions = mosaic_job
+    for scan_id, tile in lesions.items():
+        heat = heatmap_for(str(out), scan_id)
+        tile_heat = [heat[y : y + P, x : x + P].mean() for y in (0, P) for x in (0, P)]
+        assert int(np.argmax(tile_heat)) == tile, (scan_id, tile_heat)
+
+
+def test_heatmap_cli_fetches_one_scan(mosaic_job, tmp_path):
+    _, out, _ = mosaic_job
+    r = run_cli("heatmap", str(out), "lesion/a", "--npy", str(tmp_path / "h.npy"))
+    assert r.returncode == 0, r.stderr
+    assert "lesion/a: 56x56 heatmap" in r.stdout
+    np.testing.assert_array_equal(np.load(tmp_path / "h.npy"), heatmap_for(str(out), "lesion/a"))
+    r = run_cli("heatmap", str(out), "no/such/scan")
+    assert r.returncode == 2 and "no heatmap for scan_id 'no/such/scan'" in r.stderr
+
+
+def test_delta_tables_are_committed_once(mosaic_job):
+    manifest, out, _ = mosaic_job
+    log = sorted((out / "patch_scores" / "_delta_log").glob("*.json"))
+    assert [p.name for p in log] == ["00000000000000000000.json"]  # one atomic commit
+    adds = [json.loads(line) for line in log[0].read_text().splitlines()]
+    adds = [a["add"] for a in adds if "add" in a]
+    assert {a["partitionValues"]["job_id"] for a in adds} == {manifest.job_id}
+    # read back by a separate consumer process, as a warehouse would
+    code = (
+        "import sys; from deltalake import DeltaTable; "
+        "t = DeltaTable(sys.argv[1]).to_pyarrow_table(columns=[sys.argv[2]]); "
+        "print(t.num_rows, len(set(t.column(0).to_pylist())))"
+    )
+    for table, key, rows in (("patch_scores", "patch_id", 36), ("scan_scores", "scan_id", 4)):
+        r = subprocess.run(
+            [sys.executable, "-c", code, str(out / table), key], capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == [str(rows), str(rows)]
+
+
+CHECK_SCRIPT = """<script>
+window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  const pre = document.createElement("pre");
+  pre.id = "render-check";
+  pre.textContent = JSON.stringify({
+    images: imgs.length,
+    rendered: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
+    overlays: [...document.querySelectorAll("#top-scans img")]
+      .filter(i => i.naturalWidth > 0).length,
+    svgs: [...document.querySelectorAll("svg")].filter(s => s.getBBox().width > 0).length,
+  });
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _chromium() -> str | None:
+    found = (shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome"))
+    return next((path for path in found if path), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium (apt install chromium)")
+def test_report_renders_in_a_real_browser(mosaic_job, tmp_path):
+    from anogan_batch.evaluate import evaluate_job
+    from anogan_batch.report import write_report
+
+    _, out, _ = mosaic_job
+    evaluate_job(str(out), "normal")
+    html = write_report(str(out), str(tmp_path / "report.html"))
+    # the report stays untouched; the check runs on an instrumented copy
+    probe = tmp_path / "probe.html"
+    probe.write_text(Path(html).read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
+    r = subprocess.run(
+        [_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    marker = '<pre id="render-check">'
+    assert marker in r.stdout, r.stderr[-2000:]
+    check = json.loads(r.stdout.split(marker)[1].split("</pre>")[0])
+    assert check["images"] >= 3 * 16 + 4 and check["rendered"] == check["images"]
+    assert check["overlays"] == 4 and check["svgs"] == 2
