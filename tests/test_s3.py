@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import boto3
 import numpy as np
 import pytest
+import tifffile
 
 from anogan_batch import storage
 from tests.conftest import S3_SECRET, run_cli
@@ -32,9 +34,21 @@ def test_whole_flow_on_s3_never_shows_the_secret(bucket, sample):
         strict=True,
     ):
         s3.put_object(Bucket=bucket, Key=f"scans/{label}/{idx:05d}.png", Body=png_bytes(img))
+    tif = io.BytesIO()
+    tifffile.imwrite(tif, sample["test_images"][40:43], photometric="minisblack")  # 3 pages
+    s3.put_object(Bucket=bucket, Key="scans/0/stack.tif", Body=tif.getvalue())
     root = f"s3://{bucket}"
     steps = [
-        ("ingest", f"{root}/scans", f"{root}/patches", "--patch-size", "28", "--label-from-parent"),
+        (
+            "ingest",
+            f"{root}/scans",
+            f"{root}/patches",
+            "--patch-size",
+            "28",
+            "--label-from-parent",
+            "--engine",
+            "ray",  # files are read from S3 by Ray tasks, not by this process
+        ),
         (
             "train",
             f"{root}/patches",
@@ -59,6 +73,8 @@ def test_whole_flow_on_s3_never_shows_the_secret(bucket, sample):
             "--batch-size",
             "16",
             "--no-progress",
+            "--table-format",
+            "delta",
         ),
         ("eval", f"{root}/job", "--normal-label", "0"),
         ("report", f"{root}/job"),
@@ -70,8 +86,11 @@ def test_whole_flow_on_s3_never_shows_the_secret(bucket, sample):
         assert r.returncode == 0, (args[0], r.stderr)
     assert S3_SECRET not in output
     job = json.loads(s3.get_object(Bucket=bucket, Key="job/job.json")["Body"].read())
-    assert job["status"] == "succeeded" and job["scored_rows"] == job["input_rows"] == 40
+    assert job["status"] == "succeeded" and job["scored_rows"] == job["input_rows"] == 43
     assert any(k.startswith("job/patch_scores/job_id=") for k in keys(bucket, "job/"))
+    assert "job/patch_scores/_delta_log/00000000000000000000.json" in keys(bucket, "job/")
+    assert "job/overlays/0/stack@0002.png" in keys(bucket, "job/overlays/")
+    assert keys(bucket, "job/heatmaps/")
     assert keys(bucket, "job/scan_scores/")
     assert not keys(bucket, "job/_checkpoint/")
     for key in (
