@@ -172,6 +172,20 @@ def score(
     seed: Annotated[int, typer.Option(help="seed of the z initialisation")] = 0,
     job_id: Annotated[str | None, typer.Option("--job-id")] = None,
     lr: Annotated[float, typer.Option(help="Adam step size of the search")] = 0.05,
+    stop_tol: Annotated[
+        float | None,
+        typer.Option(
+            "--stop-tol",
+            help="early stopping: a patch stops when its loss fell by less than this fraction "
+            "over --stop-window steps (default: off, the paper's fixed Γ)",
+        ),
+    ] = None,
+    stop_window: Annotated[int, typer.Option("--stop-window")] = 10,
+    min_iterations: Annotated[int, typer.Option("--min-iterations")] = 20,
+    slots: Annotated[
+        int | None,
+        typer.Option(help="patches searched at once; stopped ones are replaced (default: batch)"),
+    ] = None,
     threshold: Annotated[float | None, typer.Option(help="count patches above it per scan")] = None,
     target_file_mb: Annotated[float, typer.Option("--target-file-mb")] = 128.0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ...; default auto")] = None,
@@ -192,7 +206,16 @@ def score(
         model_dir=model_dir,
         patches=patches,
         out=out,
-        search=SearchConfig(iterations=iterations, lam=lam, lr=lr, seed=seed),
+        search=SearchConfig(
+            iterations=iterations,
+            lam=lam,
+            lr=lr,
+            seed=seed,
+            stop_tol=stop_tol,
+            stop_window=stop_window,
+            min_iterations=min_iterations,
+            slots=slots,
+        ),
         batch_size=batch_size,
         actors=parse_actors(actors),
         gpus_per_actor=gpus_per_actor,

@@ -16,7 +16,10 @@ from anogan_batch import storage
 from anogan_batch.errors import InputError
 
 # Parameters that change a patch's scores. Batch size, actor count and devices do not.
-IDENTITY_KEYS = ("model_id", "patches", "iterations", "lambda", "lr", "seed")
+IDENTITY_KEYS = (
+    "model_id", "patches", "iterations", "lambda", "lr", "seed",
+    "stop_tol", "stop_window", "min_iterations",
+)  # fmt: skip
 
 
 def now() -> str:

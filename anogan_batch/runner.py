@@ -102,6 +102,10 @@ def identity(cfg: ScoreJobConfig, model_id: str) -> dict[str, Any]:
         "lambda": cfg.search.lam,
         "lr": cfg.search.lr,
         "seed": cfg.search.seed,
+        # the stopping rule, when there is one (None: the paper's fixed Γ)
+        "stop_tol": cfg.search.stop_tol,
+        "stop_window": cfg.search.stop_window if cfg.search.stop_tol else None,
+        "min_iterations": cfg.search.min_iterations if cfg.search.stop_tol else None,
     }
 
 

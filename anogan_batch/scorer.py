@@ -41,6 +41,7 @@ def output_schema() -> pa.Schema:
             ("discrimination_score", pa.float64()),
             ("residual_map", pa.binary()),  # float32 LE, (height, width, channels)
             ("latent", pa.binary()),  # float32 LE, the final z (latent_dim,)
+            ("search_steps", pa.int32()),  # steps the search took (fewer with early stopping)
             ("height", pa.int32()),
             ("width", pa.int32()),
             ("channels", pa.int32()),
@@ -88,6 +89,7 @@ def score_table(
     discrimination = np.full(n, np.nan)
     maps: list[bytes | None] = [None] * n
     latents: list[bytes | None] = [None] * n
+    steps = np.zeros(n, dtype=np.int32)
     idx = np.flatnonzero(ok)
     if len(idx):
         try:
@@ -98,6 +100,7 @@ def score_table(
             anomaly[idx] = result.anomaly_score
             residual[idx] = result.residual_score
             discrimination[idx] = result.discrimination_score
+            steps[idx] = result.steps
             for j, raw in zip(idx, encode_maps(result.residual_map), strict=True):
                 maps[j] = raw
             for j, z in zip(idx, result.z.astype("<f4"), strict=True):
@@ -135,6 +138,7 @@ def score_table(
             "latent": pa.array(
                 [z if k else None for z, k in zip(latents, scored, strict=True)], pa.binary()
             ),
+            "search_steps": pa.array(steps, pa.int32(), mask=nulls),
             "height": pa.array(np.full(n, s, np.int32), pa.int32()),
             "width": pa.array(np.full(n, s, np.int32), pa.int32()),
             "channels": pa.array(np.full(n, spec.channels, np.int32), pa.int32()),

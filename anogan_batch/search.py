@@ -17,6 +17,13 @@ Invariants the tests hold this module to:
 - z stays in the support of the U(-1, 1) prior: it is clamped to [-1, 1] after every step
   (projected gradient descent). Clamping keeps G in the region it was trained on; a
   reparametrisation like tanh(w) would slow the steps near the border.
+
+Early stopping (`stop_tol`, off by default, which is the paper's fixed Γ): a patch stops when
+its loss fell by less than `stop_tol` (relative) over the last `stop_window` steps, after at
+least `min_iterations` steps. The test looks at that patch's own losses only, and Adam's state
+(including its step count, for the bias correction) is per patch, so early stopping keeps every
+invariant above. Stopped patches leave the working set and waiting patches take their slots
+(`slots` patches are searched at once), so the hardware stays busy until the batch is done.
 """
 
 from __future__ import annotations
@@ -36,16 +43,26 @@ from anogan_batch.model import Discriminator, Generator
 class SearchConfig:
     """Parameters of the latent search. Defaults follow the paper (Γ = 500, λ = 0.1)."""
 
-    iterations: int = 500  # Γ
+    iterations: int = 500  # Γ (the most steps a patch gets when early stopping is on)
     lam: float = 0.1  # λ, weight of the discrimination (feature) loss
     lr: float = 0.05  # Adam step size on z in [-1, 1]^latent
     seed: int = 0
+    stop_tol: float | None = None  # relative loss decrease over stop_window that means "done"
+    stop_window: int = 10
+    min_iterations: int = 20
+    slots: int | None = None  # patches searched at once; None: the whole batch
 
     def __post_init__(self) -> None:
         check_int("iterations", self.iterations, min_value=0)
         check_float("lambda", self.lam, low=0.0, high=1.0)
         check_float("lr", self.lr, low=0.0, low_open=True)
         check_int("seed", self.seed, min_value=0)
+        if self.stop_tol is not None:
+            check_float("stop_tol", self.stop_tol, low=0.0, low_open=True)
+        check_int("stop_window", self.stop_window, min_value=1)
+        check_int("min_iterations", self.min_iterations, min_value=0)
+        if self.slots is not None:
+            check_int("slots", self.slots, min_value=1)
 
 
 @dataclass
@@ -58,6 +75,7 @@ class SearchResult:
     residual_map: np.ndarray  # (B, C, S, S) float32, |x - G(z)|; sums to residual_score
     z: np.ndarray  # (B, latent) float32, the final latent
     generated: np.ndarray  # (B, C, S, S) float32, G(z) in model space
+    steps: np.ndarray  # (B,) int32, search steps taken (G evaluations = steps + 1)
 
 
 def patch_seed(seed: int, patch_id: str) -> int:
@@ -100,24 +118,10 @@ def latent_search(
         raise RuntimeError("latent_search needs frozen models: call model.freeze(G, D) first")
     if len(patch_ids) != x.shape[0]:
         raise ValueError(f"{len(patch_ids)} patch ids for a batch of {x.shape[0]}")
-    device = x.device
-    z = initial_latents(patch_ids, cfg.seed, generator.latent_dim).to(device)
-    z.requires_grad_(True)
-    # foreach: one fused update for the whole (B, latent) tensor; the state is per element.
-    optimiser = torch.optim.Adam([z], lr=cfg.lr, betas=(0.9, 0.999), foreach=True)
+    z = initial_latents(patch_ids, cfg.seed, generator.latent_dim).to(x.device)
     with torch.no_grad():
-        _, fx = discriminator(x)  # D's features of the patches: computed once, not per step
-
-    for _ in range(cfg.iterations):
-        optimiser.zero_grad(set_to_none=True)
-        gz = generator(z)
-        _, fgz = discriminator(gz)
-        residual, discrimination = _per_patch_losses(x, fx, gz, fgz)
-        loss = (1.0 - cfg.lam) * residual + cfg.lam * discrimination  # (B,)
-        loss.sum().backward()  # Σ_i L_i: each z_i receives ∂L_i/∂z_i only
-        optimiser.step()
-        with torch.no_grad():
-            z.clamp_(-1.0, 1.0)
+        _, fx = discriminator(x)  # D's features of the patches: once, not per step
+    steps = _search(generator, discriminator, x, fx, z, cfg)
 
     # Scores after the last step: one more forward at z_Γ.
     with torch.no_grad():
@@ -136,4 +140,77 @@ def latent_search(
         residual_map=residual_map.float().cpu().numpy(),
         z=z.detach().cpu().numpy(),
         generated=gz.float().cpu().numpy(),
+        steps=steps.cpu().numpy().astype(np.int32),
     )
+
+
+BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+
+
+def _search(
+    generator: Generator,
+    discriminator: Discriminator,
+    x: torch.Tensor,
+    fx_all: torch.Tensor,
+    z_all: torch.Tensor,
+    cfg: SearchConfig,
+) -> torch.Tensor:
+    """Optimise z_all (B, latent) in place for patches x with D features fx_all.
+    -> steps taken per patch (B,).
+
+    Adam is written out (torch.optim.Adam's update, betas 0.9/0.999, eps 1e-8) because each
+    patch needs its own step count: with early stopping, patches join the working set mid-way.
+    """
+    n = x.shape[0]
+    device = x.device
+    slots = min(n, cfg.slots or n)
+    steps = torch.zeros(n, dtype=torch.int64, device=device)
+    if cfg.iterations == 0 or n == 0:
+        return steps
+    active = torch.arange(slots, device=device)  # row of z_all held by each slot
+    waiting = list(range(slots, n))
+    z = z_all[active].clone()
+    m, v = torch.zeros_like(z), torch.zeros_like(z)
+    t = torch.zeros(slots, dtype=torch.float64, device=device)
+    history = torch.full((slots, cfg.stop_window + 1), float("inf"), device=device)
+    while active.numel():
+        z.requires_grad_(True)
+        gz = generator(z)
+        _, fgz = discriminator(gz)
+        residual, discrimination = _per_patch_losses(x[active], fx_all[active], gz, fgz)
+        loss = (1.0 - cfg.lam) * residual + cfg.lam * discrimination  # (slots,)
+        (grad,) = torch.autograd.grad(loss.sum(), z)  # Σ_i L_i: z_i gets ∂L_i/∂z_i only
+        with torch.no_grad():
+            z = z.detach()
+            t += 1
+            m.lerp_(grad, 1 - BETA1)
+            v.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
+            # bias corrections in float64, as torch computes them from a Python step count
+            step_size = (cfg.lr / (1 - BETA1 ** t.double())).float()[:, None]
+            bias2_sqrt = ((1 - BETA2 ** t.double()) ** 0.5).float()[:, None]
+            z.sub_(step_size * (m / (v.sqrt() / bias2_sqrt).add_(EPS)))
+            z.clamp_(-1.0, 1.0)
+            history = torch.cat([history[:, 1:], loss.detach()[:, None]], dim=1)
+            done = t >= cfg.iterations
+            if cfg.stop_tol is not None:
+                old, new = history[:, 0], history[:, -1]
+                flat = (old - new) <= cfg.stop_tol * old.abs()
+                done |= flat & (t >= cfg.min_iterations) & (t > cfg.stop_window)
+        if not bool(done.any()):
+            continue
+        finished = active[done]
+        z_all[finished] = z[done]
+        steps[finished] = t[done].long()
+        keep = ~done
+        refill = waiting[: int(done.sum())]
+        waiting = waiting[len(refill) :]
+        new_rows = torch.tensor(refill, dtype=torch.int64, device=device)
+        k = len(refill)
+        active = torch.cat([active[keep], new_rows])
+        z = torch.cat([z[keep], z_all[new_rows]])
+        m = torch.cat([m[keep], torch.zeros(k, z.shape[1], device=device)])
+        v = torch.cat([v[keep], torch.zeros(k, z.shape[1], device=device)])
+        t = torch.cat([t[keep], torch.zeros(k, dtype=t.dtype, device=device)])
+        fresh = torch.full((k, history.shape[1]), float("inf"), device=device)
+        history = torch.cat([history[keep], fresh])
+    return steps

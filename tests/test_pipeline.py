@@ -128,6 +128,27 @@ def test_duckdb_reads_the_warehouse_tables(finished_job):
     assert len(rows) == 10 and rows[0][1] >= rows[-1][1]
 
 
+def test_readme_duckdb_queries_run(finished_job):
+    """Every SQL block of the README runs against a real job's output."""
+    import re
+    from pathlib import Path
+
+    import duckdb
+
+    _, out = finished_job
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```sql\n(.*?)```", readme, flags=re.S)
+    queries = [q.strip() for b in blocks for q in b.split(";") if q.strip()]
+    assert len(queries) >= 3
+    con = duckdb.connect()
+    for query in queries:
+        rows = con.execute(query.replace("'job/", f"'{out}/")).fetchall()
+        assert rows, query
+    worst = con.execute(queries[-1].replace("'job/", f"'{out}/")).fetchall()[0]
+    top = pads.dataset(out / "scan_scores").to_table().sort_by([("max_score", "descending")])
+    assert worst[0] == top.column("scan_id")[0].as_py()
+
+
 def test_rerun_of_a_finished_job_scores_nothing(finished_job, tiny_model, test_table):
     manifest, out = finished_job
     cfg = ScoreJobConfig(tiny_model, test_table, str(out), search=SEARCH, progress=False)
