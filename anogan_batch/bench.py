@@ -7,7 +7,15 @@ sample, resized to the model's patch size):
 - loop: the per-patch way of public implementations (one z, one optimiser, one patch at a
   time), same G, D and Γ; `batched_vs_loop` is the ratio;
 - job: the end-to-end `score` job on a local Ray; `job_vs_inprocess` = job ÷ in-process
-  scorer (same rows, batch size and threads).
+  scorer (same rows, batch size and threads);
+- flop_efficiency: the batched search's FLOP/s (FLOPs of one step counted by
+  torch.utils.flop_counter, times the steps) ÷ dense fp32 matmul FLOP/s measured in the same
+  run; `loop_flop_efficiency` is the same for the per-patch loop, and bounds what batching can
+  ever gain (batched_vs_loop <= 1 / loop_flop_efficiency);
+- geval_reduction: on the demo's one-class MNIST validation split (bundled model, held-out
+  digits, 0 normal), G evaluations per patch of the paper's 500-step search ÷ those of the
+  cheapest fast search whose AUROC is no more than 0.5 points below it;
+- peak_rss_ratio_10x: peak memory of driver and actors at 10x the patches ÷ at 1x.
 
 Timings are figures, not tests: nothing here asserts a speed.
 """
@@ -36,6 +44,8 @@ def _bench_model(size: int, width: int, seed: int = 0):
         for _ in range(3):
             d(g(torch.rand(32, cfg.latent_dim) * 2 - 1))
     freeze(g, d)
+    g.to(memory_format=torch.channels_last)  # as LoadedModel.to does for the job
+    d.to(memory_format=torch.channels_last)
     return cfg, g, d
 
 
@@ -102,10 +112,113 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
         "loop_patches_per_s": looped,
         "batched_vs_loop": batched / looped,
     }
+    figures.update(_flop_efficiency(g, d, x[:batch], ids[:batch], search, batched, looped))
+    figures["batch_sweep"] = _batch_sweep(g, d, x, ids, [4, 8, 16] if quick else [16, 32, 64, 128])
     figures.update(_job_vs_inprocess(cfg, g, d, pixels[:n_job], search, batch))
     figures.update(_peak_memory(200 if quick else 2_000))
+    figures.update(_geval_reduction(quick))
     _print_table(figures)
     return figures
+
+
+def matmul_flops_per_s(n: int = 2048, reps: int = 8) -> float:
+    """Dense fp32 matmul FLOP/s on this device: the roofline the search is measured against."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def step_flops(g, d, batch: int) -> int:
+    """FLOPs of one search step (G and D forward, backward to z) for a batch, counted."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    z = torch.zeros(batch, g.latent_dim, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        gz = g(z)
+        _, features = d(gz)
+        (gz.abs().sum() + features.abs().sum()).backward()
+    return counter.get_total_flops()
+
+
+def _flop_efficiency(g, d, x, ids, search, batched: float, looped: float) -> dict[str, Any]:
+    per_patch_step = step_flops(g, d, len(x)) / len(x)
+    peak = matmul_flops_per_s()
+    search_rate = batched * search.iterations * per_patch_step
+    loop_rate = looped * search.iterations * per_patch_step
+    return {
+        "gflop_per_patch_step": per_patch_step / 1e9,
+        "matmul_gflops": peak / 1e9,
+        "search_gflops": search_rate / 1e9,
+        "flop_efficiency": search_rate / peak,
+        "loop_flop_efficiency": loop_rate / peak,
+    }
+
+
+def _batch_sweep(g, d, x, ids, sizes: list[int]) -> dict[str, float]:
+    """Patches x steps per second of the batched search at several batch sizes."""
+    from anogan_batch.search import SearchConfig, latent_search
+
+    cfg = SearchConfig(iterations=3)
+    out = {}
+    for b in sizes:
+        xb = x.repeat((b + len(x) - 1) // len(x), 1, 1, 1)[:b]
+        ib = [f"sweep-{i}" for i in range(b)]
+        start = time.perf_counter()
+        latent_search(g, d, xb, ib, cfg)
+        out[str(b)] = b * cfg.iterations / (time.perf_counter() - start)
+    return out
+
+
+def _geval_reduction(quick: bool) -> dict[str, Any]:
+    """G evaluations per patch: the paper's search vs the cheapest one that keeps its AUROC."""
+    import torch
+
+    from anogan_batch.demo import bundled_model_dir, load_sample
+    from anogan_batch.evaluate import auroc
+    from anogan_batch.model import to_model_space
+    from anogan_batch.modeldir import load_model
+    from anogan_batch.search import SearchConfig, latent_search
+
+    model = load_model(bundled_model_dir()).to("cpu")
+    sample = load_sample()
+    n = 40 if quick else len(sample["test_images"])
+    x = to_model_space(torch.from_numpy(sample["test_images"][:n, :, :, None].copy()), "uint8")
+    positive = sample["test_labels"][:n] != 0
+    ids = [f"val-{i}" for i in sample["test_index"][:n]]
+    reference = SearchConfig(iterations=20 if quick else 500)
+    candidates = [SearchConfig(iterations=k) for k in ((2, 5) if quick else (5, 10, 20, 50))]
+    if not quick:
+        candidates.append(
+            SearchConfig(iterations=500, stop_tol=0.01, stop_window=10, min_iterations=20)
+        )
+
+    def run(cfg: SearchConfig) -> dict[str, Any]:
+        start = time.perf_counter()
+        r = latent_search(model.generator, model.discriminator, x, ids, cfg)
+        return {
+            "iterations": cfg.iterations,
+            "stop_tol": cfg.stop_tol,
+            "auroc": auroc(r.anomaly_score, positive),
+            "g_evals_per_patch": float(r.steps.mean()) + 1,  # + the final forward
+            "seconds": time.perf_counter() - start,
+        }
+
+    ref = run(reference)
+    runs = [run(c) for c in candidates]
+    keeping = [r for r in runs if r["auroc"] >= ref["auroc"] - 0.005]
+    best = min(keeping, key=lambda r: r["g_evals_per_patch"]) if keeping else None
+    return {
+        "geval_reference": ref,
+        "geval_candidates": runs,
+        "geval_fast": best,
+        "geval_reduction": ref["g_evals_per_patch"] / best["g_evals_per_patch"] if best else 1.0,
+    }
 
 
 def _job_vs_inprocess(cfg, g, d, pixels, search, batch) -> dict[str, Any]:
@@ -123,7 +236,7 @@ def _job_vs_inprocess(cfg, g, d, pixels, search, batch) -> dict[str, Any]:
         model_dir = os.path.join(tmp, "model")
         save_model(model_dir, cfg, g, d, {})
         table = write_patch_table(os.path.join(tmp, "patches"), pixels, files=4)
-        model = load_model(model_dir)
+        model = load_model(model_dir).to("cpu")
         rows = pads.dataset(table).to_table()
         threads = torch.get_num_threads()
 
@@ -140,6 +253,7 @@ def _job_vs_inprocess(cfg, g, d, pixels, search, batch) -> dict[str, Any]:
                 search=search,
                 batch_size=batch,
                 progress=False,
+                heatmaps=False,  # scoring throughput only; heatmaps are a separate phase
             )
         )
         job_rate = job.patches_per_second or 0.0
@@ -198,6 +312,7 @@ def _peak_memory(n: int) -> dict[str, Any]:
                     "--target-file-mb",
                     "4",
                     "--no-progress",
+                    "--no-heatmaps",
                 ],
                 check=True,
                 capture_output=True,

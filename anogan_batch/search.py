@@ -118,6 +118,7 @@ def latent_search(
         raise RuntimeError("latent_search needs frozen models: call model.freeze(G, D) first")
     if len(patch_ids) != x.shape[0]:
         raise ValueError(f"{len(patch_ids)} patch ids for a batch of {x.shape[0]}")
+    x = x.contiguous(memory_format=torch.channels_last)  # see LoadedModel.to
     z = initial_latents(patch_ids, cfg.seed, generator.latent_dim).to(x.device)
     with torch.no_grad():
         _, fx = discriminator(x)  # D's features of the patches: once, not per step
