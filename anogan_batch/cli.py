@@ -186,6 +186,9 @@ def score(
         int | None,
         typer.Option(help="patches searched at once; stopped ones are replaced (default: batch)"),
     ] = None,
+    precision: Annotated[
+        str, typer.Option(help="fp32, or bf16 (autocast during the search; scores in fp32)")
+    ] = "fp32",
     threshold: Annotated[float | None, typer.Option(help="count patches above it per scan")] = None,
     target_file_mb: Annotated[float, typer.Option("--target-file-mb")] = 128.0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ...; default auto")] = None,
@@ -215,6 +218,7 @@ def score(
             stop_window=stop_window,
             min_iterations=min_iterations,
             slots=slots,
+            precision=precision,
         ),
         batch_size=batch_size,
         actors=parse_actors(actors),
@@ -341,8 +345,32 @@ def submit(
 def bench(
     json_path: Annotated[Path | None, typer.Option("--json", help="write figures here")] = None,
     quick: Annotated[bool, typer.Option(help="tiny sizes: checks the bench runs")] = False,
+    quality: Annotated[
+        str | None,
+        typer.Option(help="'mnist': the one-class MNIST quality protocol instead (see docs/)"),
+    ] = None,
+    classes: Annotated[str, typer.Option(help="--quality: digits to run, e.g. 0,3,8")] = (
+        "0,1,2,3,4,5,6,7,8,9"
+    ),
+    out: Annotated[str, typer.Option(help="--quality: where quality.json/.md go")] = "quality",
+    mnist: Annotated[str | None, typer.Option(help="--quality: MNIST IDX folder")] = None,
 ) -> None:
-    """The performance benchmark; writes its figures as JSON."""
+    """The performance benchmark (or, with --quality mnist, the detection-quality one)."""
+    if quality is not None:
+        from anogan_batch.errors import ConfigError
+        from anogan_batch.quality import QualityRecipe, run_quality
+
+        if quality != "mnist":
+            raise ConfigError("--quality", quality, "the one protocol is 'mnist'")
+        try:
+            digits = tuple(int(c) for c in classes.split(","))
+        except ValueError:
+            raise ConfigError("--classes", classes, "digits 0-9, comma-separated") from None
+        recipe = QualityRecipe(train_images=400, test_images=200, epochs=2) if quick else None
+        result = run_quality(out, mnist=mnist, classes=digits, recipe=recipe)
+        if json_path is not None:
+            json_path.write_text(json.dumps(result, indent=2) + "\n")
+        return
     from anogan_batch.bench import run_bench
 
     figures = run_bench(quick=quick)

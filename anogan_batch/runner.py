@@ -106,6 +106,7 @@ def identity(cfg: ScoreJobConfig, model_id: str) -> dict[str, Any]:
         "stop_tol": cfg.search.stop_tol,
         "stop_window": cfg.search.stop_window if cfg.search.stop_tol else None,
         "min_iterations": cfg.search.min_iterations if cfg.search.stop_tol else None,
+        "precision": cfg.search.precision,
     }
 
 

@@ -68,6 +68,7 @@ def test_killing_a_worker_node_mid_job_loses_and_duplicates_nothing(
         cpus_per_actor=1,
         target_file_mb=0.05,
         progress=False,
+        heatmaps=False,
     )
     killed = threading.Event()
 
@@ -109,6 +110,7 @@ def test_a_batch_that_raises_is_quarantined_and_the_job_completes(
             actors=(2, 2),
             cpus_per_actor=1,
             progress=False,
+            heatmaps=False,
         )
     )
     assert m.status == "succeeded" and m.input_rows == 40

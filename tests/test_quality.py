@@ -40,3 +40,20 @@ def test_small_model_separates_zeros_from_other_digits():
     )
     score = auroc(result.anomaly_score, labels[test] != 0)
     assert score >= AUROC_FLOOR, f"AUROC {score:.4f} below the floor {AUROC_FLOOR}"
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir(mnist_dir()), reason="MNIST not available")
+def test_quality_protocol_quick_run_writes_the_table(tmp_path):
+    """`bench --quality mnist --quick`: the protocol end to end at a tiny size."""
+    import json
+
+    from tests.conftest import run_cli
+
+    r = run_cli("bench", "--quality", "mnist", "--quick", "--classes", "1", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((tmp_path / "quality.json").read_text())
+    (row,) = result["classes"]
+    assert row["digit"] == 1 and row["n_test"] == 200 and row["n_anomalous"] == 180
+    assert row["auroc"] > 70  # digit 1 is the easy class; chance is 50
+    table = (tmp_path / "quality.md").read_text()
+    assert "| 1 |" in table and "99.2" in table  # next to the published figure

@@ -52,6 +52,7 @@ def test_sigkill_of_the_driver_then_rerun_finishes_exactly_once(
         "--target-file-mb",
         "0.05",
         "--no-progress",
+        "--no-heatmaps",  # exactly-once is about patch_scores; heatmaps have their own tests
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
@@ -90,6 +91,7 @@ def test_sigkill_of_the_driver_then_rerun_finishes_exactly_once(
             batch_size=10,
             search=SearchConfig(iterations=ITER),
             progress=False,
+            heatmaps=False,
         )
     )
     reference = read_scores(clean)

@@ -1,0 +1,46 @@
+"""`anogan-batch bench --quick`: runs end to end and writes every figure (never a timing check)."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import run_cli
+
+KEYS = {
+    "batched_vs_loop": float,
+    "flop_efficiency": float,
+    "loop_flop_efficiency": float,
+    "job_vs_inprocess": float,
+    "peak_rss_ratio_10x": float,
+    "geval_reduction": float,
+    "batched_patches_per_s": float,
+    "loop_patches_per_s": float,
+    "job_patches_per_s": float,
+    "inprocess_patches_per_s": float,
+    "matmul_gflops": float,
+    "search_gflops": float,
+    "device": str,
+    "batch_size": int,
+    "iterations": int,
+    "torch": str,
+    "ray": str,
+    "batch_sweep": dict,
+    "geval_reference": dict,
+    "geval_candidates": list,
+    "bf16_vs_fp32": float,
+}
+
+
+def test_quick_bench_writes_every_key(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_cli("bench", "--quick", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for key, typ in KEYS.items():
+        assert isinstance(figures.get(key), typ), (key, figures.get(key))
+    for key in ("batched_vs_loop", "flop_efficiency", "job_vs_inprocess", "peak_rss_ratio_10x"):
+        assert figures[key] > 0, key
+    assert figures["geval_reference"]["g_evals_per_patch"] == figures["iterations_reference"] + 1
+    assert 0.0 <= figures["geval_reference"]["auroc"] <= 1.0
+    assert set(figures["peak_rss_mb_10x"]) == {"patches", "driver", "actor"}
+    assert "batched_vs_loop" in r.stdout  # the human table
