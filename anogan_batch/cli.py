@@ -105,7 +105,7 @@ def _parse_window(text: str | None) -> tuple[float, float] | None:
 def train(
     patches: _path("PATCHES", "patch table to train on"),
     model_dir: _path("MODEL_DIR", "where to write the model"),
-    epochs: Annotated[int, typer.Option(help="passes over the normal patches")] = 25,
+    epochs: Annotated[int, typer.Option(help="passes over the normal patches")] = 20,
     seed: Annotated[int, typer.Option(help="random seed (deterministic on CPU)")] = 0,
     normal_label: Annotated[
         str | None, typer.Option("--normal-label", help="train only on rows with this label")

@@ -25,7 +25,7 @@ from anogan_batch.errors import InputError
 class TrainConfig:
     """Training parameters; saved in model.json under "training"."""
 
-    epochs: int = 25
+    epochs: int = 20  # the quality recipe (docs/quality.md)
     batch_size: int = 64
     lr: float = 2e-4
     beta1: float = 0.5
