@@ -115,6 +115,9 @@ def train(
     latent_dim: Annotated[int, typer.Option("--latent-dim")] = 100,
     g_width: Annotated[int, typer.Option("--g-width", help="generator width")] = 64,
     d_width: Annotated[int, typer.Option("--d-width", help="discriminator width")] = 64,
+    d_norm: Annotated[
+        str, typer.Option("--d-norm", help="discriminator normalisation: batch, spectral, none")
+    ] = "batch",
     max_patches: Annotated[int | None, typer.Option("--max-patches")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
@@ -131,6 +134,7 @@ def train(
         latent_dim=latent_dim,
         g_width=g_width,
         d_width=d_width,
+        d_norm=d_norm,
         max_patches=max_patches,
         device=device,
     )

@@ -25,7 +25,7 @@ def assert_user_error(result, *needles: str) -> None:
 def test_help_lists_every_command():
     result = run_cli("--help")
     assert result.returncode == 0
-    for cmd in ("ingest", "train", "score", "eval", "report", "demo", "bench"):
+    for cmd in ("ingest", "train", "score", "eval", "report", "heatmap", "demo", "bench"):
         assert cmd in result.stdout
 
 
@@ -168,6 +168,9 @@ def test_all_rows_bad_is_exit_2_after_quarantine(tmp_path, tiny_model):
         (["--lambda", "2"], "'lambda': 2.0"),
         (["--actors", "two"], "'actors': 'two'"),
         (["--batch-size", "0"], "'batch_size': 0"),
+        (["--precision", "fp8"], "'precision': 'fp8'"),
+        (["--table-format", "csv"], "'table_format': 'csv'"),
+        (["--stop-tol", "-1"], "'stop_tol': -1.0"),
     ],
 )
 def test_bad_flag_values(tmp_path, tiny_model, test_table, args, needle):
@@ -178,6 +181,26 @@ def test_bad_flag_values(tmp_path, tiny_model, test_table, args, needle):
 def test_unknown_flag_is_usage_error(tiny_model):
     r = run_cli("score", tiny_model, "--frobnicate")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--window", "40"], "'--window': '40'"),
+        (["--window", "40,0"], "'window width': 0.0"),
+        (["--slice-axis", "5"], "'slice_axis': 5"),
+        (["--min-foreground", "1.5"], "'min_foreground': 1.5"),
+        (["--engine", "spark"], "'engine': 'spark'"),
+    ],
+)
+def test_bad_ingest_flags(tmp_path, args, needle):
+    r = run_cli("ingest", str(tmp_path), str(tmp_path / "o"), "--patch-size", "16", *args)
+    assert_user_error(r, needle)
+
+
+def test_bad_train_flag(tmp_path, test_table):
+    r = run_cli("train", test_table, str(tmp_path / "m"), "--d-norm", "layer")
+    assert_user_error(r, "'d_norm': 'layer'")
 
 
 def test_ingest_patch_size_too_small(tmp_path):
