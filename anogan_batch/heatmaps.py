@@ -27,8 +27,8 @@ import numpy as np
 
 from anogan_batch import storage
 
-HEAT_FLOOR = 0.15  # smoothed residual per pixel below which nothing is drawn
-HEAT_SCALE = 0.5  # smoothed residual shown at full colour (model space spans 0..2)
+HEAT_FLOOR = 0.1  # smoothed residual per pixel below which nothing is drawn
+HEAT_SCALE = 0.35  # smoothed residual shown at full colour (model space spans 0..2)
 MAP_COLUMNS = ("height", "width", "heatmap", "max_heat", "mean_heat", "overlay")
 _SCALE = {"uint8": 255.0, "uint16": 65535.0, "float32": 1.0}
 
