@@ -273,6 +273,9 @@ def _job_vs_inprocess(cfg, g, d, pixels, search, batch) -> dict[str, Any]:
         "inprocess_threads": threads,
         "job_patches_per_s": job_rate,
         "job_vs_inprocess": job_rate / in_rate,
+        # where a job's time goes: scoring inside the actor vs everything around it
+        "job_score_seconds": job.runs[-1].get("seconds"),
+        "job_actor_busy_seconds": job.runs[-1].get("actor_busy_seconds"),
         "job_resources": job.runs[-1].get("resources"),
     }
 

@@ -120,17 +120,19 @@ class _Progress:
         class Counter:
             def __init__(self) -> None:
                 self.n = 0
+                self.busy = 0.0  # seconds the scorers spent inside their batches
                 self.peak_rss: dict[int, float] = {}  # scorer pid -> peak RSS (MiB)
 
-            def add(self, k: int, pid: int = 0, rss_mb: float = 0.0) -> None:
+            def add(self, k: int, pid: int = 0, rss_mb: float = 0.0, busy: float = 0.0) -> None:
                 self.n += k
+                self.busy += busy
                 self.peak_rss[pid] = max(rss_mb, self.peak_rss.get(pid, 0.0))
 
             def get(self) -> int:
                 return self.n
 
-            def actor_peak_rss_mb(self) -> float:
-                return max(self.peak_rss.values(), default=0.0)
+            def telemetry(self) -> tuple[float, float]:
+                return max(self.peak_rss.values(), default=0.0), self.busy
 
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -143,16 +145,17 @@ class _Progress:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def actor_peak_rss_mb(self) -> float | None:
-        """Largest peak RSS any scorer reported; None if the counter is gone (it is only
-        telemetry and must never fail a job)."""
+    def telemetry(self) -> dict[str, float | None]:
+        """Largest peak RSS any scorer reported and the seconds they spent scoring; None if
+        the counter is gone (it is only telemetry and must never fail a job)."""
         import ray
 
         try:
-            return round(float(ray.get(self.actor.actor_peak_rss_mb.remote(), timeout=30)), 1)
+            rss, busy = ray.get(self.actor.telemetry.remote(), timeout=30)
+            return {"actor_peak_rss_mb": round(rss, 1), "actor_busy_seconds": round(busy, 2)}
         except Exception:
-            log.warning("could not read the scorers' peak memory", exc_info=True)
-            return None
+            log.warning("could not read the scorers' telemetry", exc_info=True)
+            return {"actor_peak_rss_mb": None, "actor_busy_seconds": None}
 
     def done(self) -> int:
         import ray
@@ -324,8 +327,9 @@ def _execute(
                 make_sink(cfg.out, _rows_per_file(cfg)),
                 ray_remote_args={"num_cpus": IO_CPUS},
             )
-            # memory figures for the bench's flat-memory check (and for capacity planning)
-            manifest.runs[-1]["actor_peak_rss_mb"] = progress.actor_peak_rss_mb()
+            # memory and busy time for the bench (flat memory, job overhead) and for capacity
+            # planning: busy / (score seconds x actors) is how well the actors were fed
+            manifest.runs[-1].update(progress.telemetry())
     finally:
         ctx.checkpoint_config = None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -179,7 +180,9 @@ class PatchScorer:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
         out = score_table(self.model, batch, self.search, job_id=self.job_id, device=self.device)
         if self.progress is not None:
-            self.progress.add.remote(out.num_rows, os.getpid(), peak_rss_mb())
+            busy = time.perf_counter() - started
+            self.progress.add.remote(out.num_rows, os.getpid(), peak_rss_mb(), busy)
         return out
