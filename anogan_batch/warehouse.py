@@ -48,7 +48,7 @@ def publish(out: str, table_format: str) -> dict[str, str]:
     if table_format != "delta":
         raise InputError(f"--table-format {table_format!r}: use one of {', '.join(TABLE_FORMATS)}")
     try:
-        from deltalake import Field, Schema, convert_to_deltalake
+        import deltalake  # noqa: F401
     except ImportError:
         raise InputError(
             "--table-format delta needs the deltalake package: "
@@ -59,13 +59,44 @@ def publish(out: str, table_format: str) -> dict[str, str]:
         uri = storage.join(out, table)
         if not storage.list_files(uri, suffixes=(".parquet",)):
             continue  # e.g. no quarantine
-        convert_to_deltalake(
-            uri,
-            mode="ignore",
-            partition_by=Schema([Field(c, "string") for c in partitions]) if partitions else None,
-            partition_strategy="hive" if partitions else None,
-            name=table,
-            storage_options=_storage_options(uri),
-        )
+        _convert_in_child(uri, partitions, table)
         published[table] = uri
     return published
+
+
+def _convert_in_child(uri: str, partitions: tuple[str, ...], name: str) -> None:
+    """Run the Delta conversion in a child process. deltalake's native runtime can abort the
+    interpreter at exit ("terminate called without an active exception", seen when DuckDB was
+    used in the same process); a child that leaves with os._exit keeps that away from the job."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "anogan_batch.warehouse", uri, name, *partitions]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"Delta conversion of '{uri}' failed: {r.stderr.strip()[-2000:]}")
+
+
+def _convert(uri: str, name: str, partitions: list[str]) -> None:
+    from deltalake import Field, Schema, convert_to_deltalake
+
+    convert_to_deltalake(
+        uri,
+        mode="ignore",
+        partition_by=Schema([Field(c, "string") for c in partitions]) if partitions else None,
+        partition_strategy="hive" if partitions else None,
+        name=name,
+        storage_options=_storage_options(uri),
+    )
+
+
+if __name__ == "__main__":  # the child of _convert_in_child
+    import sys
+
+    try:
+        _convert(sys.argv[1], sys.argv[2], sys.argv[3:])
+    except Exception as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+    sys.stdout.flush()
+    os._exit(0)

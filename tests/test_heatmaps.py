@@ -112,7 +112,9 @@ def test_delta_tables_are_committed_once(mosaic_job):
     code = (
         "import sys; from deltalake import DeltaTable; "
         "t = DeltaTable(sys.argv[1]).to_pyarrow_table(columns=[sys.argv[2]]); "
-        "print(t.num_rows, len(set(t.column(0).to_pylist())))"
+        "print(t.num_rows, len(set(t.column(0).to_pylist())), flush=True); "
+        # deltalake's native runtime may abort at interpreter exit (see warehouse.py)
+        "import os; os._exit(0)"
     )
     for table, key, rows in (("patch_scores", "patch_id", 36), ("scan_scores", "scan_id", 4)):
         r = subprocess.run(
