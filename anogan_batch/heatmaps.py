@@ -26,11 +26,11 @@ from __future__ import annotations
 import numpy as np
 
 from anogan_batch import storage
+from anogan_batch.patches import PIXEL_MAX
 
 HEAT_FLOOR = 0.1  # smoothed residual per pixel below which nothing is drawn
 HEAT_SCALE = 0.35  # smoothed residual shown at full colour (model space spans 0..2)
 MAP_COLUMNS = ("height", "width", "heatmap", "max_heat", "mean_heat", "overlay")
-_SCALE = {"uint8": 255.0, "uint16": 65535.0, "float32": 1.0}
 
 
 def stitch(
@@ -88,7 +88,7 @@ def render_scan(group: dict[str, np.ndarray], out: str, size: int, channels: int
         if kinds[i] == SCORE:
             residual.append((int(group["x"][i]), int(group["y"][i]), tile))
         elif kinds[i] == IMAGE:
-            image.append((int(group["x"][i]), int(group["y"][i]), tile / _SCALE.get(dtype, 1.0)))
+            image.append((int(group["x"][i]), int(group["y"][i]), tile / PIXEL_MAX.get(dtype, 1.0)))
     sizes = np.flatnonzero(kinds == SIZE)
     if len(sizes):
         width, height = int(group["x"][sizes[0]]), int(group["y"][sizes[0]])

@@ -21,9 +21,11 @@ from torch import nn
 
 from anogan_batch.config import check_choice, check_int
 
-# Largest value of each supported pixel type: stored pixels p in [0, max] map to p/max*2-1 in
-# [-1, 1], the range of G's tanh output. float32 tables hold intensities already in [0, 1].
-PIXEL_MAX = {"uint8": 255.0, "uint16": 65535.0, "float32": 1.0}
+# PIXEL_MAX, the largest value of each stored pixel type: stored pixels p in [0, max] map to
+# p/max*2-1 in [-1, 1], the range of G's tanh output. It lives with the patch encoding so that
+# I/O code (ingest, heatmaps) can use it without importing torch.
+from anogan_batch.patches import PIXEL_MAX
+
 PRIORS = ("uniform",)
 D_NORMS = ("batch", "spectral", "none")
 

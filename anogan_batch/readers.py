@@ -199,7 +199,9 @@ def otsu_threshold(gray: np.ndarray, bins: int = 256) -> float:
 
 def foreground_mask(stored: np.ndarray) -> np.ndarray:
     """(H, W) bool: pixels brighter than the scan's Otsu threshold (of the channel mean)."""
-    scale = {"uint8": 255.0, "uint16": 65535.0}.get(stored.dtype.name, 1.0)
+    from anogan_batch.patches import PIXEL_MAX
+
+    scale = PIXEL_MAX.get(stored.dtype.name, 1.0)
     gray = stored.astype(np.float32).mean(axis=2) / scale
     if float(gray.max()) - float(gray.min()) < 1e-6:  # flat scan: no foreground at all
         return np.zeros(gray.shape, dtype=bool)
