@@ -119,6 +119,17 @@ def train(
         str, typer.Option("--d-norm", help="discriminator normalisation: batch, spectral, none")
     ] = "batch",
     max_patches: Annotated[int | None, typer.Option("--max-patches")] = None,
+    encoder_epochs: Annotated[
+        int,
+        typer.Option(
+            "--encoder-epochs",
+            help="epochs of the encoder (f-AnoGAN izi_f) trained after the GAN; 0 skips it",
+        ),
+    ] = 30,
+    g_ema: Annotated[
+        float, typer.Option("--g-ema", help="decay of the EMA of G's weights that is saved; 0: off")
+    ] = 0.999,
+    kappa: Annotated[float, typer.Option(help="κ, feature weight of the encoder loss")] = 1.0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
@@ -136,6 +147,9 @@ def train(
         d_width=d_width,
         d_norm=d_norm,
         max_patches=max_patches,
+        encoder_epochs=encoder_epochs,
+        kappa=kappa,
+        g_ema=g_ema,
         device=device,
     )
     model_id = train_gan(patches, model_dir, cfg, progress=progress)
@@ -163,7 +177,14 @@ def score(
     model_dir: _path("MODEL_DIR", "trained model (anogan-batch train)"),
     patches: _path("PATCHES", "patch table to score"),
     out: _path("OUT", "job output folder (resumes a crashed job)"),
-    iterations: Annotated[int, typer.Option(help="Γ, latent search steps")] = 500,
+    iterations: Annotated[
+        int | None,
+        typer.Option(
+            help="Γ, latent search steps [default: 500 (the paper) from a random start; "
+            "10 from the encoder's start, which only polishes z = E(x)]",
+            show_default=False,
+        ),
+    ] = None,
     lam: Annotated[float, typer.Option("--lambda", help="λ, weight of the feature loss")] = 0.1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="patches per search")] = 64,
     actors: Annotated[
@@ -175,7 +196,14 @@ def score(
     cpus_per_actor: Annotated[float | None, typer.Option("--cpus-per-actor")] = None,
     seed: Annotated[int, typer.Option(help="seed of the z initialisation")] = 0,
     job_id: Annotated[str | None, typer.Option("--job-id")] = None,
-    lr: Annotated[float, typer.Option(help="Adam step size of the search")] = 0.05,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Adam step size of the search [default: 0.05 from a random start, 0.003 "
+            "from the encoder's]",
+            show_default=False,
+        ),
+    ] = None,
     stop_tol: Annotated[
         float | None,
         typer.Option(
@@ -193,6 +221,13 @@ def score(
     precision: Annotated[
         str, typer.Option(help="fp32, or bf16 (autocast during the search; scores in fp32)")
     ] = "fp32",
+    start: Annotated[
+        str,
+        typer.Option(
+            help="z_0 of the search: encoder (z_0 = E(x)), prior (random), or auto: the "
+            "encoder when the model has one"
+        ),
+    ] = "auto",
     threshold: Annotated[float | None, typer.Option(help="count patches above it per scan")] = None,
     target_file_mb: Annotated[float, typer.Option("--target-file-mb")] = 128.0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ...; default auto")] = None,
@@ -223,6 +258,7 @@ def score(
             min_iterations=min_iterations,
             slots=slots,
             precision=precision,
+            start=start,
         ),
         batch_size=batch_size,
         actors=parse_actors(actors),
@@ -315,7 +351,9 @@ def demo(
     train: Annotated[
         bool, typer.Option("--train", help="train the GAN here instead of using the bundled one")
     ] = False,
-    iterations: Annotated[int, typer.Option(help="Γ, latent search steps")] = 500,
+    iterations: Annotated[
+        int | None, typer.Option(help="Γ, latent search steps [default: score's]")
+    ] = None,
 ) -> None:
     """The whole flow on data that ships with the package; finishes with the AUROC."""
     from anogan_batch.demo import run_demo
@@ -370,7 +408,8 @@ def bench(
             digits = tuple(int(c) for c in classes.split(","))
         except ValueError:
             raise ConfigError("--classes", classes, "digits 0-9, comma-separated") from None
-        recipe = QualityRecipe(train_images=400, test_images=200, epochs=2) if quick else None
+        tiny = {"epochs": 2, "encoder_epochs": 2}
+        recipe = QualityRecipe(train_images=400, test_images=200, train=tiny) if quick else None
         result = run_quality(out, mnist=mnist, classes=digits, recipe=recipe)
         if json_path is not None:
             json_path.write_text(json.dumps(result, indent=2) + "\n")

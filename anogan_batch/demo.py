@@ -86,7 +86,7 @@ def write_mosaic_scans(scans: str, truth: str, *, seed: int = 0) -> tuple[int, i
     return N_NORMAL_SCANS + N_LESION_SCANS, n_lesions
 
 
-def run_demo(out: str, *, train: bool = False, iterations: int = 500) -> dict:
+def run_demo(out: str, *, train: bool = False, iterations: int | None = None) -> dict:
     """Run the demo into `out` (its sub-folders are replaced) and print where things are."""
     from anogan_batch.evaluate import evaluate_job
     from anogan_batch.ingest import IngestConfig, ingest
@@ -126,7 +126,8 @@ def run_demo(out: str, *, train: bool = False, iterations: int = 500) -> dict:
         say(f"[2/5] using the bundled model in {model_dir} (retrain with --train)")
 
     n = n_scans * GRID * GRID
-    say(f"[3/5] scoring {n} patches on local Ray (Γ = {iterations}), then heatmaps ...")
+    how = "the search's default" if iterations is None else f"Γ = {iterations}"
+    say(f"[3/5] scoring {n} patches on local Ray ({how}), then heatmaps ...")
     job = storage.join(out, "job")
     manifest = run_score_job(
         ScoreJobConfig(

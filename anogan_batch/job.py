@@ -18,7 +18,7 @@ from anogan_batch.errors import InputError
 # Parameters that change a patch's scores. Batch size, actor count and devices do not.
 IDENTITY_KEYS = (
     "model_id", "patches", "iterations", "lambda", "lr", "seed",
-    "stop_tol", "stop_window", "min_iterations", "precision",
+    "stop_tol", "stop_window", "min_iterations", "precision", "start",
 )  # fmt: skip
 
 

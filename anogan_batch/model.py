@@ -7,6 +7,7 @@ Shapes for image size S, C channels, width w, n = number of stride-2 stages, bas
 
     G: z (B, latent) -> (B, w*2**(n-1), base, base) -> ... -> (B, w, S/2, S/2) -> (B, C, S, S)
     D: x (B, C, S, S) -> (B, w, S/2, S/2) -> ... -> f(x) (B, w*2**(n-1), base, base) -> logit (B,)
+    E: x (B, C, S, S) -> (B, w, S/2, S/2) -> ... -> (B, w*2**(n-1)*base*base) -> z (B, latent)
 
 f(x), the output of D's last convolutional block, is the feature layer of the AnoGAN
 discrimination loss (the paper's feature-matching layer), never D's sigmoid output.
@@ -42,6 +43,7 @@ class ModelConfig:
     d_norm: str = "batch"  # normalisation in D's hidden blocks
     prior: str = "uniform"  # z ~ U(-1, 1)^latent_dim; the search keeps z in that box
     pixel_dtype: str = "uint8"  # dtype of the patch table's `image` column this model reads
+    encoder: bool = False  # an encoder E (x -> z, f-AnoGAN's izi_f) is saved with G and D
 
     def __post_init__(self) -> None:
         check_int("image_size", self.image_size, min_value=8)
@@ -130,10 +132,50 @@ class Discriminator(nn.Module):
         return self.head(f).flatten(), f
 
 
+class Encoder(nn.Module):
+    """E: x -> z, trained after the GAN so that G(E(x)) reconstructs normal patches.
+
+    D's convolutional layout (BatchNorm, run in eval mode when frozen) and a linear map to the
+    latent; tanh keeps E(x) inside the U(-1, 1) prior's box, where the search keeps z too.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        n, w = cfg.stages, cfg.d_width
+        layers: list[nn.Module] = [nn.Conv2d(cfg.channels, w, 4, 2, 1), nn.LeakyReLU(0.2)]
+        for i in range(1, n):
+            layers += [
+                nn.Conv2d(w * 2 ** (i - 1), w * 2**i, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(w * 2**i),
+                nn.LeakyReLU(0.2),
+            ]
+        self.net = nn.Sequential(
+            *layers,
+            nn.Flatten(),  # (B, w*2**(n-1), base, base) -> (B, w*2**(n-1)*base*base)
+            nn.Linear(w * 2 ** (n - 1) * cfg.base**2, cfg.latent_dim),
+            nn.Tanh(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, C, S, S) -> (B, latent) in (-1, 1)
+
+
+def build_encoder(cfg: ModelConfig) -> Encoder:
+    """A fresh encoder with the DCGAN initialisation."""
+    e = Encoder(cfg)
+    _dcgan_init(e)
+    return e
+
+
 def build_models(cfg: ModelConfig) -> tuple[Generator, Discriminator]:
     """Fresh G and D with the DCGAN initialisation (N(0, 0.02) convs, N(1, 0.02) BN scales)."""
     g, d = Generator(cfg), Discriminator(cfg)
-    for module in (*g.modules(), *d.modules()):
+    _dcgan_init(g, d)
+    return g, d
+
+
+def _dcgan_init(*nets: nn.Module) -> None:
+    for module in (m for net in nets for m in net.modules()):
         if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
             weight = getattr(module, "parametrizations", None)
             target = weight.weight.original if weight is not None else module.weight
@@ -141,7 +183,6 @@ def build_models(cfg: ModelConfig) -> tuple[Generator, Discriminator]:
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.normal_(module.weight, 1.0, 0.02)
             nn.init.zeros_(module.bias)
-    return g, d
 
 
 def freeze(*modules: nn.Module) -> None:

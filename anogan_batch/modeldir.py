@@ -1,7 +1,8 @@
 """MODEL_DIR: the trained model on disk (local or S3), saved and loaded without pickle.
 
     MODEL_DIR/
-      weights.safetensors   G ("generator.*") and D ("discriminator.*") tensors
+      weights.safetensors   G ("generator.*"), D ("discriminator.*") and, when trained, the
+                            encoder E ("encoder.*") tensors
       model.json            architecture, patch spec, normalisation, training parameters,
                             training-data fingerprint, model_id = sha256(weights.safetensors)
       samples.png           a grid of G(z) for z from the prior
@@ -25,7 +26,7 @@ from anogan_batch.patches import PatchSpec
 if TYPE_CHECKING:
     import torch
 
-    from anogan_batch.model import Discriminator, Generator, ModelConfig
+    from anogan_batch.model import Discriminator, Encoder, Generator, ModelConfig
 
 FORMAT = "anogan-batch/model/1"
 WEIGHTS = "weights.safetensors"
@@ -41,6 +42,7 @@ class LoadedModel:
     discriminator: Discriminator
     model_id: str
     meta: dict[str, Any] = field(default_factory=dict)
+    encoder: Encoder | None = None  # present when config.encoder
 
     @property
     def patch_spec(self) -> PatchSpec:
@@ -53,15 +55,21 @@ class LoadedModel:
         # +18% search throughput on the bench's CPU, scores equal to 3e-7
         self.generator.to(device, memory_format=torch.channels_last)
         self.discriminator.to(device, memory_format=torch.channels_last)
+        if self.encoder is not None:
+            self.encoder.to(device, memory_format=torch.channels_last)
         return self
 
 
-def weights_bytes(generator: Generator, discriminator: Discriminator) -> bytes:
-    """Serialise G and D to safetensors bytes (deterministic for the same tensors)."""
+def weights_bytes(
+    generator: Generator, discriminator: Discriminator, encoder: Encoder | None = None
+) -> bytes:
+    """Serialise G, D (and E) to safetensors bytes (deterministic for the same tensors)."""
     from safetensors.torch import save
 
     tensors = {f"generator.{k}": v for k, v in generator.state_dict().items()}
     tensors |= {f"discriminator.{k}": v for k, v in discriminator.state_dict().items()}
+    if encoder is not None:
+        tensors |= {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
     return save({k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())})
 
 
@@ -71,9 +79,14 @@ def save_model(
     generator: Generator,
     discriminator: Discriminator,
     meta: dict[str, Any],
+    encoder: Encoder | None = None,
 ) -> str:
     """Write weights and model.json; return the model_id. Extra artefacts are the caller's."""
-    blob = weights_bytes(generator, discriminator)
+    if (encoder is not None) != config.encoder:
+        raise ValueError(
+            f"config.encoder is {config.encoder}, encoder given: {encoder is not None}"
+        )
+    blob = weights_bytes(generator, discriminator, encoder)
     model_id = hashlib.sha256(blob).hexdigest()
     storage.makedirs(model_dir)
     storage.write_bytes(storage.join(model_dir, WEIGHTS), blob)
@@ -116,7 +129,7 @@ def load_model(model_dir: str, *, expect_model_id: str | None = None) -> LoadedM
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    from anogan_batch.model import ModelConfig, build_models, freeze
+    from anogan_batch.model import ModelConfig, build_encoder, build_models, freeze
 
     doc = read_model_json(model_dir)
     json_path = storage.join(model_dir, MODEL_JSON)
@@ -145,11 +158,20 @@ def load_model(model_dir: str, *, expect_model_id: str | None = None) -> LoadedM
         raise ModelError(f"'{weights_path}' is not a valid safetensors file: {e}") from e
 
     generator, discriminator = build_models(config)
-    for prefix, module in (("generator.", generator), ("discriminator.", discriminator)):
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        _load_state(module, state, weights_path, prefix)
-    freeze(generator, discriminator)
-    return LoadedModel(config, generator, discriminator, model_id, doc)
+    encoder = build_encoder(config) if config.encoder else None
+    parts = {"generator.": generator, "discriminator.": discriminator, "encoder.": encoder}
+    stray = [k for k in tensors if not any(k.startswith(p) for p, m in parts.items() if m)]
+    if stray:
+        raise ModelError(
+            f"'{weights_path}' holds tensor {stray[0]}, which the architecture in model.json "
+            f"does not have (encoder: {config.encoder})"
+        )
+    for prefix, module in parts.items():
+        if module is not None:
+            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            _load_state(module, state, weights_path, prefix)
+    freeze(*(m for m in parts.values() if m is not None))
+    return LoadedModel(config, generator, discriminator, model_id, doc, encoder)
 
 
 def _load_state(module: torch.nn.Module, state: dict, path: str, prefix: str) -> None:

@@ -28,17 +28,22 @@ PUBLISHED_DEEP_SVDD_MEAN = 94.8
 
 @dataclass(frozen=True)
 class QualityRecipe:
-    """What is trained and how it is searched; the defaults are the shipped recipe."""
+    """What is trained and how it is searched; the defaults are what `train` and `score`
+    ship (TrainConfig() and the resolved SearchConfig()), so the table measures the product."""
 
-    epochs: int = 20
-    train_images: int = 4000  # per class, from the training split
+    train_images: int | None = None  # per class, from the training split; None: all of them
     test_images: int = 2000  # stratified over all ten digits, from the held-out split
-    g_width: int = 64
-    d_width: int = 64
-    iterations: int = 20  # Γ of the search (see docs/quality.md for the sweep)
-    lam: float = 0.1
     seed: int = 0
-    train: dict = field(default_factory=dict)  # more TrainConfig fields
+    train: dict = field(default_factory=dict)  # TrainConfig fields that differ from train's
+    search: dict = field(default_factory=dict)  # SearchConfig fields that differ from score's
+
+
+# Extra searches on the same model, for the ablation table in docs/quality.md:
+# izi_f alone (no polish) and the paper's random start with the old fast setting.
+VARIANTS = {
+    "izi_f": {"iterations": 0},
+    "prior_gamma20": {"start": "prior", "iterations": 20},
+}
 
 
 def _stratified(idx: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -55,46 +60,48 @@ def evaluate_class(
     train_idx: np.ndarray,
     test_idx: np.ndarray,
     recipe: QualityRecipe,
-    iterations: tuple[int, ...] = (),
+    variants: dict[str, dict] | None = None,
 ) -> dict[str, Any]:
-    """Train on `digit`, score the test digits; -> AUROC/AUPRC (also at extra Γ values)."""
+    """Train on `digit`, score the test digits; -> AUROC/AUPRC (and those of `variants`)."""
     import torch
 
     from anogan_batch.evaluate import auroc, average_precision
     from anogan_batch.model import to_model_space
-    from anogan_batch.search import SearchConfig, latent_search
+    from anogan_batch.search import SearchConfig, latent_search, resolve_search
     from anogan_batch.training import TrainConfig, fit_gan
 
     started = time.process_time()
     normal = train_idx[labels[train_idx] == digit][: recipe.train_images]
-    cfg = TrainConfig(
-        epochs=recipe.epochs,
-        g_width=recipe.g_width,
-        d_width=recipe.d_width,
-        seed=recipe.seed,
-        **recipe.train,
-    )
+    cfg = TrainConfig(seed=recipe.seed, **recipe.train)
     fit = fit_gan(images[normal][:, :, :, None], "uint8", cfg, progress=False)
     g = fit.generator.to(memory_format=torch.channels_last)
     d = fit.discriminator.to(memory_format=torch.channels_last)
+    e = fit.encoder.to(memory_format=torch.channels_last) if fit.encoder is not None else None
     train_cpu = time.process_time() - started
 
     x = to_model_space(torch.from_numpy(images[test_idx][:, :, :, None].copy()), "uint8")
     ids = [f"mnist-{i}" for i in test_idx]
     positive = labels[test_idx] != digit
     row: dict[str, Any] = {"digit": digit, "n_train": len(normal)}
-    for gamma in (recipe.iterations, *iterations):
+    for name, overrides in {"": {}, **(variants or {})}.items():
+        search = SearchConfig(**{"seed": recipe.seed, **recipe.search, **overrides})
+        if name and (search.start == "encoder" or search.start == "auto") and e is None:
+            continue  # an encoder variant of a model trained without one
         t0 = time.process_time()
-        scores = []
+        scores, residual = [], []
         for start in range(0, len(x), 256):
-            search = SearchConfig(iterations=gamma, lam=recipe.lam, seed=recipe.seed)
-            r = latent_search(g, d, x[start : start + 256], ids[start : start + 256], search)
+            r = latent_search(g, d, x[start : start + 256], ids[start : start + 256], search, e)
             scores.append(r.anomaly_score)
-        s = np.concatenate(scores)
-        key = "" if gamma == recipe.iterations else f"_gamma{gamma}"
+            residual.append(r.residual_score)
+        s, res = np.concatenate(scores), np.concatenate(residual)
+        key = f"_{name}" if name else ""
         row[f"auroc{key}"] = 100 * auroc(s, positive)
         row[f"auprc{key}"] = 100 * average_precision(s, positive)
+        row[f"auroc_residual_only{key}"] = 100 * auroc(res, positive)  # λ = 0 at the same z
         row[f"score_cpu_min{key}"] = (time.process_time() - t0) / 60
+        if not name:
+            resolved = resolve_search(search, has_encoder=e is not None)
+            row["search"] = {k: getattr(resolved, k) for k in ("start", "iterations", "lr", "lam")}
     row["train_cpu_min"] = train_cpu / 60
     row["cpu_min"] = row["train_cpu_min"] + row["score_cpu_min"]
     row["n_test"], row["n_anomalous"] = len(test_idx), int(positive.sum())
@@ -107,7 +114,7 @@ def run_quality(
     mnist: str | None = None,
     classes: tuple[int, ...] = tuple(range(10)),
     recipe: QualityRecipe | None = None,
-    extra_iterations: tuple[int, ...] = (),
+    variants: dict[str, dict] | None = None,
 ) -> dict[str, Any]:
     """Run the protocol for `classes`; write OUT/quality.json and OUT/quality.md."""
     from anogan_batch.datasets import load_mnist, one_class_split
@@ -118,7 +125,15 @@ def run_quality(
     test_idx = _stratified(held, labels, recipe.test_images, seed=1)
     rows = []
     for digit in classes:
-        row = evaluate_class(digit, images, labels, train_idx, test_idx, recipe, extra_iterations)
+        row = evaluate_class(
+            digit,
+            images,
+            labels,
+            train_idx,
+            test_idx,
+            recipe,
+            VARIANTS if variants is None else variants,
+        )
         rows.append(row)
         print(
             f"digit {digit}: AUROC {row['auroc']:.1f}  AUPRC {row['auprc']:.1f}  "
@@ -130,6 +145,7 @@ def run_quality(
         "protocol": "one-class MNIST (Ruff et al. 2018) on our held-out split of the "
         "MNIST training set (one_class_split seed 0, 80/20 per digit)",
         "recipe": asdict(recipe),
+        "train_config": asdict(_train_config(recipe)),
         "classes": rows,
         "mean_auroc": float(np.mean(aurocs)),
         "min_auroc": float(np.min(aurocs)),
@@ -147,20 +163,36 @@ def run_quality(
     return result
 
 
+def _train_config(recipe: QualityRecipe):
+    from anogan_batch.training import TrainConfig
+
+    return TrainConfig(seed=recipe.seed, **recipe.train)
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     lines = [
-        "| digit | AUROC % | AUPRC % | published AnoGAN AUROC % | CPU min |",
-        "|---|---|---|---|---|",
+        "| digit | AUROC % | AUPRC % | published AnoGAN AUROC % | izi_f alone | "
+        "random start, Γ = 20 | CPU min |",
+        "|---|---|---|---|---|---|---|",
     ]
+
+    def cell(r: dict, key: str) -> str:
+        return f"{r[key]:.1f}" if key in r else "-"
+
     for r in result["classes"]:
         published = PUBLISHED_ANOGAN[r["digit"]]
         lines.append(
             f"| {r['digit']} | {r['auroc']:.1f} | {r['auprc']:.1f} | {published:.1f} | "
-            f"{r['cpu_min']:.1f} |"
+            f"{cell(r, 'auroc_izi_f')} | {cell(r, 'auroc_prior_gamma20')} | {r['cpu_min']:.1f} |"
         )
+    rows = result["classes"]
+
+    def mean(key: str) -> str:
+        return f"{np.mean([r[key] for r in rows]):.1f}" if all(key in r for r in rows) else "-"
+
     lines.append(
-        f"| mean | {result['mean_auroc']:.1f} | "
-        f"{np.mean([r['auprc'] for r in result['classes']]):.1f} | "
-        f"{result['published_anogan_mean']:.1f} | |"
+        f"| mean | {result['mean_auroc']:.1f} | {mean('auprc')} | "
+        f"{result['published_anogan_mean']:.1f} | {mean('auroc_izi_f')} | "
+        f"{mean('auroc_prior_gamma20')} | |"
     )
     return "\n".join(lines) + "\n"

@@ -32,6 +32,7 @@ from anogan_batch.pipeline import (
     recover_pending,
 )
 from anogan_batch.scorer import peak_rss_mb
+from anogan_batch.search import SearchConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,14 @@ def first_quarantine_reason(out: str) -> str | None:
     return open_dataset(storage.join(out, "quarantine")).head(1, columns=["reason"])[0][0].as_py()
 
 
-def preflight(cfg: ScoreJobConfig) -> tuple[str, int]:
-    """Fail fast (exit 2) on a bad model or a table that cannot fit it. -> (model_id, rows)."""
+def preflight(cfg: ScoreJobConfig) -> tuple[str, int, SearchConfig]:
+    """Fail fast (exit 2) on a bad model or a table that cannot fit it.
+
+    -> (model_id, rows, the search config with its start resolved against the model).
+    """
     from anogan_batch.modeldir import load_model, read_model_json
     from anogan_batch.patches import row_problem
+    from anogan_batch.search import resolve_search
     from anogan_batch.tables import (
         check_normalisation,
         count_rows,
@@ -70,6 +75,7 @@ def preflight(cfg: ScoreJobConfig) -> tuple[str, int]:
     )
 
     model = load_model(cfg.model_dir)
+    search = resolve_search(cfg.search, has_encoder=model.encoder is not None)
     ds = open_patch_table(cfg.patches)
     model_norm = read_model_json(cfg.model_dir).get("normalisation", {})
     check_normalisation(table_normalisation(cfg.patches), model_norm, cfg.patches, cfg.model_dir)
@@ -91,7 +97,7 @@ def preflight(cfg: ScoreJobConfig) -> tuple[str, int]:
             f"patch table '{cfg.patches}' does not fit model '{cfg.model_dir}': first row "
             f"{sample.column('patch_id')[0].as_py()!r}: {problem}"
         )
-    return model.model_id, rows
+    return model.model_id, rows, search
 
 
 def identity(cfg: ScoreJobConfig, model_id: str) -> dict[str, Any]:
@@ -107,6 +113,7 @@ def identity(cfg: ScoreJobConfig, model_id: str) -> dict[str, Any]:
         "stop_window": cfg.search.stop_window if cfg.search.stop_tol else None,
         "min_iterations": cfg.search.min_iterations if cfg.search.stop_tol else None,
         "precision": cfg.search.precision,
+        "start": cfg.search.start,
     }
 
 
@@ -210,7 +217,8 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
         out=storage.absolute(cfg.out),
     )
     t0 = time.time()
-    model_id, input_rows = preflight(cfg)
+    model_id, input_rows, search = preflight(cfg)
+    cfg = replace(cfg, search=search)
     preflight_s = time.time() - t0
     ident = identity(cfg, model_id)
     existing = JobManifest.load(cfg.out)

@@ -96,7 +96,7 @@ def score_table(
         try:
             x = to_model_space(torch.from_numpy(pixels[idx]), spec.dtype).to(device)
             result = latent_search(
-                model.generator, model.discriminator, x, [ids[i] for i in idx], cfg
+                model.generator, model.discriminator, x, [ids[i] for i in idx], cfg, model.encoder
             )
             anomaly[idx] = result.anomaly_score
             residual[idx] = result.residual_score

@@ -13,7 +13,8 @@ Invariants the tests hold this module to:
 - G and D are frozen (eval mode, requires_grad False): BatchNorm uses running statistics, so a
   patch's result never depends on its batch-mates, and no weight ever changes.
 - z_i starts from a generator seeded by (seed, patch_id), not from a shared stream, so a result
-  does not depend on batch size, batch composition or order.
+  does not depend on batch size, batch composition or order. With `start="encoder"` it starts
+  at E(x_i) instead (f-AnoGAN's izi_f); the frozen encoder maps each patch on its own too.
 - z stays in the support of the U(-1, 1) prior: it is clamped to [-1, 1] after every step
   (projected gradient descent). Clamping keeps G in the region it was trained on; a
   reparametrisation like tanh(w) would slow the steps near the border.
@@ -40,27 +41,44 @@ import numpy as np
 import torch
 
 from anogan_batch.config import check_choice, check_float, check_int
-from anogan_batch.model import Discriminator, Generator
+from anogan_batch.model import Discriminator, Encoder, Generator
+
+STARTS = ("auto", "prior", "encoder")
+# (Γ, Adam step size) by start when not given: the paper's search from the prior, a short
+# polish from E(x) (measured in docs/quality.md)
+PAPER = (500, 0.05)
+POLISH = (10, 0.003)
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Parameters of the latent search. Defaults follow the paper (Γ = 500, λ = 0.1)."""
+    """Parameters of the latent search.
 
-    iterations: int = 500  # Γ (the most steps a patch gets when early stopping is on)
+    From a random start the defaults follow the paper (Γ = 500, λ = 0.1). From the encoder's
+    start, z_0 = E(x) is already the mapping, and the search only polishes it: Γ and the step
+    size default to `POLISH` (docs/quality.md: more steps from E(x) let G fit anomalies too,
+    which lowers the AUROC). `resolve_search` fills the Nones in.
+    """
+
+    iterations: int | None = None  # Γ (the most steps a patch gets when early stopping is on)
     lam: float = 0.1  # λ, weight of the discrimination (feature) loss
-    lr: float = 0.05  # Adam step size on z in [-1, 1]^latent
+    lr: float | None = None  # Adam step size on z in [-1, 1]^latent
     seed: int = 0
     stop_tol: float | None = None  # relative loss decrease over stop_window that means "done"
     stop_window: int = 10
     min_iterations: int = 20
     slots: int | None = None  # patches searched at once; None: the whole batch
     precision: str = "fp32"  # "bf16": G and D run under bf16 autocast during the search
+    # z_0: "prior" (a seeded draw per patch), "encoder" (z_0 = E(x)), or "auto": the encoder
+    # when the model has one (see `resolve_search`)
+    start: str = "auto"
 
     def __post_init__(self) -> None:
-        check_int("iterations", self.iterations, min_value=0)
+        if self.iterations is not None:
+            check_int("iterations", self.iterations, min_value=0)
         check_float("lambda", self.lam, low=0.0, high=1.0)
-        check_float("lr", self.lr, low=0.0, low_open=True)
+        if self.lr is not None:
+            check_float("lr", self.lr, low=0.0, low_open=True)
         check_int("seed", self.seed, min_value=0)
         if self.stop_tol is not None:
             check_float("stop_tol", self.stop_tol, low=0.0, low_open=True)
@@ -69,6 +87,7 @@ class SearchConfig:
         if self.slots is not None:
             check_int("slots", self.slots, min_value=1)
         check_choice("precision", self.precision, ("fp32", "bf16"))
+        check_choice("start", self.start, STARTS)
 
 
 @dataclass
@@ -100,6 +119,30 @@ def initial_latents(patch_ids: Sequence[str], seed: int, latent_dim: int) -> tor
     return z
 
 
+def resolve_search(cfg: SearchConfig, *, has_encoder: bool) -> SearchConfig:
+    """The concrete search for a model: start="auto" becomes the encoder when the model has
+    one, else the prior; an unset Γ or step size takes that start's default (PAPER, POLISH).
+    Refuses start="encoder" for a model without an encoder."""
+    from dataclasses import replace
+
+    from anogan_batch.errors import ConfigError
+
+    start = cfg.start
+    if start == "auto":
+        start = "encoder" if has_encoder else "prior"
+    elif start == "encoder" and not has_encoder:
+        raise ConfigError(
+            "start", "encoder", "the model has no encoder (train it with --encoder-epochs > 0)"
+        )
+    iterations, lr = POLISH if start == "encoder" else PAPER
+    return replace(
+        cfg,
+        start=start,
+        iterations=iterations if cfg.iterations is None else cfg.iterations,
+        lr=lr if cfg.lr is None else cfg.lr,
+    )
+
+
 def _per_patch_losses(
     x: torch.Tensor, fx: torch.Tensor, gz: torch.Tensor, fgz: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,19 +158,25 @@ def latent_search(
     x: torch.Tensor,
     patch_ids: Sequence[str],
     cfg: SearchConfig,
+    encoder: Encoder | None = None,
 ) -> SearchResult:
     """Run the batched search on x (B, C, S, S) in model space, on x's device.
 
-    G and D must be frozen (see `model.freeze`) and on the same device as x.
+    G and D (and the encoder, needed when cfg.start == "encoder") must be frozen (see
+    `model.freeze`) and on the same device as x.
     """
-    if generator.training or discriminator.training:
+    if generator.training or discriminator.training or (encoder and encoder.training):
         raise RuntimeError("latent_search needs frozen models: call model.freeze(G, D) first")
     if len(patch_ids) != x.shape[0]:
         raise ValueError(f"{len(patch_ids)} patch ids for a batch of {x.shape[0]}")
+    cfg = resolve_search(cfg, has_encoder=encoder is not None)
     x = x.contiguous(memory_format=torch.channels_last)  # see LoadedModel.to
-    z = initial_latents(patch_ids, cfg.seed, generator.latent_dim).to(x.device)
     with torch.no_grad():
         _, fx = discriminator(x)  # D's features of the patches: once, not per step
+        if cfg.start == "encoder":
+            z = encoder(x).float().clamp(-1.0, 1.0)
+        else:
+            z = initial_latents(patch_ids, cfg.seed, generator.latent_dim).to(x.device)
     steps = _search(generator, discriminator, x, fx, z, cfg)
 
     # Scores after the last step: one more forward at z_Γ.

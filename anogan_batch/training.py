@@ -1,16 +1,22 @@
-"""GAN training on the normal patches of a patch table (DCGAN recipe).
+"""GAN training on the normal patches of a patch table (DCGAN recipe), then the encoder.
 
 Adam(2e-4, β1 = 0.5), non-saturating generator loss, z ~ U(-1, 1). Deterministic on CPU for a
 given seed: one torch.Generator drives shuffling and z, and deterministic kernels are enforced.
+
+After the GAN, with G and D frozen, an encoder E is trained as in f-AnoGAN (Schlegl et al.
+2019, izi_f): minimise mean (x - G(E(x)))^2 + κ · mean (f(x) - f(G(E(x))))^2 over the same
+normal patches. The search then starts at z = E(x) instead of a random draw (docs/quality.md
+has the measured effect); `encoder_epochs = 0` skips it.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import io
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,6 +42,9 @@ class TrainConfig:
     d_width: int = 64
     d_norm: str = "batch"
     max_patches: int | None = None  # cap on training patches (first by patch_id)
+    g_ema: float = 0.999  # decay of an exponential moving average of G's weights; 0: off
+    encoder_epochs: int = 30  # epochs of the izi_f encoder after the GAN; 0: no encoder
+    kappa: float = 1.0  # κ, weight of the D-feature term in the encoder's loss
     device: str | None = None  # None: CUDA when present, else CPU
 
     def __post_init__(self) -> None:
@@ -44,6 +53,9 @@ class TrainConfig:
         check_float("lr", self.lr, low=0.0, low_open=True)
         check_float("beta1", self.beta1, low=0.0, high=1.0)
         check_int("seed", self.seed, min_value=0)
+        check_float("g_ema", self.g_ema, low=0.0, high=0.9999)
+        check_int("encoder_epochs", self.encoder_epochs, min_value=0)
+        check_float("kappa", self.kappa, low=0.0)
         if self.max_patches is not None:
             check_int("max_patches", self.max_patches, min_value=1)
 
@@ -129,6 +141,8 @@ class FitResult:
     history: list[tuple[int, float, float]]  # (step, loss_d, loss_g)
     device: str
     seconds: float
+    encoder: Any = None  # frozen Encoder, or None when encoder_epochs == 0
+    encoder_history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
 
 
 def fit_gan(
@@ -150,6 +164,7 @@ def fit_gan(
         d_width=cfg.d_width,
         d_norm=cfg.d_norm,
         pixel_dtype=dtype,
+        encoder=cfg.encoder_epochs > 0,
     )
     device = _pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -158,6 +173,10 @@ def fit_gan(
     g.to(device).train()
     d.to(device).train()
     opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    # the saved G is an EMA of the trained one (docs/quality.md: better fits of normal patches)
+    ema = copy.deepcopy(g).requires_grad_(False) if cfg.g_ema else None
+    ema_params = list(ema.parameters()) if ema is not None else []
+    g_params = list(g.parameters())
     opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
     x_all = to_model_space(torch.from_numpy(np.ascontiguousarray(pixels)), dtype)  # (N, C, S, S)
 
@@ -190,6 +209,12 @@ def fit_gan(
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()
                 opt_g.step()
+                if ema is not None:
+                    with torch.no_grad():
+                        # warm-up (t+1)/(t+10): short runs average recent weights, not the init
+                        t = epoch * steps_per_epoch + s
+                        decay = min(cfg.g_ema, (t + 1) / (t + 10))
+                        torch._foreach_lerp_(ema_params, g_params, 1.0 - decay)
                 history.append((epoch * steps_per_epoch + s, loss_d.item(), loss_g.item()))
                 bar.update(1)
                 bar.set_postfix(
@@ -198,8 +223,94 @@ def fit_gan(
     finally:
         bar.close()
         torch.use_deterministic_algorithms(previous)
+    if ema is not None:
+        g = _recalibrate_batchnorm(ema, cfg, rng, device)
     freeze(g, d)
-    return FitResult(model_cfg, g.cpu(), d.cpu(), history, str(device), time.time() - started)
+    encoder, encoder_history = None, []
+    if cfg.encoder_epochs:
+        encoder, encoder_history = fit_encoder(g, d, model_cfg, x_all, cfg, progress=progress)
+        encoder.cpu()
+    return FitResult(
+        model_cfg,
+        g.cpu(),
+        d.cpu(),
+        history,
+        str(device),
+        time.time() - started,
+        encoder,
+        encoder_history,
+    )
+
+
+def _recalibrate_batchnorm(g, cfg: TrainConfig, rng, device, batches: int = 50):
+    """BatchNorm statistics for averaged weights: the running stats G kept belong to its last
+    weights, not to their average, so they are re-estimated from prior draws."""
+    import torch
+    from torch import nn
+
+    for m in g.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches below
+    g.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            g((torch.rand(cfg.batch_size, cfg.latent_dim, generator=rng) * 2 - 1).to(device))
+    for m in g.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.1
+    return g
+
+
+def fit_encoder(g, d, model_cfg, x_all, cfg: TrainConfig, *, progress: bool = True):
+    """izi_f: train E so that G(E(x)) matches x in pixels and in D's features; G, D frozen.
+
+    x_all (N, C, S, S) in model space; G and D frozen on the training device; model_cfg the
+    ModelConfig of G and D. -> (frozen E, history).
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from anogan_batch.model import build_encoder, freeze
+
+    device = next(g.parameters()).device
+    torch.manual_seed(cfg.seed + 1)
+    rng = torch.Generator().manual_seed(cfg.seed + 1)
+    e = build_encoder(model_cfg).to(device).train()
+    opt = torch.optim.Adam(e.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    n = len(x_all)
+    batch = min(cfg.batch_size, n)
+    steps_per_epoch = n // batch
+    history: list[tuple[int, float]] = []
+    bar = tqdm(
+        total=cfg.encoder_epochs * steps_per_epoch,
+        desc="encoder",
+        unit="step",
+        disable=not progress,
+    )
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        for epoch in range(cfg.encoder_epochs):
+            order = torch.randperm(n, generator=rng)
+            for s in range(steps_per_epoch):
+                x = x_all[order[s * batch : (s + 1) * batch]].to(device)
+                gz = g(e(x))
+                _, fx = d(x)
+                _, fgz = d(gz)
+                loss = F.mse_loss(gz, x) + cfg.kappa * F.mse_loss(fgz, fx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()  # G and D are frozen: only E's weights get gradients
+                opt.step()
+                history.append((epoch * steps_per_epoch + s, loss.item()))
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1][1]:.4f}")
+    finally:
+        bar.close()
+        torch.use_deterministic_algorithms(previous)
+    freeze(e)
+    return e, history
 
 
 def train_gan(patches: str, model_dir: str, cfg: TrainConfig, *, progress: bool = True) -> str:
@@ -237,7 +348,17 @@ def train_gan(patches: str, model_dir: str, cfg: TrainConfig, *, progress: bool 
             "model_space": "x / max(pixel_dtype) * 2 - 1, in [-1, 1] (G ends in tanh)",
         },
     }
-    model_id = save_model(model_dir, fit.config, fit.generator, fit.discriminator, meta)
+    if fit.encoder is not None:
+        meta["training"]["encoder"] = {
+            "recipe": "f-AnoGAN izi_f: MSE(x, G(E(x))) + kappa * MSE(f(x), f(G(E(x))))",
+            "epochs": cfg.encoder_epochs,
+            "kappa": cfg.kappa,
+            "steps": len(fit.encoder_history),
+            "final_loss": fit.encoder_history[-1][1] if fit.encoder_history else None,
+        }
+    model_id = save_model(
+        model_dir, fit.config, fit.generator, fit.discriminator, meta, encoder=fit.encoder
+    )
     _write_artefacts(model_dir, fit.generator, fit.config, history, cfg.seed)
     return model_id
 

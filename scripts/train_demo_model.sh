@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Retrain the demo's bundled model (anogan_batch/data/model/) with the project's own commands.
-# Run from the repository root with the venv active. CPU, about 2 minutes on 2 cores.
+# Run from the repository root with the venv active. CPU, about 5 minutes on 2 cores
+# (GAN with an EMA of G, then the encoder: train's defaults, docs/quality.md).
 set -euo pipefail
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -171,11 +171,24 @@ def test_all_rows_bad_is_exit_2_after_quarantine(tmp_path, tiny_model):
         (["--precision", "fp8"], "'precision': 'fp8'"),
         (["--table-format", "csv"], "'table_format': 'csv'"),
         (["--stop-tol", "-1"], "'stop_tol': -1.0"),
+        (["--start", "middle"], "'start': 'middle'"),
     ],
 )
 def test_bad_flag_values(tmp_path, tiny_model, test_table, args, needle):
     r = run_cli("score", tiny_model, test_table, str(tmp_path / "o"), *args)
     assert_user_error(r, needle)
+
+
+def test_encoder_start_needs_a_model_with_an_encoder(tmp_path, loaded_tiny, test_table):
+    from dataclasses import replace
+
+    from anogan_batch.modeldir import save_model
+
+    m = loaded_tiny
+    plain = str(tmp_path / "plain")
+    save_model(plain, replace(m.config, encoder=False), m.generator, m.discriminator, {})
+    r = run_cli("score", plain, test_table, str(tmp_path / "o"), "--start", "encoder")
+    assert_user_error(r, "'start': 'encoder' (the model has no encoder")
 
 
 def test_unknown_flag_is_usage_error(tiny_model):

@@ -36,20 +36,18 @@ def test_save_load_gives_identical_scores(tmp_path, loaded_tiny, sample):
     x = to_model_space(torch.from_numpy(sample["test_images"][:8, :, :, None].copy()), "uint8")
     ids = [str(i) for i in range(8)]
     cfg = SearchConfig(iterations=15)
-    before = latent_search(loaded_tiny.generator, loaded_tiny.discriminator, x, ids, cfg)
+    m = loaded_tiny
+    before = latent_search(m.generator, m.discriminator, x, ids, cfg, m.encoder)
     model_id = save_model(
-        str(tmp_path / "m"),
-        loaded_tiny.config,
-        loaded_tiny.generator,
-        loaded_tiny.discriminator,
-        {},
+        str(tmp_path / "m"), m.config, m.generator, m.discriminator, {}, encoder=m.encoder
     )
     assert model_id == loaded_tiny.model_id  # same tensors, same bytes, same id
     again = load_model(str(tmp_path / "m"))
     assert not again.generator.training and not any(
         p.requires_grad for p in again.discriminator.parameters()
     )
-    after = latent_search(again.generator, again.discriminator, x, ids, cfg)
+    assert before.steps[0] == 15 and not again.encoder.training
+    after = latent_search(again.generator, again.discriminator, x, ids, cfg, again.encoder)
     np.testing.assert_array_equal(before.anomaly_score, after.anomaly_score)
     np.testing.assert_array_equal(before.residual_map, after.residual_map)
 
@@ -116,3 +114,16 @@ def test_model_json_not_json(model_copy):
     (model_copy / "model.json").write_text("{ nope")
     with pytest.raises(ModelError, match="not valid JSON"):
         load_model(str(model_copy))
+
+
+def test_encoder_weights_without_encoder_in_model_json(model_copy):
+    import hashlib
+
+    doc = json.loads((model_copy / "model.json").read_text())
+    assert doc["architecture"]["encoder"] is True  # the tiny model has one
+    doc["architecture"]["encoder"] = False
+    (model_copy / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="encoder.*does not have"):
+        load_model(str(model_copy))
+    blob = (model_copy / "weights.safetensors").read_bytes()
+    assert doc["model_id"] == hashlib.sha256(blob).hexdigest()  # failed on content, not the id

@@ -14,7 +14,7 @@ from anogan_batch.errors import InputError
 from anogan_batch.model import to_model_space
 from anogan_batch.pipeline import ScoreJobConfig
 from anogan_batch.runner import run_score_job
-from anogan_batch.search import SearchConfig, latent_search
+from anogan_batch.search import POLISH, SearchConfig, latent_search
 from tests.conftest import make_patch_table
 
 SEARCH = SearchConfig(iterations=10, seed=5)
@@ -75,10 +75,14 @@ def test_job_scores_equal_in_process_scores(finished_job, loaded_tiny, sample):
         x,
         table.column("patch_id").to_pylist(),
         SEARCH,
+        loaded_tiny.encoder,
     )
     np.testing.assert_allclose(
         table.column("anomaly_score").to_numpy(), ref.anomaly_score, rtol=1e-5
     )
+    # the model has an encoder, so "auto" searched from E(x); job.json says so
+    params = json.loads((out / "job.json").read_text())["params"]
+    assert (params["start"], params["iterations"], params["lr"]) == ("encoder", 10, POLISH[1])
     maps = np.stack([np.frombuffer(b, "<f4") for b in table.column("residual_map").to_pylist()])
     np.testing.assert_allclose(maps.sum(1), table.column("residual_score").to_numpy(), rtol=1e-5)
 

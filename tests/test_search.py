@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from anogan_batch.model import ModelConfig, build_models, freeze, to_model_space
-from anogan_batch.search import SearchConfig, initial_latents, latent_search
+from anogan_batch.search import POLISH, SearchConfig, initial_latents, latent_search
 
 CFG = SearchConfig(iterations=40, seed=3)
 
@@ -131,7 +131,7 @@ def test_written_out_adam_matches_torch_adam(loaded_tiny, batch):
     g, d = loaded_tiny.generator, loaded_tiny.discriminator
     x, ids = batch
     x, ids = x[:6], ids[:6]
-    cfg = SearchConfig(iterations=25, seed=1)
+    cfg = SearchConfig(iterations=25, seed=1, lr=0.05)
     z = initial_latents(ids, cfg.seed, g.latent_dim).requires_grad_(True)
     opt = torch.optim.Adam([z], lr=cfg.lr)
     with torch.no_grad():
@@ -198,3 +198,48 @@ def test_bf16_search_stays_close_to_fp32(loaded_tiny, batch):
     np.testing.assert_allclose(
         bf16.residual_map.reshape(16, -1).sum(1, dtype=np.float64), bf16.residual_score, rtol=1e-9
     )
+
+
+def test_encoder_start_is_e_of_x_and_keeps_batch_invariance(loaded_tiny, batch):
+    g, d, e = loaded_tiny.generator, loaded_tiny.discriminator, loaded_tiny.encoder
+    assert e is not None and not e.training
+    x, ids = batch
+    at_start = latent_search(g, d, x, ids, SearchConfig(iterations=0, start="encoder"), e)
+    with torch.no_grad():
+        np.testing.assert_allclose(at_start.z, e(x).numpy(), atol=1e-6)
+    assert (at_start.steps == 0).all()
+    cfg = SearchConfig(iterations=10, start="encoder", lr=0.01)
+    full = latent_search(g, d, x, ids, cfg, e)
+    alone = latent_search(g, d, x[5:6], ids[5:6], cfg, e)
+    np.testing.assert_allclose(alone.anomaly_score[0], full.anomaly_score[5], rtol=1e-5)
+    # the seed only drives the prior draw: from E(x) it changes nothing
+    other_seed = latent_search(
+        g, d, x[:8], ids[:8], SearchConfig(10, start="encoder", lr=0.01, seed=9), e
+    )
+    np.testing.assert_allclose(other_seed.anomaly_score, full.anomaly_score[:8], rtol=1e-5)
+    # polishing from E(x) lowers every patch's loss
+    assert (full.anomaly_score <= at_start.anomaly_score + 1e-6).mean() > 0.9
+
+
+def test_start_auto_and_encoder_without_one(loaded_tiny, batch):
+    from anogan_batch.errors import ConfigError
+    from anogan_batch.search import resolve_search
+
+    assert resolve_search(SearchConfig(), has_encoder=True).start == "encoder"
+    assert resolve_search(SearchConfig(), has_encoder=False).start == "prior"
+    assert resolve_search(SearchConfig(start="prior"), has_encoder=True).start == "prior"
+    paper = resolve_search(SearchConfig(), has_encoder=False)
+    assert (paper.iterations, paper.lr, paper.lam) == (500, 0.05, 0.1)
+    polish = resolve_search(SearchConfig(), has_encoder=True)
+    assert (polish.iterations, polish.lr) == POLISH
+    given = resolve_search(SearchConfig(iterations=7, lr=0.2), has_encoder=True)
+    assert (given.start, given.iterations, given.lr) == ("encoder", 7, 0.2)
+    with pytest.raises(ConfigError, match="start.*no encoder"):
+        resolve_search(SearchConfig(start="encoder"), has_encoder=False)
+    with pytest.raises(ConfigError, match="'start'.*'middle'"):
+        SearchConfig(start="middle")
+    g, d = loaded_tiny.generator, loaded_tiny.discriminator
+    x, ids = batch
+    # auto without an encoder argument is the paper's random start
+    plain = latent_search(g, d, x[:4], ids[:4], SearchConfig(iterations=0))
+    np.testing.assert_allclose(plain.z, initial_latents(ids[:4], 0, g.latent_dim).numpy())

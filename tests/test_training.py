@@ -6,12 +6,20 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from anogan_batch.errors import InputError
 from anogan_batch.training import TrainConfig, load_training_patches, train_gan
 from tests.conftest import make_patch_table
 
-FAST = {"epochs": 1, "g_width": 4, "d_width": 4, "latent_dim": 8, "batch_size": 32}
+FAST = {
+    "epochs": 1,
+    "g_width": 4,
+    "d_width": 4,
+    "latent_dim": 8,
+    "batch_size": 32,
+    "encoder_epochs": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +108,48 @@ def test_a_table_mixing_bit_depths_is_refused(tmp_path):
     ingest(str(src), str(tmp_path / "p"), IngestConfig(patch_size=16))
     with pytest.raises(InputError, match="mixes pixel normalisations"):
         train_gan(str(tmp_path / "p"), str(tmp_path / "m"), TrainConfig(**FAST), progress=False)
+
+
+def test_encoder_trains_after_the_gan_and_leaves_it_alone(sample):
+    from anogan_batch.training import fit_gan
+
+    pixels = sample["train_images"][:256, :, :, None]
+    cfg = {**FAST, "epochs": 2}
+    plain = fit_gan(pixels, "uint8", TrainConfig(**cfg | {"encoder_epochs": 0}), progress=False)
+    with_e = fit_gan(pixels, "uint8", TrainConfig(**cfg | {"encoder_epochs": 6}), progress=False)
+    assert plain.encoder is None and not plain.config.encoder
+    assert with_e.config.encoder and not with_e.encoder.training
+    assert not any(p.requires_grad for p in with_e.encoder.parameters())
+    # G and D are exactly those of the run without an encoder: E's training never touches them
+    for a, b in ((plain.generator, with_e.generator), (plain.discriminator, with_e.discriminator)):
+        for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(v, w), k
+
+
+def test_encoder_inverts_the_generator(loaded_tiny, sample):
+    """The tiny model's encoder (3 epochs): G(E(x)) is far closer to x than G at random z."""
+    from anogan_batch.model import to_model_space
+
+    x = to_model_space(torch.from_numpy(sample["train_images"][:256, :, :, None].copy()), "uint8")
+    g, e = loaded_tiny.generator, loaded_tiny.encoder
+    with torch.no_grad():
+        via_e = (g(e(x)) - x).square().mean()
+        at_random = (g(torch.rand(256, g.latent_dim) * 2 - 1) - x).square().mean()
+    assert via_e < 0.7 * at_random, (via_e, at_random)
+
+
+def test_encoder_is_saved_and_recorded(tmp_path, mixed_table):
+    from anogan_batch.modeldir import load_model
+
+    train_gan(mixed_table, str(tmp_path / "m"), TrainConfig(**FAST), progress=False)
+    doc = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert doc["architecture"]["encoder"] is True
+    assert doc["training"]["encoder"]["epochs"] == 1
+    assert load_model(str(tmp_path / "m")).encoder is not None
+    train_gan(
+        mixed_table,
+        str(tmp_path / "n"),
+        TrainConfig(**FAST | {"encoder_epochs": 0}),
+        progress=False,
+    )
+    assert load_model(str(tmp_path / "n")).encoder is None
