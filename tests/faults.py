@@ -10,9 +10,9 @@ from __future__ import annotations
 def poison(search_module) -> None:
     real = search_module.latent_search
 
-    def latent_search(generator, discriminator, x, patch_ids, cfg):
+    def latent_search(generator, discriminator, x, patch_ids, cfg, encoder=None):
         if any("poison" in pid for pid in patch_ids):
             raise RuntimeError("injected fault")
-        return real(generator, discriminator, x, patch_ids, cfg)
+        return real(generator, discriminator, x, patch_ids, cfg, encoder)
 
     search_module.latent_search = latent_search
