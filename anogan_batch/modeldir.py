@@ -61,16 +61,28 @@ class LoadedModel:
 
 
 def weights_bytes(
-    generator: Generator, discriminator: Discriminator, encoder: Encoder | None = None
+    generator: Generator,
+    discriminator: Discriminator,
+    encoder: Encoder | None = None,
+    dtype: torch.dtype | None = None,
 ) -> bytes:
-    """Serialise G, D (and E) to safetensors bytes (deterministic for the same tensors)."""
+    """Serialise G, D (and E) to safetensors bytes (deterministic for the same tensors).
+
+    `dtype` (e.g. torch.float16) stores floating tensors at that precision; loading casts them
+    back to the modules' float32, so only the stored size and a rounding of the weights change.
+    """
     from safetensors.torch import save
 
     tensors = {f"generator.{k}": v for k, v in generator.state_dict().items()}
     tensors |= {f"discriminator.{k}": v for k, v in discriminator.state_dict().items()}
     if encoder is not None:
         tensors |= {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
-    return save({k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())})
+
+    def stored(v: torch.Tensor) -> torch.Tensor:
+        v = v.detach().cpu()
+        return (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+
+    return save({k: stored(v) for k, v in sorted(tensors.items())})
 
 
 def save_model(
@@ -80,13 +92,14 @@ def save_model(
     discriminator: Discriminator,
     meta: dict[str, Any],
     encoder: Encoder | None = None,
+    dtype: torch.dtype | None = None,
 ) -> str:
     """Write weights and model.json; return the model_id. Extra artefacts are the caller's."""
     if (encoder is not None) != config.encoder:
         raise ValueError(
             f"config.encoder is {config.encoder}, encoder given: {encoder is not None}"
         )
-    blob = weights_bytes(generator, discriminator, encoder)
+    blob = weights_bytes(generator, discriminator, encoder, dtype)
     model_id = hashlib.sha256(blob).hexdigest()
     storage.makedirs(model_dir)
     storage.write_bytes(storage.join(model_dir, WEIGHTS), blob)
@@ -103,6 +116,26 @@ def save_model(
     }
     storage.write_json(storage.join(model_dir, MODEL_JSON), doc)
     return model_id
+
+
+def compact_model(model_dir: str) -> str:
+    """Rewrite MODEL_DIR's weights as float16 (half the bytes; the bundled demo model uses it).
+    Returns the new model_id; model.json keeps everything else."""
+    import torch
+
+    model = load_model(model_dir)
+    written_by_save = ("format", "model_id", "architecture", "patch")
+    meta = {k: v for k, v in model.meta.items() if k not in written_by_save}
+    meta["weights_dtype"] = "float16"
+    return save_model(
+        model_dir,
+        model.config,
+        model.generator,
+        model.discriminator,
+        meta,
+        encoder=model.encoder,
+        dtype=torch.float16,
+    )
 
 
 def read_model_json(model_dir: str) -> dict[str, Any]:

@@ -85,7 +85,7 @@ def evaluate_class(
     row: dict[str, Any] = {"digit": digit, "n_train": len(normal)}
     for name, overrides in {"": {}, **(variants or {})}.items():
         search = SearchConfig(**{"seed": recipe.seed, **recipe.search, **overrides})
-        if name and (search.start == "encoder" or search.start == "auto") and e is None:
+        if search.start == "encoder" and e is None:
             continue  # an encoder variant of a model trained without one
         t0 = time.process_time()
         scores, residual = [], []

@@ -127,3 +127,23 @@ def test_encoder_weights_without_encoder_in_model_json(model_copy):
         load_model(str(model_copy))
     blob = (model_copy / "weights.safetensors").read_bytes()
     assert doc["model_id"] == hashlib.sha256(blob).hexdigest()  # failed on content, not the id
+
+
+def test_float16_weights_load_as_float32_and_score_alike(tmp_path, loaded_tiny, sample):
+    from anogan_batch.modeldir import compact_model
+
+    m = loaded_tiny
+    d = str(tmp_path / "m")
+    save_model(d, m.config, m.generator, m.discriminator, {"note": 1}, encoder=m.encoder)
+    full = (tmp_path / "m" / "weights.safetensors").stat().st_size
+    new_id = compact_model(d)
+    assert (tmp_path / "m" / "weights.safetensors").stat().st_size < 0.55 * full
+    half = load_model(d)
+    assert half.model_id == new_id != m.model_id and half.meta["note"] == 1
+    assert half.generator.net[0].weight.dtype == torch.float32
+    x = to_model_space(torch.from_numpy(sample["test_images"][:16, :, :, None].copy()), "uint8")
+    ids = [str(i) for i in range(16)]
+    cfg = SearchConfig(iterations=10)
+    a = latent_search(m.generator, m.discriminator, x, ids, cfg, m.encoder)
+    b = latent_search(half.generator, half.discriminator, x, ids, cfg, half.encoder)
+    np.testing.assert_allclose(b.anomaly_score, a.anomaly_score, rtol=0.02)
