@@ -190,14 +190,14 @@ def _geval_reduction(quick: bool) -> dict[str, Any]:
 
     from anogan_batch.demo import bundled_model_dir, load_sample
     from anogan_batch.evaluate import auroc
-    from anogan_batch.model import to_model_space
+    from anogan_batch.model import model_input
     from anogan_batch.modeldir import load_model
     from anogan_batch.search import SearchConfig, latent_search, resolve_search
 
     model = load_model(bundled_model_dir()).to("cpu")
     sample = load_sample()
     n = 40 if quick else len(sample["test_images"])
-    x = to_model_space(torch.from_numpy(sample["test_images"][:n, :, :, None].copy()), "uint8")
+    x = model_input(torch.from_numpy(sample["test_images"][:n, :, :, None].copy()), model.config)
     positive = sample["test_labels"][:n] != 0
     ids = [f"val-{i}" for i in sample["test_index"][:n]]
     # the paper's search: random start, Γ = 500

@@ -130,6 +130,14 @@ def train(
         float, typer.Option("--g-ema", help="decay of the EMA of G's weights that is saved; 0: off")
     ] = 0.999,
     kappa: Annotated[float, typer.Option(help="κ, feature weight of the encoder loss")] = 1.0,
+    input_norm: Annotated[
+        str,
+        typer.Option(
+            "--input-norm",
+            help="contrast: normalise each patch's contrast before G/D (docs/quality.md); "
+            "none: pixels as stored, for archives where absolute brightness is the signal",
+        ),
+    ] = "contrast",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
@@ -150,6 +158,7 @@ def train(
         encoder_epochs=encoder_epochs,
         kappa=kappa,
         g_ema=g_ema,
+        input_norm=input_norm,
         device=device,
     )
     model_id = train_gan(patches, model_dir, cfg, progress=progress)

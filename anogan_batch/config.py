@@ -15,6 +15,10 @@ from anogan_batch.errors import ConfigError
 
 T = TypeVar("T")
 
+# How stored pixels become model input (model.model_input); here so that light modules
+# (training's config, the CLI) can validate it without importing torch.
+INPUT_NORMS = ("none", "contrast")
+
 
 def check_int(field: str, value: Any, *, min_value: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):

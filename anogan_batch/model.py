@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from anogan_batch.config import check_choice, check_int
+from anogan_batch.config import INPUT_NORMS, check_choice, check_int
+from anogan_batch.errors import ConfigError
 
 # PIXEL_MAX, the largest value of each stored pixel type: stored pixels p in [0, max] map to
 # p/max*2-1 in [-1, 1], the range of G's tanh output. It lives with the patch encoding so that
@@ -29,6 +30,9 @@ from anogan_batch.patches import PIXEL_MAX
 
 PRIORS = ("uniform",)
 D_NORMS = ("batch", "spectral", "none")
+# Floor on a patch's mean absolute deviation (model units) in contrast normalisation, so that
+# a flat patch's sensor noise is not blown up to the contrast of a real structure.
+CONTRAST_FLOOR = 0.02
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,12 @@ class ModelConfig:
     prior: str = "uniform"  # z ~ U(-1, 1)^latent_dim; the search keeps z in that box
     pixel_dtype: str = "uint8"  # dtype of the patch table's `image` column this model reads
     encoder: bool = False  # an encoder E (x -> z, f-AnoGAN's izi_f) is saved with G and D
+    # How stored pixels become G's space (`model_input`): "none" maps [0, max] linearly to
+    # [-1, 1]; "contrast" normalises each patch's contrast, then maps [norm_low, norm_high]
+    # (fitted on the training patches) to [-1, 1]. Values outside are possible for anomalies.
+    input_norm: str = "none"
+    norm_low: float = -1.0
+    norm_high: float = 1.0
 
     def __post_init__(self) -> None:
         check_int("image_size", self.image_size, min_value=8)
@@ -54,9 +64,11 @@ class ModelConfig:
         check_choice("d_norm", self.d_norm, D_NORMS)
         check_choice("prior", self.prior, PRIORS)
         check_choice("pixel_dtype", self.pixel_dtype, tuple(PIXEL_MAX))
+        check_choice("input_norm", self.input_norm, INPUT_NORMS)
+        if not self.norm_high > self.norm_low:
+            bound = f"must exceed norm_low ({self.norm_low})"
+            raise ConfigError("norm_high", self.norm_high, bound)
         if self.stages < 2:
-            from anogan_batch.errors import ConfigError
-
             raise ConfigError(
                 "image_size", self.image_size, "must be divisible by 4 with a quotient >= 4"
             )
@@ -199,6 +211,39 @@ def to_model_space(pixels: torch.Tensor, pixel_dtype: str) -> torch.Tensor:
     """Stored pixels (B, H, W, C) of `pixel_dtype` -> float32 (B, C, H, W) in [-1, 1]."""
     x = pixels.to(torch.float32).permute(0, 3, 1, 2)
     return x * (2.0 / PIXEL_MAX[pixel_dtype]) - 1.0
+
+
+def contrast_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Global contrast normalisation with the L1 norm (the preprocessing of Ruff et al. 2018):
+    per patch, subtract the mean and divide by the mean absolute deviation. (B, C, S, S) -> same.
+
+    Why: a summed L1 residual ranks a faint or thin anomaly (a 1 against 8s) as normal because it
+    has little ink to miss; after normalisation every patch carries the same total contrast, so
+    thin strokes become bright ones that a generator of normal patches cannot reproduce.
+    """
+    centred = x - x.mean(dim=(1, 2, 3), keepdim=True)
+    spread = centred.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(CONTRAST_FLOOR)
+    return centred / spread
+
+
+def model_input(pixels: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Stored pixels (B, H, W, C) -> float32 (B, C, H, W): what G, D and E of `cfg` read."""
+    x = to_model_space(pixels, cfg.pixel_dtype)
+    if cfg.input_norm == "contrast":
+        scale = 2.0 / (cfg.norm_high - cfg.norm_low)
+        x = (contrast_normalize(x) - cfg.norm_low) * scale - 1.0
+    return x
+
+
+def describe_input(cfg: ModelConfig) -> str:
+    """`model_input` in words, for model.json."""
+    plain = "p = x / max(pixel_dtype) * 2 - 1, in [-1, 1] (G ends in tanh)"
+    if cfg.input_norm == "none":
+        return plain
+    return (
+        f"{plain}; then per patch c = (p - mean p) / max(mean |p - mean p|, {CONTRAST_FLOOR}); "
+        "input = (c - norm_low) / (norm_high - norm_low) * 2 - 1 (architecture.norm_*)"
+    )
 
 
 def to_pixel_space(x: torch.Tensor) -> torch.Tensor:

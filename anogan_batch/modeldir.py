@@ -99,6 +99,8 @@ def save_model(
         raise ValueError(
             f"config.encoder is {config.encoder}, encoder given: {encoder is not None}"
         )
+    from anogan_batch.model import describe_input
+
     blob = weights_bytes(generator, discriminator, encoder, dtype)
     model_id = hashlib.sha256(blob).hexdigest()
     storage.makedirs(model_dir)
@@ -110,7 +112,7 @@ def save_model(
         "patch": {"size": config.image_size, "channels": config.channels},
         "normalisation": {
             "pixel_dtype": config.pixel_dtype,
-            "model_space": "x / max(pixel_dtype) * 2 - 1, in [-1, 1] (G ends in tanh)",
+            "model_space": describe_input(config),
         },
         **meta,
     }

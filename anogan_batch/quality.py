@@ -66,7 +66,7 @@ def evaluate_class(
     import torch
 
     from anogan_batch.evaluate import auroc, average_precision
-    from anogan_batch.model import to_model_space
+    from anogan_batch.model import model_input
     from anogan_batch.search import SearchConfig, latent_search, resolve_search
     from anogan_batch.training import TrainConfig, fit_gan
 
@@ -79,7 +79,7 @@ def evaluate_class(
     e = fit.encoder.to(memory_format=torch.channels_last) if fit.encoder is not None else None
     train_cpu = time.process_time() - started
 
-    x = to_model_space(torch.from_numpy(images[test_idx][:, :, :, None].copy()), "uint8")
+    x = model_input(torch.from_numpy(images[test_idx][:, :, :, None].copy()), fit.config)
     ids = [f"mnist-{i}" for i in test_idx]
     positive = labels[test_idx] != digit
     row: dict[str, Any] = {"digit": digit, "n_train": len(normal)}

@@ -49,7 +49,7 @@ def top_patches(out: str, k: int = TOP_K) -> list[dict[str, Any]]:
     import torch
 
     from anogan_batch.job import JobManifest
-    from anogan_batch.model import to_pixel_space
+    from anogan_batch.model import model_input, to_pixel_space
     from anogan_batch.modeldir import load_model
     from anogan_batch.patches import DTYPES, decode_map
     from anogan_batch.plots import png_bytes
@@ -96,8 +96,10 @@ def top_patches(out: str, k: int = TOP_K) -> list[dict[str, Any]]:
         residual = decode_map(r.pop("residual_map"), h, w, c) / 2.0  # [0, 2] -> [0, 1]
         raw = images.get(r["patch_id"])
         if raw is not None:
-            x = np.frombuffer(raw, dtype=DTYPES[spec.dtype]).reshape(h, w, c)
-            r["x_png"] = png_bytes(x.astype(np.float32) / _pixel_max(spec.dtype))
+            # x as the model reads it (contrast-normalised when the model is), on G(z)'s scale
+            x = np.frombuffer(raw, dtype=DTYPES[spec.dtype]).reshape(1, h, w, c)
+            x_model = model_input(torch.from_numpy(x.copy()), model.config)
+            r["x_png"] = png_bytes(to_pixel_space(x_model)[0].numpy())
         r["gz_png"] = png_bytes(gz)
         r["residual_png"] = png_bytes(residual)
     return rows
@@ -112,12 +114,6 @@ def _overlays(out: str, scan_ids: list[str]) -> str:
             img = _img(storage.read_bytes(path), size=224, title=scan_id)
             cells.append(f"<figure>{img}<figcaption>{escape(scan_id)}</figcaption></figure>")
     return f'<div class="charts" id="top-scans">{"".join(cells)}</div>' if cells else ""
-
-
-def _pixel_max(dtype: str) -> float:
-    from anogan_batch.model import PIXEL_MAX
-
-    return PIXEL_MAX[dtype]
 
 
 def _model_dir(manifest) -> str:

@@ -75,7 +75,7 @@ def score_table(
     import pyarrow as pa
     import torch
 
-    from anogan_batch.model import to_model_space
+    from anogan_batch.model import model_input
     from anogan_batch.patches import decode_patches, encode_maps
     from anogan_batch.search import latent_search
 
@@ -94,7 +94,7 @@ def score_table(
     idx = np.flatnonzero(ok)
     if len(idx):
         try:
-            x = to_model_space(torch.from_numpy(pixels[idx]), spec.dtype).to(device)
+            x = model_input(torch.from_numpy(pixels[idx]), model.config).to(device)
             result = latent_search(
                 model.generator, model.discriminator, x, [ids[i] for i in idx], cfg, model.encoder
             )

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from anogan_batch import storage
-from anogan_batch.config import check_float, check_int
+from anogan_batch.config import INPUT_NORMS, check_choice, check_float, check_int
 from anogan_batch.errors import InputError
 
 
@@ -45,6 +45,7 @@ class TrainConfig:
     g_ema: float = 0.999  # decay of an exponential moving average of G's weights; 0: off
     encoder_epochs: int = 30  # epochs of the izi_f encoder after the GAN; 0: no encoder
     kappa: float = 1.0  # κ, weight of the D-feature term in the encoder's loss
+    input_norm: str = "contrast"  # per-patch contrast normalisation (model.model_input); "none"
     device: str | None = None  # None: CUDA when present, else CPU
 
     def __post_init__(self) -> None:
@@ -56,6 +57,7 @@ class TrainConfig:
         check_float("g_ema", self.g_ema, low=0.0, high=0.9999)
         check_int("encoder_epochs", self.encoder_epochs, min_value=0)
         check_float("kappa", self.kappa, low=0.0)
+        check_choice("input_norm", self.input_norm, INPUT_NORMS)
         if self.max_patches is not None:
             check_int("max_patches", self.max_patches, min_value=1)
 
@@ -153,9 +155,22 @@ def fit_gan(
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from anogan_batch.model import ModelConfig, build_models, freeze, to_model_space
+    from anogan_batch.model import (
+        ModelConfig,
+        build_models,
+        contrast_normalize,
+        freeze,
+        model_input,
+        to_model_space,
+    )
 
     n, size, _, channels = pixels.shape
+    pixels_t = torch.from_numpy(np.ascontiguousarray(pixels))
+    norm_range = {}
+    if cfg.input_norm == "contrast":
+        # the training patches' extremes map to [-1, 1] (Ruff et al.'s min-max scaling)
+        normalized = contrast_normalize(to_model_space(pixels_t, dtype))
+        norm_range = {"norm_low": normalized.min().item(), "norm_high": normalized.max().item()}
     model_cfg = ModelConfig(
         image_size=size,
         channels=channels,
@@ -165,6 +180,8 @@ def fit_gan(
         d_norm=cfg.d_norm,
         pixel_dtype=dtype,
         encoder=cfg.encoder_epochs > 0,
+        input_norm=cfg.input_norm,
+        **norm_range,
     )
     device = _pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -178,7 +195,7 @@ def fit_gan(
     ema_params = list(ema.parameters()) if ema is not None else []
     g_params = list(g.parameters())
     opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
-    x_all = to_model_space(torch.from_numpy(np.ascontiguousarray(pixels)), dtype)  # (N, C, S, S)
+    x_all = model_input(pixels_t, model_cfg)  # (N, C, S, S)
 
     batch = min(cfg.batch_size, n)
     steps_per_epoch = n // batch  # drop the ragged last batch: BatchNorm dislikes tiny ones
@@ -315,6 +332,7 @@ def fit_encoder(g, d, model_cfg, x_all, cfg: TrainConfig, *, progress: bool = Tr
 
 def train_gan(patches: str, model_dir: str, cfg: TrainConfig, *, progress: bool = True) -> str:
     """Train on the normal patches of the table `patches`; write MODEL_DIR; return model_id."""
+    from anogan_batch.model import describe_input
     from anogan_batch.modeldir import save_model
     from anogan_batch.tables import table_normalisation
 
@@ -345,7 +363,7 @@ def train_gan(patches: str, model_dir: str, cfg: TrainConfig, *, progress: bool 
         "normalisation": {
             "pixel_dtype": fit.config.pixel_dtype,
             "window": None if norm is None else norm["window"],
-            "model_space": "x / max(pixel_dtype) * 2 - 1, in [-1, 1] (G ends in tanh)",
+            "model_space": describe_input(fit.config),
         },
     }
     if fit.encoder is not None:

@@ -214,6 +214,8 @@ def test_bad_ingest_flags(tmp_path, args, needle):
 def test_bad_train_flag(tmp_path, test_table):
     r = run_cli("train", test_table, str(tmp_path / "m"), "--d-norm", "layer")
     assert_user_error(r, "'d_norm': 'layer'")
+    r = run_cli("train", test_table, str(tmp_path / "m"), "--input-norm", "zscore")
+    assert_user_error(r, "'input_norm': 'zscore'")
 
 
 def test_ingest_patch_size_too_small(tmp_path):

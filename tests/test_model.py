@@ -1,4 +1,5 @@
-"""DCGAN architecture: shapes for the supported sizes, the feature layer, config checks."""
+"""DCGAN architecture: shapes for the supported sizes, the feature layer, config checks, input
+normalisation."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import pytest
 import torch
 
 from anogan_batch.errors import ConfigError
-from anogan_batch.model import ModelConfig, build_models, freeze, to_model_space, to_pixel_space
+from anogan_batch.model import (
+    CONTRAST_FLOOR,
+    ModelConfig,
+    build_models,
+    contrast_normalize,
+    freeze,
+    model_input,
+    to_model_space,
+    to_pixel_space,
+)
 
 
 @pytest.mark.parametrize(
@@ -43,6 +53,8 @@ def test_spectral_norm_discriminator_builds():
         ("prior", "gauss"),
         ("pixel_dtype", "int8"),
         ("d_norm", "layer"),
+        ("input_norm", "zscore"),
+        ("norm_high", -1.0),
     ],
 )
 def test_bad_config_names_field(field, value):
@@ -58,3 +70,34 @@ def test_pixel_normalisation_round_trip():
     back = to_pixel_space(x) * 255
     torch.testing.assert_close(back, pixels.float(), atol=1e-4, rtol=0)
     assert to_model_space(torch.tensor([[[[65535]]]], dtype=torch.int32), "uint16").item() == 1
+
+
+def test_contrast_normalisation_is_per_patch_and_brightness_free():
+    """Zero mean and unit mean absolute deviation per patch; a patch's value does not depend
+    on its brightness or contrast (a * x + b, a > 0) nor on the other patches in the batch."""
+    x = torch.rand(5, 1, 28, 28) * 2 - 1
+    n = contrast_normalize(x)
+    torch.testing.assert_close(n.mean(dim=(1, 2, 3)), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(n.abs().mean(dim=(1, 2, 3)), torch.ones(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(contrast_normalize(0.3 * x - 0.2), n, atol=1e-4, rtol=0)
+    torch.testing.assert_close(contrast_normalize(x[2:3]), n[2:3])
+
+
+def test_contrast_normalisation_does_not_blow_up_flat_patches():
+    flat = torch.full((1, 1, 8, 8), -1.0)
+    flat[0, 0, 0, 0] += 1e-3  # sensor noise on an empty patch
+    n = contrast_normalize(flat)
+    assert torch.isfinite(n).all()
+    assert n.abs().max() < 1e-3 / CONTRAST_FLOOR + 1e-6
+
+
+def test_model_input_maps_the_fitted_range_to_the_tanh_range():
+    pixels = torch.randint(0, 256, (4, 28, 28, 1), dtype=torch.uint8)
+    plain = ModelConfig(image_size=28)
+    torch.testing.assert_close(model_input(pixels, plain), to_model_space(pixels, "uint8"))
+    normalized = contrast_normalize(to_model_space(pixels, "uint8"))
+    low, high = normalized.min().item(), normalized.max().item()
+    cfg = ModelConfig(image_size=28, input_norm="contrast", norm_low=low, norm_high=high)
+    x = model_input(pixels, cfg)
+    assert x.min().item() == pytest.approx(-1.0, abs=1e-5)
+    assert x.max().item() == pytest.approx(1.0, abs=1e-5)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from anogan_batch.errors import ModelError
-from anogan_batch.model import to_model_space
+from anogan_batch.model import model_input
 from anogan_batch.modeldir import load_model, save_model
 from anogan_batch.search import SearchConfig, latent_search
 
@@ -33,10 +33,10 @@ def test_model_dir_contents(tiny_model):
 
 
 def test_save_load_gives_identical_scores(tmp_path, loaded_tiny, sample):
-    x = to_model_space(torch.from_numpy(sample["test_images"][:8, :, :, None].copy()), "uint8")
+    m = loaded_tiny
+    x = model_input(torch.from_numpy(sample["test_images"][:8, :, :, None].copy()), m.config)
     ids = [str(i) for i in range(8)]
     cfg = SearchConfig(iterations=15)
-    m = loaded_tiny
     before = latent_search(m.generator, m.discriminator, x, ids, cfg, m.encoder)
     model_id = save_model(
         str(tmp_path / "m"), m.config, m.generator, m.discriminator, {}, encoder=m.encoder
@@ -110,6 +110,24 @@ def test_model_json_with_unknown_field(model_copy):
         load_model(str(model_copy))
 
 
+def test_input_normalisation_round_trips_and_older_models_read_pixels_as_stored(
+    model_copy, loaded_tiny
+):
+    """The fitted contrast range comes back from model.json; a model.json written before
+    input_norm existed loads as `none` (the only input map there was)."""
+    back = load_model(str(model_copy)).config
+    assert back.input_norm == "contrast" == loaded_tiny.config.input_norm
+    assert (back.norm_low, back.norm_high) == (
+        loaded_tiny.config.norm_low,
+        loaded_tiny.config.norm_high,
+    )
+    doc = json.loads((model_copy / "model.json").read_text())
+    for key in ("input_norm", "norm_low", "norm_high"):
+        del doc["architecture"][key]
+    (model_copy / "model.json").write_text(json.dumps(doc))
+    assert load_model(str(model_copy)).config.input_norm == "none"
+
+
 def test_model_json_not_json(model_copy):
     (model_copy / "model.json").write_text("{ nope")
     with pytest.raises(ModelError, match="not valid JSON"):
@@ -141,7 +159,7 @@ def test_float16_weights_load_as_float32_and_score_alike(tmp_path, loaded_tiny, 
     half = load_model(d)
     assert half.model_id == new_id != m.model_id and half.meta["note"] == 1
     assert half.generator.net[0].weight.dtype == torch.float32
-    x = to_model_space(torch.from_numpy(sample["test_images"][:16, :, :, None].copy()), "uint8")
+    x = model_input(torch.from_numpy(sample["test_images"][:16, :, :, None].copy()), m.config)
     ids = [str(i) for i in range(16)]
     cfg = SearchConfig(iterations=10)
     a = latent_search(m.generator, m.discriminator, x, ids, cfg, m.encoder)

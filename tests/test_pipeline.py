@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from anogan_batch.errors import InputError
-from anogan_batch.model import to_model_space
+from anogan_batch.model import model_input
 from anogan_batch.pipeline import ScoreJobConfig
 from anogan_batch.runner import run_score_job
 from anogan_batch.search import POLISH, SearchConfig, latent_search
@@ -68,7 +68,8 @@ def test_job_scores_equal_in_process_scores(finished_job, loaded_tiny, sample):
     table = scores_of(out)
     idx = {f"digits/{i:05d}#28x28+0+0": k for k, i in enumerate(sample["test_index"][:60])}
     order = [idx[p] for p in table.column("patch_id").to_pylist()]
-    x = to_model_space(torch.from_numpy(sample["test_images"][order][..., None].copy()), "uint8")
+    pixels = torch.from_numpy(sample["test_images"][order][..., None].copy())
+    x = model_input(pixels, loaded_tiny.config)
     ref = latent_search(
         loaded_tiny.generator,
         loaded_tiny.discriminator,

@@ -8,7 +8,7 @@ import torch
 
 from anogan_batch.datasets import load_mnist, mnist_dir, one_class_split
 from anogan_batch.evaluate import auroc
-from anogan_batch.model import to_model_space
+from anogan_batch.model import model_input
 from anogan_batch.search import SearchConfig, latent_search
 from anogan_batch.training import TrainConfig, fit_gan
 
@@ -34,7 +34,7 @@ def test_small_model_separates_zeros_from_other_digits():
         TrainConfig(epochs=4, g_width=16, d_width=16, latent_dim=32, lr=5e-4, encoder_epochs=0),
         progress=False,
     )
-    x = to_model_space(torch.from_numpy(images[test][..., None].copy()), "uint8")
+    x = model_input(torch.from_numpy(images[test][..., None].copy()), fit.config)
     result = latent_search(
         fit.generator, fit.discriminator, x, [str(i) for i in test], SearchConfig(iterations=40)
     )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from anogan_batch.errors import InputError
-from anogan_batch.training import TrainConfig, load_training_patches, train_gan
+from anogan_batch.training import TrainConfig, fit_gan, load_training_patches, train_gan
 from tests.conftest import make_patch_table
 
 FAST = {
@@ -74,6 +74,8 @@ def test_bad_config():
 
     with pytest.raises(ConfigError, match="'epochs'"):
         TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="'input_norm'"):
+        TrainConfig(input_norm="zscore")
     assert np.isclose(TrainConfig().lr, 2e-4) and TrainConfig().beta1 == 0.5
 
 
@@ -128,14 +130,41 @@ def test_encoder_trains_after_the_gan_and_leaves_it_alone(sample):
 
 def test_encoder_inverts_the_generator(loaded_tiny, sample):
     """The tiny model's encoder (3 epochs): G(E(x)) is far closer to x than G at random z."""
-    from anogan_batch.model import to_model_space
+    from anogan_batch.model import model_input
 
-    x = to_model_space(torch.from_numpy(sample["train_images"][:256, :, :, None].copy()), "uint8")
+    pixels = torch.from_numpy(sample["train_images"][:256, :, :, None].copy())
+    x = model_input(pixels, loaded_tiny.config)
     g, e = loaded_tiny.generator, loaded_tiny.encoder
     with torch.no_grad():
         via_e = (g(e(x)) - x).square().mean()
         at_random = (g(torch.rand(256, g.latent_dim) * 2 - 1) - x).square().mean()
     assert via_e < 0.7 * at_random, (via_e, at_random)
+
+
+def test_contrast_range_is_fitted_on_the_training_patches(loaded_tiny, sample):
+    """train's default: contrast normalisation whose fitted range maps the training patches'
+    extremes to G's [-1, 1], so the normal data fills the tanh range and nothing of it clips."""
+    from anogan_batch.model import model_input
+
+    cfg = loaded_tiny.config
+    assert cfg.input_norm == "contrast" and cfg.norm_low < 0 < cfg.norm_high
+    x = model_input(torch.from_numpy(sample["train_images"][:2048, :, :, None].copy()), cfg)
+    assert x.min().item() == pytest.approx(-1.0, abs=1e-5)
+    assert x.max().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_input_norm_none_reads_pixels_as_stored(sample):
+    from anogan_batch.model import model_input, to_model_space
+
+    fit = fit_gan(
+        sample["train_images"][:128, :, :, None],
+        "uint8",
+        TrainConfig(**{**FAST, "g_width": 4, "d_width": 4, "input_norm": "none"}),
+        progress=False,
+    )
+    assert fit.config.input_norm == "none"
+    pixels = torch.from_numpy(sample["test_images"][:4, :, :, None].copy())
+    assert torch.equal(model_input(pixels, fit.config), to_model_space(pixels, "uint8"))
 
 
 def test_encoder_is_saved_and_recorded(tmp_path, mixed_table):
