@@ -60,3 +60,4 @@ def test_quality_protocol_quick_run_writes_the_table(tmp_path):
     assert result["mean_auroc"] == row["auroc"] and row["cpu_min"] > 0
     table = (tmp_path / "quality.md").read_text()
     assert "| 1 |" in table and "99.2" in table  # next to the published figure
+    assert "λ = 0 at the same z" in table and f"| {row['auroc_residual_only']:.1f} |" in table
