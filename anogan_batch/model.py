@@ -226,6 +226,13 @@ def contrast_normalize(x: torch.Tensor) -> torch.Tensor:
     return centred / spread
 
 
+def contrast_range(pixels: torch.Tensor, pixel_dtype: str) -> tuple[float, float]:
+    """(norm_low, norm_high): the extremes of the contrast-normalised training patches, which
+    `model_input` maps onto [-1, 1] (Ruff et al.'s min-max scaling)."""
+    normalized = contrast_normalize(to_model_space(pixels, pixel_dtype))
+    return normalized.min().item(), normalized.max().item()
+
+
 def model_input(pixels: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """Stored pixels (B, H, W, C) -> float32 (B, C, H, W): what G, D and E of `cfg` read."""
     x = to_model_space(pixels, cfg.pixel_dtype)

@@ -110,11 +110,13 @@ def save_model(
         "model_id": model_id,
         "architecture": config.to_dict(),
         "patch": {"size": config.image_size, "channels": config.channels},
+        **meta,
+        # derived from the config, so written here only; callers may add fields (the window)
         "normalisation": {
+            **meta.get("normalisation", {}),
             "pixel_dtype": config.pixel_dtype,
             "model_space": describe_input(config),
         },
-        **meta,
     }
     storage.write_json(storage.join(model_dir, MODEL_JSON), doc)
     return model_id

@@ -155,22 +155,19 @@ def fit_gan(
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from anogan_batch.model import (
-        ModelConfig,
-        build_models,
-        contrast_normalize,
-        freeze,
-        model_input,
-        to_model_space,
-    )
+    from anogan_batch.model import ModelConfig, build_models, contrast_range, freeze, model_input
 
     n, size, _, channels = pixels.shape
     pixels_t = torch.from_numpy(np.ascontiguousarray(pixels))
     norm_range = {}
     if cfg.input_norm == "contrast":
-        # the training patches' extremes map to [-1, 1] (Ruff et al.'s min-max scaling)
-        normalized = contrast_normalize(to_model_space(pixels_t, dtype))
-        norm_range = {"norm_low": normalized.min().item(), "norm_high": normalized.max().item()}
+        low, high = contrast_range(pixels_t, dtype)
+        if not high > low:
+            raise InputError(
+                "the training patches are all flat (no contrast to normalise); "
+                "train with --input-norm none"
+            )
+        norm_range = {"norm_low": low, "norm_high": high}
     model_cfg = ModelConfig(
         image_size=size,
         channels=channels,
@@ -332,7 +329,6 @@ def fit_encoder(g, d, model_cfg, x_all, cfg: TrainConfig, *, progress: bool = Tr
 
 def train_gan(patches: str, model_dir: str, cfg: TrainConfig, *, progress: bool = True) -> str:
     """Train on the normal patches of the table `patches`; write MODEL_DIR; return model_id."""
-    from anogan_batch.model import describe_input
     from anogan_batch.modeldir import save_model
     from anogan_batch.tables import table_normalisation
 
@@ -360,11 +356,7 @@ def train_gan(patches: str, model_dir: str, cfg: TrainConfig, *, progress: bool 
             "fingerprint_sha256": data.fingerprint,
         },
         "versions": _versions(),
-        "normalisation": {
-            "pixel_dtype": fit.config.pixel_dtype,
-            "window": None if norm is None else norm["window"],
-            "model_space": describe_input(fit.config),
-        },
+        "normalisation": {"window": None if norm is None else norm["window"]},
     }
     if fit.encoder is not None:
         meta["training"]["encoder"] = {

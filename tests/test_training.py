@@ -153,6 +153,12 @@ def test_contrast_range_is_fitted_on_the_training_patches(loaded_tiny, sample):
     assert x.max().item() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_flat_training_patches_cannot_be_contrast_normalised():
+    flat = np.full((64, 16, 16, 1), 7, np.uint8)
+    with pytest.raises(InputError, match="all flat.*--input-norm none"):
+        fit_gan(flat, "uint8", TrainConfig(**FAST), progress=False)
+
+
 def test_input_norm_none_reads_pixels_as_stored(sample):
     from anogan_batch.model import model_input, to_model_space
 
