@@ -37,9 +37,12 @@ def _bench_model(size: int, width: int, seed: int = 0):
     import torch
 
     from anogan_batch.model import ModelConfig, build_models, freeze
+    from anogan_batch.training import TrainConfig
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(image_size=size, g_width=width, d_width=width)
+    # train's feature layer, so that the search measured is the one a trained model runs
+    layer = TrainConfig.feature_layer
+    cfg = ModelConfig(image_size=size, g_width=width, d_width=width, feature_layer=layer)
     g, d = build_models(cfg)
     with torch.no_grad():
         for _ in range(3):
@@ -150,7 +153,7 @@ def step_flops(g, d, batch: int) -> int:
     z = torch.zeros(batch, g.latent_dim, requires_grad=True)
     with FlopCounterMode(display=False) as counter:
         gz = g(z)
-        _, features = d(gz)
+        features = d.feature(gz)
         (gz.abs().sum() + features.abs().sum()).backward()
     return counter.get_total_flops()
 

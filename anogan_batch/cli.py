@@ -138,6 +138,14 @@ def train(
             "none: pixels as stored, for archives where absolute brightness is the signal",
         ),
     ] = "contrast",
+    feature_layer: Annotated[
+        int,
+        typer.Option(
+            "--feature-layer",
+            help="D block whose output is the feature layer f of the search: 0 the first, "
+            "-1 the last (docs/quality.md)",
+        ),
+    ] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
@@ -159,6 +167,7 @@ def train(
         kappa=kappa,
         g_ema=g_ema,
         input_norm=input_norm,
+        feature_layer=feature_layer,
         device=device,
     )
     model_id = train_gan(patches, model_dir, cfg, progress=progress)

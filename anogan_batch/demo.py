@@ -28,7 +28,14 @@ GRID = 4  # tiles per side of a mosaic scan
 N_NORMAL_SCANS, N_LESION_SCANS = 12, 12
 # The recipe of the bundled model (also what `demo --train` runs). Pixels as stored: on zeros,
 # contrast normalisation (train's default) ranks thin normal zeros as anomalous (docs/quality.md).
-TRAIN_ARGS = {"epochs": 20, "g_width": 64, "d_width": 64, "seed": 0, "input_norm": "none"}
+TRAIN_ARGS = {
+    "epochs": 20,
+    "g_width": 64,
+    "d_width": 64,
+    "seed": 0,
+    "input_norm": "none",
+    "feature_layer": -1,
+}
 
 
 def data_path(*parts: str) -> str:

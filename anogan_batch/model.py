@@ -6,16 +6,18 @@ saved in `model.json` next to the weights (see `modeldir.py`).
 Shapes for image size S, C channels, width w, n = number of stride-2 stages, base = S / 2**n:
 
     G: z (B, latent) -> (B, w*2**(n-1), base, base) -> ... -> (B, w, S/2, S/2) -> (B, C, S, S)
-    D: x (B, C, S, S) -> (B, w, S/2, S/2) -> ... -> f(x) (B, w*2**(n-1), base, base) -> logit (B,)
+    D: x (B, C, S, S) -> (B, w, S/2, S/2) -> ... -> (B, w*2**(n-1), base, base) -> logit (B,)
     E: x (B, C, S, S) -> (B, w, S/2, S/2) -> ... -> (B, w*2**(n-1)*base*base) -> z (B, latent)
 
-f(x), the output of D's last convolutional block, is the feature layer of the AnoGAN
-discrimination loss (the paper's feature-matching layer), never D's sigmoid output.
+f(x), the output of one of D's convolutional blocks (`feature_layer`: 0 the first, of shape
+(B, w, S/2, S/2); -1 the last, (B, w*2**(n-1), base, base)), is the feature layer of the AnoGAN
+discrimination loss, never D's sigmoid output.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from itertools import islice
 
 import torch
 from torch import nn
@@ -54,6 +56,11 @@ class ModelConfig:
     input_norm: str = "none"
     norm_low: float = -1.0
     norm_high: float = 1.0
+    # The D block whose output is f, Python-style: 0 the first, -1 the last. A model.json
+    # from before this field loads as -1. train's default is 0 (docs/quality.md): the first
+    # block has no BatchNorm, whose running statistics blow the later blocks' feature
+    # distances up ~70x, so that at λ = 0.1 they outweigh the residual and separate worse.
+    feature_layer: int = -1
 
     def __post_init__(self) -> None:
         check_int("image_size", self.image_size, min_value=8)
@@ -72,6 +79,10 @@ class ModelConfig:
             raise ConfigError(
                 "image_size", self.image_size, "must be divisible by 4 with a quotient >= 4"
             )
+        check_int("feature_layer", self.feature_layer, min_value=-self.stages)
+        if self.feature_layer >= self.stages:
+            bound = f"D has {self.stages} blocks: use -{self.stages}..{self.stages - 1}"
+            raise ConfigError("feature_layer", self.feature_layer, bound)
 
     @property
     def stages(self) -> int:
@@ -126,6 +137,7 @@ class Discriminator(nn.Module):
             _maybe_sn(nn.Conv2d(cfg.channels, w, 4, 2, 1, bias=False), cfg.d_norm),
             nn.LeakyReLU(0.2, True),
         ]
+        block_ends = [len(layers)]
         for i in range(1, n):  # each block halves the side, doubles the channels
             layers.append(
                 _maybe_sn(nn.Conv2d(w * 2 ** (i - 1), w * 2**i, 4, 2, 1, bias=False), cfg.d_norm)
@@ -133,15 +145,27 @@ class Discriminator(nn.Module):
             if cfg.d_norm == "batch":
                 layers.append(nn.BatchNorm2d(w * 2**i))
             layers.append(nn.LeakyReLU(0.2, True))
-        self.features = nn.Sequential(*layers)
+            block_ends.append(len(layers))
+        self.features = nn.Sequential(*layers)  # every block (the name keeps old weights loading)
         self.head = _maybe_sn(
             nn.Conv2d(w * 2 ** (n - 1), 1, cfg.base, 1, 0, bias=False), cfg.d_norm
         )
+        self.feature_end = block_ends[cfg.feature_layer]  # modules of `features` that f spans
+
+    def feature(self, x: torch.Tensor) -> torch.Tensor:
+        """f(x) alone (what the latent search needs): D's blocks up to `feature_layer`."""
+        for module in islice(self.features, self.feature_end):
+            x = module(x)
+        return x
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (logit (B,), features f(x) (B, w*2**(n-1), base, base))."""
-        f = self.features(x)
-        return self.head(f).flatten(), f
+        """Return (logit (B,), f(x), the output of block `feature_layer`)."""
+        f = self.feature(x)
+        h = f
+        # the module after f is a convolution, never an in-place activation, so f stays intact
+        for module in islice(self.features, self.feature_end, None):
+            h = module(h)
+        return self.head(h).flatten(), f
 
 
 class Encoder(nn.Module):

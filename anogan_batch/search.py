@@ -172,7 +172,7 @@ def latent_search(
     cfg = resolve_search(cfg, has_encoder=encoder is not None)
     x = x.contiguous(memory_format=torch.channels_last)  # see LoadedModel.to
     with torch.no_grad():
-        _, fx = discriminator(x)  # D's features of the patches: once, not per step
+        fx = discriminator.feature(x)  # D's features of the patches: once, not per step
         if cfg.start == "encoder":
             z = encoder(x).float().clamp(-1.0, 1.0)
         else:
@@ -182,7 +182,7 @@ def latent_search(
     # Scores after the last step: one more forward at z_Γ.
     with torch.no_grad():
         gz = generator(z)
-        _, fgz = discriminator(gz)
+        fgz = discriminator.feature(gz)
         residual_map = (x - gz).abs()
         # float64 sums of the float32 maps, so the stored map sums exactly to residual_score
         residual = residual_map.double().flatten(1).sum(1)
@@ -236,7 +236,7 @@ def _search(
         z.requires_grad_(True)
         with autocast:
             gz = generator(z)
-            _, fgz = discriminator(gz)
+            fgz = discriminator.feature(gz)
         gz, fgz = gz.float(), fgz.float()
         residual, discrimination = _per_patch_losses(x[active], fx_all[active], gz, fgz)
         loss = (1.0 - cfg.lam) * residual + cfg.lam * discrimination  # (slots,)

@@ -46,6 +46,7 @@ class TrainConfig:
     encoder_epochs: int = 30  # epochs of the izi_f encoder after the GAN; 0: no encoder
     kappa: float = 1.0  # κ, weight of the D-feature term in the encoder's loss
     input_norm: str = "contrast"  # per-patch contrast normalisation (model.model_input); "none"
+    feature_layer: int = 0  # D block whose output is the search's f (ModelConfig.feature_layer)
     device: str | None = None  # None: CUDA when present, else CPU
 
     def __post_init__(self) -> None:
@@ -58,6 +59,7 @@ class TrainConfig:
         check_int("encoder_epochs", self.encoder_epochs, min_value=0)
         check_float("kappa", self.kappa, low=0.0)
         check_choice("input_norm", self.input_norm, INPUT_NORMS)
+        check_int("feature_layer", self.feature_layer)  # range: ModelConfig, once S is known
         if self.max_patches is not None:
             check_int("max_patches", self.max_patches, min_value=1)
 
@@ -178,6 +180,7 @@ def fit_gan(
         pixel_dtype=dtype,
         encoder=cfg.encoder_epochs > 0,
         input_norm=cfg.input_norm,
+        feature_layer=cfg.feature_layer,
         **norm_range,
     )
     device = _pick_device(cfg.device)
@@ -311,8 +314,7 @@ def fit_encoder(g, d, model_cfg, x_all, cfg: TrainConfig, *, progress: bool = Tr
             for s in range(steps_per_epoch):
                 x = x_all[order[s * batch : (s + 1) * batch]].to(device)
                 gz = g(e(x))
-                _, fx = d(x)
-                _, fgz = d(gz)
+                fx, fgz = d.feature(x), d.feature(gz)
                 loss = F.mse_loss(gz, x) + cfg.kappa * F.mse_loss(fgz, fx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # G and D are frozen: only E's weights get gradients

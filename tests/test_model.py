@@ -43,6 +43,24 @@ def test_spectral_norm_discriminator_builds():
     assert d(g(torch.zeros(2, 8)))[1].shape == (2, 8, 7, 7)
 
 
+@pytest.mark.parametrize(("layer", "shape"), [(0, (8, 16, 16)), (1, (16, 8, 8)), (-1, (32, 4, 4))])
+def test_feature_layer_picks_the_block_and_leaves_the_logit_alone(layer, shape):
+    """f is the output of block `feature_layer`; the weights and D's logit do not depend on it."""
+    torch.manual_seed(0)
+    ref_cfg = ModelConfig(image_size=32, latent_dim=8, g_width=4, d_width=8)
+    _, ref = build_models(ref_cfg)
+    _, d = build_models(
+        ModelConfig(image_size=32, latent_dim=8, g_width=4, d_width=8, feature_layer=layer)
+    )
+    d.load_state_dict(ref.state_dict())  # same parameter names whatever the layer
+    freeze(ref, d)
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    logit, f = d(x)
+    assert f.shape == (3, *shape)
+    assert torch.equal(d.feature(x), f)
+    torch.testing.assert_close(logit, ref(x)[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -55,6 +73,8 @@ def test_spectral_norm_discriminator_builds():
         ("d_norm", "layer"),
         ("input_norm", "zscore"),
         ("norm_high", -1.0),
+        ("feature_layer", 4),  # the default 64x64 D has blocks 0..3 (or -4..-1)
+        ("feature_layer", -5),
     ],
 )
 def test_bad_config_names_field(field, value):

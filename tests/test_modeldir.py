@@ -110,22 +110,24 @@ def test_model_json_with_unknown_field(model_copy):
         load_model(str(model_copy))
 
 
-def test_input_normalisation_round_trips_and_older_models_read_pixels_as_stored(
+def test_input_map_and_feature_layer_round_trip_and_older_models_load_as_before(
     model_copy, loaded_tiny
 ):
-    """The fitted contrast range comes back from model.json; a model.json written before
-    input_norm existed loads as `none` (the only input map there was)."""
+    """The fitted contrast range and the feature layer come back from model.json; a model.json
+    written before they existed loads as `none` and -1 (the only input map and layer then)."""
     back = load_model(str(model_copy)).config
     assert back.input_norm == "contrast" == loaded_tiny.config.input_norm
     assert (back.norm_low, back.norm_high) == (
         loaded_tiny.config.norm_low,
         loaded_tiny.config.norm_high,
     )
+    assert back.feature_layer == 0 == loaded_tiny.config.feature_layer  # train's default
     doc = json.loads((model_copy / "model.json").read_text())
-    for key in ("input_norm", "norm_low", "norm_high"):
+    for key in ("input_norm", "norm_low", "norm_high", "feature_layer"):
         del doc["architecture"][key]
     (model_copy / "model.json").write_text(json.dumps(doc))
-    assert load_model(str(model_copy)).config.input_norm == "none"
+    old = load_model(str(model_copy)).config
+    assert (old.input_norm, old.feature_layer) == ("none", -1)
 
 
 def test_model_json_not_json(model_copy):
