@@ -95,8 +95,9 @@ def test_score_formula_and_residual_map(loaded_tiny, batch):
     # the residual map is |x - G(z)| at the final z
     with torch.no_grad():
         gz = g(torch.from_numpy(r.z))
-        # train's default f: the output of D's first block, (B, d_width, S/2, S/2)
-        fx, fgz = d.feature(x[:16]), d.feature(gz)
+        # train's default f, built here from D's modules: its first block, conv + LeakyReLU
+        first_block = torch.nn.Sequential(*list(d.features)[:2])
+        fx, fgz = first_block(x[:16]), first_block(gz)
     np.testing.assert_allclose(r.residual_map, (x[:16] - gz).abs().numpy(), atol=1e-6)
     assert fx.shape[1:] == (loaded_tiny.config.d_width, 14, 14)
     disc = (fx - fgz).abs().double().flatten(1).sum(1).numpy()
