@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import csv
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from anogan_batch.demo import GRID, PATCH_SIZE, load_sample, run_demo, write_mosaic_scans
+from anogan_batch.demo import (
+    GRID,
+    PATCH_SIZE,
+    TRAIN_ARGS,
+    bundled_model_dir,
+    load_sample,
+    run_demo,
+    write_mosaic_scans,
+)
 
 
 def test_mosaic_archive_and_truth_agree(tmp_path):
@@ -38,3 +48,18 @@ def test_demo_runs_and_finds_the_lesions(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "patch AUROC" in out and "scan  AUROC" in out
     assert len(list((tmp_path / "job" / "overlays").rglob("*.png"))) == 24
+
+
+def test_bundled_model_and_its_retrain_script_follow_train_args():
+    """The recipe is written twice (demo.TRAIN_ARGS for `demo --train`, CLI flags in
+    scripts/train_demo_model.sh); both must be the recipe the bundled model was trained with."""
+    from anogan_batch.modeldir import load_model
+
+    cfg = load_model(bundled_model_dir()).config
+    training = json.loads((Path(bundled_model_dir()) / "model.json").read_text())["training"]
+    script = (Path(__file__).parents[1] / "scripts" / "train_demo_model.sh").read_text()
+    flags = " ".join(script.replace("\\\n", " ").split())
+    for key, value in TRAIN_ARGS.items():
+        recorded = getattr(cfg, key) if hasattr(cfg, key) else training[key]
+        assert recorded == value, key
+        assert f"--{key.replace('_', '-')} {value}" in flags, key
