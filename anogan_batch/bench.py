@@ -7,7 +7,9 @@ sample, resized to the model's patch size):
 - loop: the per-patch way of public implementations (one z, one optimiser, one patch at a
   time), same G, D and Γ; `batched_vs_loop` is the ratio;
 - job: the end-to-end `score` job on a local Ray; `job_vs_inprocess` = job ÷ in-process
-  scorer (same rows, batch size and threads);
+  scorer (same rows, batch size and threads), at score's defaults (a model with an encoder:
+  start at E(x), then the 10-step polish); `job_vs_inprocess_gamma<N>` is the same for the
+  random-start search of Γ = N that the other figures use;
 - flop_efficiency: the batched search's FLOP/s (FLOPs of one step counted by
   torch.utils.flop_counter, times the steps) ÷ dense fp32 matmul FLOP/s measured in the same
   run; `loop_flop_efficiency` is the same for the per-patch loop, and bounds what batching can
@@ -32,25 +34,33 @@ from typing import Any
 import numpy as np
 
 
-def _bench_model(size: int, width: int, seed: int = 0):
-    """A DCGAN at its initialisation with BatchNorm statistics from a few train-mode passes."""
+def _bench_model(size: int, width: int, seed: int = 0, encoder: bool = False):
+    """A DCGAN at its initialisation with BatchNorm statistics from a few train-mode passes,
+    and an encoder E when asked (else None): -> cfg, g, d, e. Costs are a trained model's."""
     import torch
 
-    from anogan_batch.model import ModelConfig, build_models, freeze
+    from anogan_batch.model import ModelConfig, build_encoder, build_models, freeze
     from anogan_batch.training import TrainConfig
 
     torch.manual_seed(seed)
     # train's feature layer, so that the search measured is the one a trained model runs
     layer = TrainConfig.feature_layer
-    cfg = ModelConfig(image_size=size, g_width=width, d_width=width, feature_layer=layer)
+    cfg = ModelConfig(
+        image_size=size, g_width=width, d_width=width, feature_layer=layer, encoder=encoder
+    )
     g, d = build_models(cfg)
+    e = build_encoder(cfg) if encoder else None
     with torch.no_grad():
         for _ in range(3):
-            d(g(torch.rand(32, cfg.latent_dim) * 2 - 1))
-    freeze(g, d)
-    g.to(memory_format=torch.channels_last)  # as LoadedModel.to does for the job
-    d.to(memory_format=torch.channels_last)
-    return cfg, g, d
+            fake = g(torch.rand(32, cfg.latent_dim) * 2 - 1)
+            d(fake)
+            if e is not None:
+                e(fake)
+    nets = [n for n in (g, d, e) if n is not None]
+    freeze(*nets)
+    for net in nets:
+        net.to(memory_format=torch.channels_last)  # as LoadedModel.to does for the job
+    return cfg, g, d, e
 
 
 def _patches(n: int, size: int) -> np.ndarray:
@@ -85,12 +95,13 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
     iterations = 5 if quick else 100
     batch = 16 if quick else 64
     n_loop = 2 if quick else 4
-    # the job's fixed start-up (actor start, model load, pipeline start: ~20 s on 2 cores) is
-    # paid once per job; 8 batches amortise it as a real archive would, more than fully
-    n_job = 32 if quick else 512
-    cfg, g, d = _bench_model(size, width)
+    # the job's fixed start-up (actor start, model load, pipeline start: ~7 s on 2 cores) is
+    # paid once per job; 8 batches of the Γ = 100 search (~160 s) or 32 of score's default
+    # search (~70 s) amortise it as a real archive would, more than fully
+    n_job, n_job_default = (32, 32) if quick else (512, 2048)
+    cfg, g, d, _ = _bench_model(size, width)
     search = SearchConfig(iterations=iterations)
-    pixels = _patches(max(batch, n_job), size)
+    pixels = _patches(max(batch, n_job, n_job_default), size)
     x = to_model_space(torch.from_numpy(pixels), "uint8")
     ids = [f"bench-{i}" for i in range(len(x))]
 
@@ -126,7 +137,13 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
     )
     figures["bf16_vs_fp32"] = figures["bf16_patches_per_s"] / batched
     figures["batch_sweep"] = _batch_sweep(g, d, x, ids, [4, 8, 16] if quick else [16, 32, 64, 128])
-    figures.update(_job_vs_inprocess(cfg, g, d, pixels[:n_job], search, batch))
+    # score's defaults (encoder start + polish) on a model with an encoder: what users run
+    cfg_e, g_e, d_e, e = _bench_model(size, width, encoder=True)
+    job = _job_vs_inprocess(cfg_e, g_e, d_e, e, pixels[:n_job_default], SearchConfig(), batch)
+    figures.update(job)
+    # the random-start search of the figures above: the actor's share of a longer batch
+    job = _job_vs_inprocess(cfg, g, d, None, pixels[:n_job], search, batch)
+    figures.update({f"{k}_gamma{iterations}": v for k, v in job.items()})
     figures.update(_peak_memory(200 if quick else 2_000))
     figures.update(_geval_reduction(quick))
     _print_table(figures)
@@ -243,24 +260,30 @@ def _geval_reduction(quick: bool) -> dict[str, Any]:
     }
 
 
-def _job_vs_inprocess(cfg, g, d, pixels, search, batch) -> dict[str, Any]:
-    """End-to-end Ray job vs the in-process scorer, same rows, batch size, model and threads."""
+def _job_vs_inprocess(cfg, g, d, e, pixels, search, batch) -> dict[str, Any]:
+    """End-to-end Ray job vs the in-process scorer, same rows, batch size, model and threads.
+
+    The in-process rate is a warm one (first batch's one-off costs paid before timing); the
+    job's rate includes its actor's start and warm-up, as a user's job does."""
     import pyarrow.dataset as pads
+    import ray
     import torch
 
     from anogan_batch.modeldir import load_model, save_model
     from anogan_batch.pipeline import ScoreJobConfig
     from anogan_batch.runner import run_score_job
     from anogan_batch.scorer import score_table
+    from anogan_batch.search import resolve_search
     from anogan_batch.tables import write_patch_table
 
     with tempfile.TemporaryDirectory(prefix="anogan-bench-") as tmp:
         model_dir = os.path.join(tmp, "model")
-        save_model(model_dir, cfg, g, d, {})
+        save_model(model_dir, cfg, g, d, {}, encoder=e)
         table = write_patch_table(os.path.join(tmp, "patches"), pixels, files=4)
         model = load_model(model_dir).to("cpu")
         rows = pads.dataset(table).to_table()
         threads = torch.get_num_threads()
+        score_table(model, rows.slice(0, 2), search, job_id="bench", device="cpu")  # warm-up
 
         def inprocess() -> None:
             for start in range(0, rows.num_rows, batch):
@@ -279,16 +302,23 @@ def _job_vs_inprocess(cfg, g, d, pixels, search, batch) -> dict[str, Any]:
             )
         )
         job_rate = job.patches_per_second or 0.0
+    # the next in-process figure is measured without a Ray cluster winding down beside it
+    ray.shutdown()
+    resolved = resolve_search(search, has_encoder=e is not None)
+    run = job.runs[-1]
     return {
+        "job_search": {"start": resolved.start, "iterations": resolved.iterations},
         "job_rows": int(rows.num_rows),
         "inprocess_patches_per_s": in_rate,
         "inprocess_threads": threads,
         "job_patches_per_s": job_rate,
         "job_vs_inprocess": job_rate / in_rate,
         # where a job's time goes: scoring inside the actor vs everything around it
-        "job_score_seconds": job.runs[-1].get("seconds"),
-        "job_actor_busy_seconds": job.runs[-1].get("actor_busy_seconds"),
-        "job_resources": job.runs[-1].get("resources"),
+        "job_score_seconds": run.get("seconds"),
+        "job_actor_busy_seconds": run.get("actor_busy_seconds"),
+        "job_resources": run.get("resources"),
+        # the whole command's phases (connect, score, scans...): end to end, not only scoring
+        "job_phase_seconds": run.get("phase_seconds"),
     }
 
 
@@ -305,7 +335,7 @@ def _peak_memory(n: int) -> dict[str, Any]:
     from anogan_batch.modeldir import save_model
     from anogan_batch.tables import write_patch_table
 
-    cfg, g, d = _bench_model(28, 8)
+    cfg, g, d, _ = _bench_model(28, 8)
     digits = _patches(500, 28)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="anogan-bench-mem-") as tmp:

@@ -211,7 +211,15 @@ def score(
     gpus_per_actor: Annotated[
         float | None, typer.Option("--gpus-per-actor", help="GPUs per actor, may be < 1")
     ] = None,
-    cpus_per_actor: Annotated[float | None, typer.Option("--cpus-per-actor")] = None,
+    cpus_per_actor: Annotated[
+        float | None,
+        typer.Option(
+            "--cpus-per-actor",
+            help="CPUs (and torch threads) per actor [default: one 1-thread actor per core on "
+            "CPU clusters, more threads where memory is short; 1 beside each GPU]",
+            show_default=False,
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="seed of the z initialisation")] = 0,
     job_id: Annotated[str | None, typer.Option("--job-id")] = None,
     lr: Annotated[

@@ -255,11 +255,16 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
         connect_ray()
         quiet_ray_data()
         phases["connect"] = time.time() - t0
-        res = plan_resources(cfg, ray.cluster_resources(), [n for n in ray.nodes() if n["Alive"]])
-        run["resources"] = asdict(res)
         run["recovered_pending_writes"] = recover_pending(cfg.out)
-        manifest.save(cfg.out)
         before = output_rows(cfg.out, "patch_scores") + output_rows(cfg.out, "quarantine")
+        res = plan_resources(
+            cfg,
+            ray.cluster_resources(),
+            [n for n in ray.nodes() if n["Alive"]],
+            todo_rows=input_rows - before,
+        )
+        run["resources"] = asdict(res)
+        manifest.save(cfg.out)
         started = time.time()
         _execute(cfg, res, manifest, model_id, input_rows - before)
         elapsed = time.time() - started

@@ -11,6 +11,9 @@ KEYS = {
     "flop_efficiency": float,
     "loop_flop_efficiency": float,
     "job_vs_inprocess": float,
+    "job_vs_inprocess_gamma5": float,
+    "job_search": dict,
+    "job_phase_seconds": dict,
     "peak_rss_ratio_10x": float,
     "geval_reduction": float,
     "batched_patches_per_s": float,
@@ -43,4 +46,8 @@ def test_quick_bench_writes_every_key(tmp_path):
     assert figures["geval_reference"]["g_evals_per_patch"] == figures["iterations_reference"] + 1
     assert 0.0 <= figures["geval_reference"]["auroc"] <= 1.0
     assert set(figures["peak_rss_mb_10x"]) == {"patches", "driver", "actor"}
+    # the headline job figure is score's default search; the suffixed one the bench's Γ
+    assert figures["job_search"] == {"start": "encoder", "iterations": 10}
+    assert figures["job_search_gamma5"] == {"start": "prior", "iterations": 5}
+    assert figures["job_phase_seconds"]["score"] > 0
     assert "batched_vs_loop" in r.stdout  # the human table

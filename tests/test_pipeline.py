@@ -238,3 +238,70 @@ def test_table_normalised_unlike_the_model_is_refused(tiny_model, sample, tmp_pa
         preflight(job(tiny_model, "ct"))
     with pytest.raises(InputError, match=r"window': None.*window': \[100.0, 50.0\]"):
         preflight(job(windowed, "ok"))
+
+
+def _node(cpus: float, memory_gib: float | None = 64.0, gpus: float = 0.0) -> dict:
+    res: dict[str, float] = {"CPU": cpus}
+    if memory_gib is not None:
+        res["memory"] = memory_gib * 2**30
+    if gpus:
+        res["GPU"] = gpus
+    return {"Resources": res}
+
+
+def _plan(nodes: list[dict], todo_rows: int | None = None, **kw):
+    from anogan_batch.pipeline import plan_resources
+
+    cfg = ScoreJobConfig("m", "p", "o", **kw)
+    cluster = {"GPU": sum(n["Resources"].get("GPU", 0.0) for n in nodes)}
+    return plan_resources(cfg, {k: v for k, v in cluster.items() if v}, nodes, todo_rows)
+
+
+@pytest.mark.parametrize(
+    ("nodes", "actors", "threads"),
+    [
+        # the local cluster on 2 cores advertises 4 CPUs: two 1-thread actors, 2 CPUs for I/O
+        ([_node(4, 16)], 2, 1),
+        # every core but two per node, one thread each; a CPU-less head node scores nothing
+        ([_node(0), _node(16), _node(16)], 28, 1),
+        # a 2-core node still gets one actor
+        ([_node(2)], 1, 1),
+        # 62 actors would not fit in 16 GiB: 4 threads each, 15 actors (15 GiB)
+        ([_node(64, 16)], 15, 4),
+        # no memory figure from Ray: sized by cores alone
+        ([_node(8, None)], 6, 1),
+    ],
+)
+def test_cpu_actors_fill_every_core_but_the_io_reserve(nodes, actors, threads):
+    res = _plan(nodes)
+    assert (res.min_actors, res.max_actors) == (actors, actors)
+    assert res.threads == threads and res.cpus_per_actor == threads and res.gpus_per_actor == 0
+    # the pool fits: every node holds its actors beside the reserve
+    held = sum(
+        max(1, int(max(0, n["Resources"]["CPU"] - 2) // threads))
+        for n in nodes
+        if n["Resources"]["CPU"] >= 1
+    )
+    assert held == actors
+
+
+def test_explicit_actor_and_gpu_flags_win():
+    res = _plan([_node(8)], actors=(3, 3))
+    assert (res.max_actors, res.cpus_per_actor, res.threads) == (3, 2.0, 2)
+    res = _plan([_node(8)], cpus_per_actor=3.0)
+    assert (res.max_actors, res.threads) == (2, 3)
+    res = _plan([_node(8, gpus=4)])
+    assert (res.max_actors, res.gpus_per_actor, res.cpus_per_actor) == (4, 1.0, 1.0)
+    res = _plan([_node(8, gpus=4)], gpus_per_actor=0.5)
+    assert res.max_actors == 8
+    with pytest.raises(InputError, match="gpus-per-actor"):
+        _plan([_node(8, gpus=1)], gpus_per_actor=2.0)
+
+
+def test_the_pool_never_outnumbers_the_batches():
+    # 28 cores' worth of actors, 3 batches to score (130 rows at 64): 3 actors, same threads
+    res = _plan([_node(16), _node(16)], todo_rows=130)
+    assert (res.min_actors, res.max_actors, res.threads) == (3, 3, 1)
+    res = _plan([_node(16)], todo_rows=130, actors=(2, 8))
+    assert (res.min_actors, res.max_actors) == (2, 3)
+    assert _plan([_node(16)], todo_rows=0).max_actors == 1  # a resumed, finished job
