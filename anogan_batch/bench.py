@@ -317,6 +317,7 @@ def _job_vs_inprocess(cfg, g, d, e, pixels, search, batch) -> dict[str, Any]:
         "job_score_seconds": run.get("seconds"),
         "job_actor_busy_seconds": run.get("actor_busy_seconds"),
         "job_resources": run.get("resources"),
+        "job_actor_peak_rss_mb": run.get("actor_peak_rss_mb"),
         # the whole command's phases (connect, score, scans...): end to end, not only scoring
         "job_phase_seconds": run.get("phase_seconds"),
     }
