@@ -94,8 +94,8 @@ class Resources:
 
 
 IO_RESERVE_CPUS = 2.0  # per node, left to reads, writes and Ray Data's checkpoint filter actor
-# Sizing estimate for CPU actors: the default 64x64 model peaks at 0.65 GiB per actor at batch
-# 64 (torch, Ray and the search's activations).
+# Sizing estimate for CPU actors: an actor scoring the default 64x64 model at batch 64 peaks
+# at 0.8 GiB RSS (torch, Ray Data and the search's activations; `anogan-batch bench`).
 ACTOR_MEMORY_BYTES = 2**30
 
 

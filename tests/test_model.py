@@ -13,6 +13,7 @@ from anogan_batch.model import (
     build_models,
     contrast_normalize,
     contrast_range,
+    fold_batchnorm,
     freeze,
     model_input,
     to_model_space,
@@ -121,3 +122,21 @@ def test_model_input_maps_the_fitted_range_to_the_tanh_range():
     x = model_input(pixels, cfg)
     assert x.min().item() == pytest.approx(-1.0, abs=1e-5)
     assert x.max().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_folding_batchnorm_keeps_g_and_drops_its_batchnorm():
+    torch.manual_seed(0)
+    cfg = ModelConfig(image_size=32, g_width=8, d_width=8)
+    g, _ = build_models(cfg)
+    with torch.no_grad():  # BatchNorm statistics away from the (0, 1) defaults
+        for _ in range(3):
+            g(torch.rand(16, cfg.latent_dim) * 4 - 2)
+    freeze(g)
+    z = torch.rand(5, cfg.latent_dim) * 2 - 1
+    before = g(z)
+    assert fold_batchnorm(g) is g and g.batchnorm_folded
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in g.modules())
+    assert not any(p.requires_grad for p in g.parameters())
+    torch.testing.assert_close(g(z), before, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="frozen"):
+        fold_batchnorm(build_models(cfg)[0])  # train mode: the statistics are not fixed yet

@@ -167,3 +167,26 @@ def test_float16_weights_load_as_float32_and_score_alike(tmp_path, loaded_tiny, 
     a = latent_search(m.generator, m.discriminator, x, ids, cfg, m.encoder)
     b = latent_search(half.generator, half.discriminator, x, ids, cfg, half.encoder)
     np.testing.assert_allclose(b.anomaly_score, a.anomaly_score, rtol=0.02)
+
+
+def test_a_model_readied_for_scoring_scores_alike_and_cannot_be_saved(
+    tmp_path, tiny_model, loaded_tiny, sample
+):
+    ready = load_model(tiny_model).to("cpu")  # BatchNorm folded into G, channels_last
+    m = loaded_tiny
+    x = model_input(torch.from_numpy(sample["test_images"][:16, :, :, None].copy()), m.config)
+    ids = [str(i) for i in range(16)]
+    cfg = SearchConfig(iterations=10)
+    a = latent_search(m.generator, m.discriminator, x, ids, cfg, m.encoder)
+    b = latent_search(ready.generator, ready.discriminator, x, ids, cfg, ready.encoder)
+    np.testing.assert_allclose(b.anomaly_score, a.anomaly_score, rtol=1e-5)
+    np.testing.assert_allclose(b.residual_map, a.residual_map, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="folded"):
+        save_model(
+            str(tmp_path / "m"),
+            ready.config,
+            ready.generator,
+            ready.discriminator,
+            {},
+            encoder=ready.encoder,
+        )
