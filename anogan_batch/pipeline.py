@@ -121,9 +121,9 @@ def plan_resources(
     elif gpus > 0:
         cpus = 1.0
     elif cfg.actors is not None:
-        node_cpus = min((_cpus(n) for n in nodes), default=1.0)
-        per_node = max(1, math.ceil(cfg.actors[1] / max(1, len(nodes))))
-        cpus = max(1.0, math.floor((node_cpus - IO_RESERVE_CPUS) / per_node))
+        cpu_nodes = [_cpus(n) for n in nodes if _cpus(n) >= 1]  # not a CPU-less head node
+        per_node = max(1, math.ceil(cfg.actors[1] / max(1, len(cpu_nodes))))
+        cpus = max(1.0, math.floor((min(cpu_nodes, default=1.0) - IO_RESERVE_CPUS) / per_node))
     else:
         cpus = float(max((_threads_that_fit(n) for n in nodes), default=1))
     if cfg.actors is not None:

@@ -288,6 +288,9 @@ def test_cpu_actors_fill_every_core_but_the_io_reserve(nodes, actors, threads):
 def test_explicit_actor_and_gpu_flags_win():
     res = _plan([_node(8)], actors=(3, 3))
     assert (res.max_actors, res.cpus_per_actor, res.threads) == (3, 2.0, 2)
+    # a CPU-less head node neither takes a share of the actors nor shrinks their cores
+    res = _plan([_node(0), _node(8), _node(8)], actors=(4, 4))
+    assert (res.max_actors, res.threads) == (4, 3)
     res = _plan([_node(8)], cpus_per_actor=3.0)
     assert (res.max_actors, res.threads) == (2, 3)
     res = _plan([_node(8, gpus=4)])
