@@ -37,7 +37,8 @@ import numpy as np
 
 def _bench_model(size: int, width: int, seed: int = 0, encoder: bool = False):
     """A DCGAN at its initialisation with BatchNorm statistics from a few train-mode passes,
-    and an encoder E when asked (else None): -> cfg, g, d, e. Costs are a trained model's."""
+    and an encoder E when asked (else None): -> cfg, g, d, e. Costs are a trained model's.
+    As saved: `LoadedModel.to` readies them for scoring."""
     import torch
 
     from anogan_batch.model import ModelConfig, build_encoder, build_models, freeze
@@ -57,10 +58,7 @@ def _bench_model(size: int, width: int, seed: int = 0, encoder: bool = False):
             d(fake)
             if e is not None:
                 e(fake)
-    nets = [n for n in (g, d, e) if n is not None]
-    freeze(*nets)
-    for net in nets:
-        net.to(memory_format=torch.channels_last)  # as LoadedModel.to does for the job
+    freeze(*[n for n in (g, d, e) if n is not None])
     return cfg, g, d, e
 
 
@@ -89,7 +87,8 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
     import ray
     import torch
 
-    from anogan_batch.model import fold_batchnorm, to_model_space
+    from anogan_batch.model import to_model_space
+    from anogan_batch.modeldir import LoadedModel
     from anogan_batch.search import SearchConfig, latent_search
 
     size, width = (28, 8) if quick else (64, 64)
@@ -101,21 +100,24 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
     # search (~70 s) amortise it as a real archive would, more than fully
     n_job, n_job_default = (32, 32) if quick else (512, 2048)
     cfg, g, d, _ = _bench_model(size, width)
-    # the search's G as a scorer holds it (LoadedModel.to): BatchNorm folded, channels_last;
-    # the unfolded g is the one saved for the job
-    g_search = fold_batchnorm(copy.deepcopy(g)).to(memory_format=torch.channels_last)
+    # G and D as a scorer holds them (BatchNorm folded, channels_last); g itself stays
+    # savable for the job
+    scorer = LoadedModel(cfg, copy.deepcopy(g), copy.deepcopy(d), "bench").to("cpu")
+    g_search, d_search = scorer.generator, scorer.discriminator
     search = SearchConfig(iterations=iterations)
     pixels = _patches(max(batch, n_job, n_job_default), size)
     x = to_model_space(torch.from_numpy(pixels), "uint8")
     ids = [f"bench-{i}" for i in range(len(x))]
 
-    latent_search(g_search, d, x[:2], ids[:2], SearchConfig(iterations=2))  # warm-up
-    batched = _rate(lambda: latent_search(g_search, d, x[:batch], ids[:batch], search), batch)
+    latent_search(g_search, d_search, x[:2], ids[:2], SearchConfig(iterations=2))  # warm-up
+    batched = _rate(
+        lambda: latent_search(g_search, d_search, x[:batch], ids[:batch], search), batch
+    )
 
     def loop() -> None:
         # one patch, one z, one optimiser at a time: what per-sample implementations do
         for i in range(n_loop):
-            latent_search(g_search, d, x[i : i + 1], ids[i : i + 1], search)
+            latent_search(g_search, d_search, x[i : i + 1], ids[i : i + 1], search)
 
     looped = _rate(loop, n_loop)
 
@@ -133,15 +135,17 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
         "loop_patches_per_s": looped,
         "batched_vs_loop": batched / looped,
     }
-    figures.update(_flop_efficiency(g_search, d, x[:batch], ids[:batch], search, batched, looped))
+    figures.update(
+        _flop_efficiency(g_search, d_search, x[:batch], ids[:batch], search, batched, looped)
+    )
     bf16 = replace(search, precision="bf16")
-    latent_search(g_search, d, x[:2], ids[:2], replace(bf16, iterations=2))  # warm-up
+    latent_search(g_search, d_search, x[:2], ids[:2], replace(bf16, iterations=2))  # warm-up
     figures["bf16_patches_per_s"] = _rate(
-        lambda: latent_search(g_search, d, x[:batch], ids[:batch], bf16), batch
+        lambda: latent_search(g_search, d_search, x[:batch], ids[:batch], bf16), batch
     )
     figures["bf16_vs_fp32"] = figures["bf16_patches_per_s"] / batched
     figures["batch_sweep"] = _batch_sweep(
-        g_search, d, x, ids, [4, 8, 16] if quick else [16, 32, 64, 128]
+        g_search, d_search, x, ids, [4, 8, 16] if quick else [16, 32, 64, 128]
     )
     # score's defaults (encoder start + polish) on a model with an encoder: what users run
     cfg_e, g_e, d_e, e = _bench_model(size, width, encoder=True)

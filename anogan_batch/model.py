@@ -102,8 +102,6 @@ class ModelConfig:
 
 
 class Generator(nn.Module):
-    batchnorm_folded = False  # True after fold_batchnorm: scoring only, never saved
-
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         n, w = cfg.stages, cfg.g_width
@@ -121,6 +119,11 @@ class Generator(nn.Module):
         layers += [nn.ConvTranspose2d(w, cfg.channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         self.latent_dim = cfg.latent_dim
+
+    @property
+    def batchnorm_folded(self) -> bool:
+        """True after fold_batchnorm (every block has BatchNorm when built): scoring only."""
+        return not any(isinstance(m, nn.BatchNorm2d) for m in self.net)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # z: (B, latent) -> (B, latent, 1, 1) -> image (B, C, S, S) in [-1, 1]
@@ -250,7 +253,6 @@ def fold_batchnorm(generator: Generator) -> Generator:
             m = conv.eval().requires_grad_(False)
         folded.append(m)
     generator.net = nn.Sequential(*folded)
-    generator.batchnorm_folded = True
     return generator
 
 

@@ -257,16 +257,13 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
         phases["connect"] = time.time() - t0
         run["recovered_pending_writes"] = recover_pending(cfg.out)
         before = output_rows(cfg.out, "patch_scores") + output_rows(cfg.out, "quarantine")
-        res = plan_resources(
-            cfg,
-            ray.cluster_resources(),
-            [n for n in ray.nodes() if n["Alive"]],
-            todo_rows=input_rows - before,
-        )
+        todo = input_rows - before
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        res = plan_resources(cfg, ray.cluster_resources(), nodes, todo_rows=todo)
         run["resources"] = asdict(res)
         manifest.save(cfg.out)
         started = time.time()
-        _execute(cfg, res, manifest, model_id, input_rows - before)
+        _execute(cfg, res, manifest, model_id, todo)
         elapsed = time.time() - started
         phases["score"] = elapsed
         manifest.scored_rows = output_rows(cfg.out, "patch_scores")
