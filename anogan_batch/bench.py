@@ -270,18 +270,48 @@ def _geval_reduction(quick: bool) -> dict[str, Any]:
     }
 
 
+def _score_process(model_dir: str, table: str, out: str, args: list[str]) -> dict[str, Any]:
+    """Run `anogan-batch score` as its own process and return its job.json's last run.
+
+    A job per process, as users run it: a second Ray session in one process after
+    `ray.shutdown()` can crash on Ray Data's leftover threads (ray-project/ray#31145), and each
+    run's figures (peak memory above all) stay its own.
+    """
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "anogan_batch", "score", model_dir, table, out, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench job failed ({done.returncode}): {done.stderr[-2000:]}")
+    with open(os.path.join(out, "job.json")) as f:
+        manifest = json.load(f)
+    return manifest["runs"][-1] | {"patches_per_second": manifest.get("patches_per_second")}
+
+
+def _search_flags(search) -> list[str]:
+    """`score` flags that give the job the same search as `search` in process."""
+    flags = ["--lambda", str(search.lam), "--seed", str(search.seed), "--start", search.start]
+    flags += ["--precision", search.precision]
+    if search.iterations is not None:
+        flags += ["--iterations", str(search.iterations)]
+    if search.lr is not None:
+        flags += ["--lr", str(search.lr)]
+    if search.stop_tol is not None or search.slots is not None:
+        raise ValueError("the bench's job figures use the fixed-Γ search")
+    return flags
+
+
 def _job_vs_inprocess(cfg, g, d, e, pixels, search, batch) -> dict[str, Any]:
-    """End-to-end Ray job vs the in-process scorer, same rows, batch size, model and threads.
+    """End-to-end `score` job vs the in-process scorer, same rows, batch size, model and threads.
 
     The in-process rate is a warm one (first batch's one-off costs paid before timing); the
     job's rate includes its actor's start and warm-up, as a user's job does."""
     import pyarrow.dataset as pads
-    import ray
     import torch
 
     from anogan_batch.modeldir import load_model, save_model
-    from anogan_batch.pipeline import ScoreJobConfig
-    from anogan_batch.runner import run_score_job
     from anogan_batch.scorer import score_table
     from anogan_batch.search import resolve_search
     from anogan_batch.tables import write_patch_table
@@ -300,22 +330,13 @@ def _job_vs_inprocess(cfg, g, d, e, pixels, search, batch) -> dict[str, Any]:
                 score_table(model, rows.slice(start, batch), search, job_id="bench", device="cpu")
 
         in_rate = _rate(inprocess, rows.num_rows)
-        job = run_score_job(
-            ScoreJobConfig(
-                model_dir,
-                table,
-                os.path.join(tmp, "job"),
-                search=search,
-                batch_size=batch,
-                progress=False,
-                heatmaps=False,  # scoring throughput only; heatmaps are a separate phase
-            )
+        # scoring throughput only; heatmaps are a separate phase
+        flags = ["--batch-size", str(batch), "--no-progress", "--no-heatmaps"]
+        run = _score_process(
+            model_dir, table, os.path.join(tmp, "job"), flags + _search_flags(search)
         )
-        job_rate = job.patches_per_second or 0.0
-    # the next in-process figure is measured without a Ray cluster winding down beside it
-    ray.shutdown()
+    job_rate = run["patches_per_second"] or 0.0
     resolved = resolve_search(search, has_encoder=e is not None)
-    run = job.runs[-1]
     return {
         "job_search": {"start": resolved.start, "iterations": resolved.iterations},
         "job_rows": int(rows.num_rows),
@@ -339,10 +360,6 @@ def _peak_memory(n: int) -> dict[str, Any]:
     Each size runs as its own `anogan-batch score` process (a fresh driver and local Ray), so
     each peak is that job's own. Streaming means the 10x job's peaks stay where the 1x job's are.
     """
-    import json
-    import subprocess
-    import sys
-
     from anogan_batch.modeldir import save_model
     from anogan_batch.tables import write_patch_table
 
@@ -361,30 +378,15 @@ def _peak_memory(n: int) -> dict[str, Any]:
                 scan_ids=[f"s{i}" for i in range(rows)],
                 files=4 * scale,  # same file size at both scales
             )
-            job = os.path.join(tmp, f"job{scale}")
-            subprocess.run(
+            run = _score_process(
+                model_dir,
+                table,
+                os.path.join(tmp, f"job{scale}"),
                 [
-                    sys.executable,
-                    "-m",
-                    "anogan_batch",
-                    "score",
-                    model_dir,
-                    table,
-                    job,
-                    "--iterations",
-                    "1",
-                    "--batch-size",
-                    "64",
-                    "--target-file-mb",
-                    "4",
-                    "--no-progress",
-                    "--no-heatmaps",
+                    *("--iterations", "1", "--batch-size", "64", "--target-file-mb", "4"),
+                    *("--no-progress", "--no-heatmaps"),
                 ],
-                check=True,
-                capture_output=True,
             )
-            with open(os.path.join(job, "job.json")) as f:
-                run = json.load(f)["runs"][-1]
             peaks[scale] = (run["driver_peak_rss_mb"], run["actor_peak_rss_mb"])
             out[f"peak_rss_mb_{scale}x"] = {
                 "patches": rows,

@@ -155,7 +155,8 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
     # a stray RAY_ADDRESS would send the job to some other cluster
     full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
     return subprocess.run(
-        [sys.executable, "-m", "anogan_batch", *args],
+        # -X faulthandler: a crash in native code (Ray, torch) leaves its Python stack in stderr
+        [sys.executable, "-X", "faulthandler", "-m", "anogan_batch", *args],
         capture_output=True,
         text=True,
         env=full_env,
