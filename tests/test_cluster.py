@@ -1,4 +1,10 @@
-"""Failures on a real multi-node Ray cluster (ray.cluster_utils.Cluster on this machine)."""
+"""Failures on a real multi-node Ray cluster (ray.cluster_utils.Cluster on this machine).
+
+The job's driver is `anogan-batch score` with RAY_ADDRESS set, a process of its own, as users
+submit jobs: the test process never joins the cluster, so it never holds a second Ray session
+beside the suite's local one (a second session in one process is a crash hazard,
+ray-project/ray#31145).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +16,8 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from anogan_batch.pipeline import ScoreJobConfig
-from anogan_batch.runner import run_score_job
-from anogan_batch.search import SearchConfig
-from tests.conftest import make_patch_table
+from anogan_batch.job import JobManifest
+from tests.conftest import make_patch_table, run_cli
 
 pytestmark = pytest.mark.cluster
 REPO = str(Path(__file__).resolve().parents[1])
@@ -26,10 +30,8 @@ def cluster(s3_server, monkeypatch):
     Every process of the cluster inherits PYTHONPATH with tests/fault_site, whose
     sitecustomize injects the 'poison' fault (tests/faults.py).
     """
-    import ray
     from ray.cluster_utils import Cluster
 
-    ray.shutdown()
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([REPO, f"{REPO}/tests/fault_site"]))
     monkeypatch.setenv("ANOGAN_TEST_POISON", "1")
     # fast failure detection, so a dead node is noticed in seconds rather than half a minute
@@ -41,10 +43,17 @@ def cluster(s3_server, monkeypatch):
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "_system_config": fast})
     workers = [c.add_node(num_cpus=2) for _ in range(2)]
     c.wait_for_nodes()
-    ray.init(address=c.address)
     yield c, workers
-    ray.shutdown()
     c.shutdown()
+
+
+def score_on(c, *args: str) -> JobManifest:
+    """Run `anogan-batch score ARGS` as a driver joining cluster `c`; its manifest."""
+    r = run_cli("score", *args, "--no-progress", "--no-heatmaps", env={"RAY_ADDRESS": c.address})
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = JobManifest.load(args[2])
+    assert manifest is not None
+    return manifest
 
 
 def scored_ids(out: Path) -> list[str]:
@@ -58,18 +67,6 @@ def test_killing_a_worker_node_mid_job_loses_and_duplicates_nothing(
     c, workers = cluster
     table = make_patch_table(tmp_path / "p", sample["train_images"][:150], files=3)
     out = tmp_path / "out"
-    cfg = ScoreJobConfig(
-        tiny_model,
-        str(table),
-        str(out),
-        search=SearchConfig(iterations=25),
-        batch_size=10,
-        actors=(2, 2),
-        cpus_per_actor=1,
-        target_file_mb=0.05,
-        progress=False,
-        heatmaps=False,
-    )
     killed = threading.Event()
 
     def kill_when_half_written() -> None:
@@ -84,7 +81,14 @@ def test_killing_a_worker_node_mid_job_loses_and_duplicates_nothing(
 
     killer = threading.Thread(target=kill_when_half_written, daemon=True)
     killer.start()
-    manifest = run_score_job(cfg)
+    manifest = score_on(
+        c,
+        tiny_model,
+        str(table),
+        str(out),
+        *("--iterations", "25", "--batch-size", "10", "--actors", "2", "--cpus-per-actor", "1"),
+        *("--target-file-mb", "0.05"),
+    )
     killer.join(timeout=5)
     assert killed.is_set(), "the job finished before the node could be killed"
     assert manifest.status == "succeeded"
@@ -100,18 +104,13 @@ def test_a_batch_that_raises_is_quarantined_and_the_job_completes(
     ids[13] = "poison-scan#28x28+0+0"
     table = make_patch_table(tmp_path / "p", sample["test_images"][:40], ids=ids)
     out = tmp_path / "out"
-    m = run_score_job(
-        ScoreJobConfig(
-            tiny_model,
-            str(table),
-            str(out),
-            search=SearchConfig(iterations=3),
-            batch_size=8,
-            actors=(2, 2),
-            cpus_per_actor=1,
-            progress=False,
-            heatmaps=False,
-        )
+    c, _ = cluster
+    m = score_on(
+        c,
+        tiny_model,
+        str(table),
+        str(out),
+        *("--iterations", "3", "--batch-size", "8", "--actors", "2", "--cpus-per-actor", "1"),
     )
     assert m.status == "succeeded" and m.input_rows == 40
     q = pads.dataset(out / "quarantine").to_table().to_pylist()
