@@ -232,6 +232,7 @@ def _search(
     autocast = torch.autocast(
         device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"
     )
+    cohort_steps = 0  # steps since the working set last changed
     while active.numel():
         z.requires_grad_(True)
         with autocast:
@@ -251,14 +252,23 @@ def _search(
             bias2_sqrt = ((1 - BETA2 ** t.double()) ** 0.5).float()[:, None]
             z.sub_(step_size * (m / (v.sqrt() / bias2_sqrt).add_(EPS)))
             z.clamp_(-1.0, 1.0)
-            history = torch.cat([history[:, 1:], loss.detach()[:, None]], dim=1)
-            done = t >= cfg.iterations
-            if cfg.stop_tol is not None:
+            cohort_steps += 1
+            if cfg.stop_tol is None:
+                # fixed Γ: the working set moves in lockstep, so the step count known here
+                # says when it is done; asking the device (bool of a tensor) would stall a
+                # GPU's queue once per step
+                if cohort_steps < cfg.iterations:
+                    continue
+                done = torch.ones(active.numel(), dtype=torch.bool, device=device)
+            else:
+                history = torch.cat([history[:, 1:], loss.detach()[:, None]], dim=1)
                 old, new = history[:, 0], history[:, -1]
                 flat = (old - new) <= cfg.stop_tol * old.abs()
-                done |= flat & (t >= cfg.min_iterations) & (t > cfg.stop_window)
-        if not bool(done.any()):
-            continue
+                done = (t >= cfg.iterations) | (
+                    flat & (t >= cfg.min_iterations) & (t > cfg.stop_window)
+                )
+                if not bool(done.any()):
+                    continue
         finished = active[done]
         z_all[finished] = z[done]
         steps[finished] = t[done].long()
@@ -274,4 +284,5 @@ def _search(
         t = torch.cat([t[keep], torch.zeros(k, dtype=t.dtype, device=device)])
         fresh = torch.full((k, history.shape[1]), float("inf"), device=device)
         history = torch.cat([history[keep], fresh])
+        cohort_steps = 0
     return steps

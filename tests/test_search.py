@@ -190,6 +190,21 @@ def test_early_stopping_is_per_patch_and_refill_keeps_invariance(loaded_tiny, ba
     )
 
 
+def test_fixed_gamma_in_slots_searches_every_patch_for_gamma_steps(loaded_tiny, batch):
+    # without early stopping the working set moves in lockstep and is refilled as a whole
+    from dataclasses import replace
+
+    g, d = loaded_tiny.generator, loaded_tiny.discriminator
+    x, ids = batch
+    x, ids = x[:10], ids[:10]
+    cfg = SearchConfig(iterations=7, seed=3)
+    full = latent_search(g, d, x, ids, cfg)
+    slotted = latent_search(g, d, x, ids, replace(cfg, slots=4))  # cohorts of 4, 4, 2
+    assert (full.steps == 7).all() and (slotted.steps == 7).all()
+    np.testing.assert_allclose(slotted.anomaly_score, full.anomaly_score, rtol=1e-5)
+    np.testing.assert_allclose(slotted.z, full.z, atol=1e-5)
+
+
 def test_bf16_search_stays_close_to_fp32(loaded_tiny, batch):
     from dataclasses import replace
 
