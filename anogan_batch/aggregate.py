@@ -6,6 +6,10 @@ table's `_scans.parquet`. Each group yields one row: the scan's score summary, p
 heatmap and overlay PNG (see heatmaps.py). The driver never holds patch rows; it only streams
 the small summary columns from OUT/heatmaps into OUT/scan_scores.
 
+A small job (`LOCAL_ROWS`, `LOCAL_BYTES`) is grouped in the driver instead, by the same
+functions: Ray Data's shuffle costs 7-20 s of start-up on any job, which is most of a small
+job's aggregation and none of its work.
+
 scan_scores columns: scan_id, n_patches, max_score, mean_score, p95_score, min_score, std_score,
 n_above_threshold (null when no threshold is known), max_patch_id / max_x / max_y (where the
 most anomalous patch sits), label (the scan's label when all its patches agree, else 'mixed').
@@ -27,6 +31,11 @@ SUMMARY_COLUMNS = (
 )  # fmt: skip
 # what each input contributes to the shuffle ("kind" tells them apart)
 SCORE, IMAGE, SIZE = "score", "image", "size"
+# Jobs up to these sizes are grouped in the driver: its memory holds about twice the bytes,
+# and its one core spends ~0.1 ms per scan (so at most ~5 s), where the shuffle's start-up
+# alone takes 7-20 s on any cluster.
+LOCAL_BYTES = 128 * 2**20
+LOCAL_ROWS = 50_000
 
 
 def scan_summary(group: dict[str, np.ndarray], threshold: float | None) -> dict[str, Any]:
@@ -104,6 +113,10 @@ def scan_row(
     """One scan's union rows -> its summary (+ heatmap) row; [] when nothing was scored."""
     from anogan_batch.heatmaps import MAP_COLUMNS, render_scan
 
+    # one order for a scan's rows, whatever order the shuffle delivered them in: float sums
+    # (mean, std, the stitched heatmap) then come out bit for bit the same on every run
+    order = np.lexsort((group["y"], group["x"], group["kind"]))
+    group = {k: v[order] for k, v in group.items()}
     kind = group["kind"]
     scored = kind == SCORE
     if not scored.any():  # every patch of this scan was masked or quarantined
@@ -138,6 +151,22 @@ def task_shuffle() -> Iterator[None]:
         ctx.shuffle_strategy = previous
 
 
+def shuffle_bytes(rows: int, heatmaps: tuple[int, int] | None) -> int:
+    """A bound on the shuffle's input for a job of `rows` patches, from its geometry alone
+    (no metadata reads): the summary columns, plus with heatmaps a float32 residual map and
+    the pixels (at most 4 bytes each) per patch."""
+    per_row = 256
+    if heatmaps:
+        size, channels = heatmaps
+        per_row += size * size * channels * 8
+    return rows * per_row
+
+
+def groups_in_driver(rows: int, heatmaps: tuple[int, int] | None) -> bool:
+    """Whether a job of `rows` patches is small enough to group in the driver."""
+    return rows <= LOCAL_ROWS and shuffle_bytes(rows, heatmaps) <= LOCAL_BYTES
+
+
 def write_scan_tables(
     out: str,
     patches: str,
@@ -145,44 +174,28 @@ def write_scan_tables(
     threshold: float | None = None,
     heatmaps: tuple[int, int] | None = None,
     io_cpus: float = 0.5,
-) -> None:
+    rows: int | None = None,
+) -> str:
     """Write OUT/scan_scores, and with `heatmaps=(patch_size, channels)` OUT/heatmaps and
-    OUT/overlays, from OUT/patch_scores (and the patch table's pixels)."""
-    import pyarrow.dataset as pads
-    import ray.data
+    OUT/overlays, from OUT/patch_scores (and the patch table's pixels).
 
-    def read(path: str, columns: list[str], kind: str) -> ray.data.Dataset:
-        fs, inner = storage.filesystem_for(path)
-        ds = ray.data.read_parquet(inner, filesystem=fs, num_cpus=io_cpus, partitioning=None)
-        return ds.select_columns(columns).map_batches(
-            to_union_rows, fn_args=(kind,), batch_format="pyarrow", num_cpus=io_cpus
-        )
-
-    score_cols = ["scan_id", "x", "y", "anomaly_score", "patch_id", "label"]
-    if heatmaps:
-        score_cols.append("residual_map")
-    parts = [read(storage.join(out, "patch_scores"), score_cols, SCORE)]
-    if heatmaps:
-        from anogan_batch.tables import open_dataset
-
-        names = open_dataset(patches).schema.names
-        cols = [c for c in ("scan_id", "x", "y", "image", "dtype") if c in names]
-        parts.append(read(patches, cols, IMAGE))
-        scans_file = storage.join(patches, "_scans.parquet")
-        if storage.exists(scans_file):
-            parts.append(read(scans_file, ["scan_id", "height", "width"], SIZE))
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    rows = ds.groupby("scan_id", num_partitions=_partitions(ds)).map_groups(
-        scan_row, fn_args=(out, threshold, heatmaps), batch_format="numpy", num_cpus=io_cpus
-    )
+    `rows` (the patch table's row count) lets a small job be grouped in the driver; without
+    it, or above `LOCAL_ROWS` rows or `LOCAL_BYTES` of `shuffle_bytes`, the groupby runs on
+    Ray.
+    -> "driver" or "ray", where it ran."""
+    inputs = _inputs(out, patches, heatmaps)
     scan_scores = storage.join(out, "scan_scores")
     target = storage.join(out, "heatmaps") if heatmaps else scan_scores
     for path in {target, scan_scores}:
         storage.delete(path)
-    fs, inner = storage.filesystem_for(target)
-    with task_shuffle():
-        rows.write_parquet(inner, filesystem=fs, ray_remote_args={"num_cpus": io_cpus})
+    local = rows is not None and groups_in_driver(rows, heatmaps)
+    if local:
+        _group_in_driver(inputs, target, (out, threshold, heatmaps))
+    else:
+        _group_on_ray(inputs, target, (out, threshold, heatmaps), io_cpus)
     if heatmaps:  # scan_scores = the summary columns of heatmaps, streamed, never all in memory
+        import pyarrow.dataset as pads
+
         from anogan_batch.tables import open_dataset
 
         source = open_dataset(target).scanner(columns=list(SUMMARY_COLUMNS))
@@ -194,3 +207,79 @@ def write_scan_tables(
             format="parquet",
             basename_template="part-{i}.parquet",
         )
+    return "driver" if local else "ray"
+
+
+def _inputs(
+    out: str, patches: str, heatmaps: tuple[int, int] | None
+) -> list[tuple[str, list[str], str]]:
+    """(path, columns, kind) of each table the groupby brings together."""
+    score_cols = ["scan_id", "x", "y", "anomaly_score", "patch_id", "label"]
+    if heatmaps:
+        score_cols.append("residual_map")
+    inputs = [(storage.join(out, "patch_scores"), score_cols, SCORE)]
+    if heatmaps:
+        from anogan_batch.tables import open_dataset
+
+        names = open_dataset(patches).schema.names
+        cols = [c for c in ("scan_id", "x", "y", "image", "dtype") if c in names]
+        inputs.append((patches, cols, IMAGE))
+        scans_file = storage.join(patches, "_scans.parquet")
+        if storage.exists(scans_file):
+            inputs.append((scans_file, ["scan_id", "height", "width"], SIZE))
+    return inputs
+
+
+def _group_on_ray(inputs, target: str, args: tuple, io_cpus: float) -> None:
+    import ray.data
+
+    def read(path: str, columns: list[str], kind: str) -> ray.data.Dataset:
+        fs, inner = storage.filesystem_for(path)
+        ds = ray.data.read_parquet(inner, filesystem=fs, num_cpus=io_cpus, partitioning=None)
+        return ds.select_columns(columns).map_batches(
+            to_union_rows, fn_args=(kind,), batch_format="pyarrow", num_cpus=io_cpus
+        )
+
+    parts = [read(*i) for i in inputs]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    rows = ds.groupby("scan_id", num_partitions=_partitions(ds)).map_groups(
+        scan_row, fn_args=args, batch_format="numpy", num_cpus=io_cpus
+    )
+    fs, inner = storage.filesystem_for(target)
+    with task_shuffle():
+        rows.write_parquet(inner, filesystem=fs, ray_remote_args={"num_cpus": io_cpus})
+
+
+def _group_in_driver(inputs, target: str, args: tuple) -> None:
+    """The same groups and `scan_row` calls as `_group_on_ray`, on pyarrow in this process."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from anogan_batch.tables import open_dataset
+
+    def read(path: str, columns: list[str]) -> pa.Table:
+        if path.endswith(".parquet"):  # _scans.parquet, which a dataset listing skips
+            fs, inner = storage.filesystem_for(path)
+            return pq.read_table(inner, filesystem=fs, columns=columns)
+        return open_dataset(path).to_table(columns=columns)
+
+    union = pa.concat_tables(
+        [to_union_rows(read(path, cols), kind) for path, cols, kind in inputs]
+    ).sort_by("scan_id")
+    columns = {
+        name: union.column(name).to_numpy(zero_copy_only=False) for name in union.column_names
+    }
+    scan_ids = columns["scan_id"]
+    starts = np.flatnonzero(np.r_[True, scan_ids[1:] != scan_ids[:-1]]) if len(scan_ids) else []
+    ends = [*starts[1:], len(scan_ids)]
+    rows: dict[str, list] = {}
+    for a, b in zip(starts, ends, strict=True):
+        row = scan_row({k: v[a:b] for k, v in columns.items()}, *args)
+        for k, v in row.items():
+            rows.setdefault(k, []).extend(v)
+    table = pa.table(rows) if rows else None
+    if table is None or table.num_rows == 0:
+        return
+    fs, inner = storage.filesystem_for(target)
+    fs.create_dir(inner, recursive=True)
+    pq.write_table(table, f"{inner}/part-0.parquet", filesystem=fs)

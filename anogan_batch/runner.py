@@ -270,12 +270,13 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
         manifest.quarantined_rows = output_rows(cfg.out, "quarantine")
         t0 = time.time()
         if manifest.scored_rows:
-            write_scan_tables(
+            run["scans_grouped_in"] = write_scan_tables(
                 cfg.out,
                 cfg.patches,
                 threshold=cfg.threshold,
                 heatmaps=_heatmap_geometry(cfg) if cfg.heatmaps else None,
                 io_cpus=IO_CPUS,
+                rows=input_rows,
             )
         phases["scans_and_heatmaps" if cfg.heatmaps else "scans"] = time.time() - t0
         if cfg.table_format != "parquet":

@@ -124,6 +124,50 @@ def test_delta_tables_are_committed_once(mosaic_job):
         assert r.stdout.split() == [str(rows), str(rows)]
 
 
+def test_only_small_jobs_group_in_the_driver():
+    from anogan_batch.aggregate import LOCAL_ROWS, groups_in_driver
+
+    assert groups_in_driver(36, (28, 1)) and groups_in_driver(LOCAL_ROWS, None)
+    assert not groups_in_driver(LOCAL_ROWS + 1, None)
+    # 64x64 grey patches with heatmaps: maps and pixels pass 128 MiB past ~4,000
+    assert groups_in_driver(4_000, (64, 1)) and not groups_in_driver(4_100, (64, 1))
+    assert not groups_in_driver(1_000, (256, 3))  # large colour patches: bytes, not rows
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_a_small_job_groups_its_scans_in_the_driver_exactly_as_ray_does(
+    mosaic_job, tmp_path, threshold
+):
+    from anogan_batch.aggregate import write_scan_tables
+
+    manifest, out, _ = mosaic_job
+    patches = str(out.parent / "patches")
+    scores = pads.dataset(out / "patch_scores", partitioning="hive").to_table()
+    cut = None if threshold is None else float(np.median(scores.column("anomaly_score")))
+    tables, overlays = {}, {}
+    for rows in (None, manifest.input_rows):  # None: the Ray groupby, whatever the size
+        copy = tmp_path / f"out-{rows}"
+        shutil.copytree(out / "patch_scores", copy / "patch_scores")
+        where = write_scan_tables(str(copy), patches, threshold=cut, heatmaps=(P, 1), rows=rows)
+        assert where == ("ray" if rows is None else "driver")
+        for name in ("heatmaps", "scan_scores"):
+            t = pads.dataset(copy / name).to_table()
+            listed = t.sort_by("scan_id").to_pylist()
+            for r in listed:  # the overlay's path, relative to its job
+                if "overlay" in r:
+                    r["overlay"] = r["overlay"].replace(str(copy), "OUT")
+            tables[rows, name] = (t.schema, listed)
+        overlays[rows] = {
+            str(f.relative_to(copy)): f.read_bytes() for f in (copy / "overlays").rglob("*.png")
+        }
+    for name in ("heatmaps", "scan_scores"):
+        assert tables[None, name] == tables[manifest.input_rows, name], name
+    assert len(tables[None, "scan_scores"][1]) == 4
+    above = {r["n_above_threshold"] for r in tables[None, "scan_scores"][1]}
+    assert above == {None} if cut is None else above <= set(range(10)) and sum(above) > 0
+    assert len(overlays[None]) == 4 and overlays[None] == overlays[manifest.input_rows]
+
+
 CHECK_SCRIPT = """<script>
 window.addEventListener("load", () => {
   const imgs = [...document.images];
