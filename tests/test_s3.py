@@ -105,6 +105,31 @@ def test_whole_flow_on_s3_never_shows_the_secret(bucket, sample):
         assert S3_SECRET.encode() not in body, key
 
 
+def test_large_job_groupby_on_ray_reads_and_writes_s3(bucket, sample, tiny_model, ray_local):
+    # a small job groups its scans in the driver; a large one runs the same code as a Ray
+    # Data groupby whose tasks read and write S3 themselves
+    import pyarrow.parquet as pq
+
+    from anogan_batch.aggregate import write_scan_tables
+    from anogan_batch.modeldir import load_model
+    from anogan_batch.scorer import score_table
+    from anogan_batch.search import SearchConfig
+    from anogan_batch.tables import open_dataset, write_patch_table
+
+    root = f"s3://{bucket}"
+    scan_ids = [f"scan{i % 5}" for i in range(30)]
+    write_patch_table(f"{root}/patches", sample["test_images"][:30], scan_ids=scan_ids)
+    model = load_model(tiny_model).to("cpu")
+    rows = open_dataset(f"{root}/patches").to_table()
+    scored = score_table(model, rows, SearchConfig(iterations=2), job_id="j", device="cpu")
+    fs, inner = storage.filesystem_for(f"{root}/job/patch_scores/part-0.parquet")
+    pq.write_table(scored, inner, filesystem=fs)
+    assert write_scan_tables(f"{root}/job", f"{root}/patches", heatmaps=(28, 1)) == "ray"
+    scans = open_dataset(f"{root}/job/scan_scores").to_table().sort_by("scan_id").to_pylist()
+    assert [(r["scan_id"], r["n_patches"]) for r in scans] == [(f"scan{i}", 6) for i in range(5)]
+    assert len([k for k in keys(bucket, "job/overlays/") if k.endswith(".png")]) == 5
+
+
 def test_generic_endpoint_variable_is_honoured(bucket, s3_server, monkeypatch):
     """AWS_ENDPOINT_URL (all services) works when AWS_ENDPOINT_URL_S3 is not set."""
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
