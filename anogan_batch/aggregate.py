@@ -1,4 +1,4 @@
-"""Per-scan tables of a finished job, computed on the cluster in one Ray Data groupby.
+"""Per-scan tables of a finished job: one groupby by scan_id, on the cluster (Ray Data).
 
 One hash-partitioned shuffle by `scan_id` brings together, for every scan: its patch scores,
 and (for heatmaps) its patches' residual maps and pixels and the scan's size from the patch

@@ -134,16 +134,16 @@ def test_only_small_jobs_group_in_the_driver():
     assert not groups_in_driver(1_000, (256, 3))  # large colour patches: bytes, not rows
 
 
-@pytest.mark.parametrize("threshold", [None, 0.5])
+@pytest.mark.parametrize("with_threshold", [False, True])
 def test_a_small_job_groups_its_scans_in_the_driver_exactly_as_ray_does(
-    mosaic_job, tmp_path, threshold
+    mosaic_job, tmp_path, with_threshold
 ):
     from anogan_batch.aggregate import write_scan_tables
 
     manifest, out, _ = mosaic_job
     patches = str(out.parent / "patches")
     scores = pads.dataset(out / "patch_scores", partitioning="hive").to_table()
-    cut = None if threshold is None else float(np.median(scores.column("anomaly_score")))
+    cut = float(np.median(scores.column("anomaly_score"))) if with_threshold else None
     tables, overlays = {}, {}
     for rows in (None, manifest.input_rows):  # None: the Ray groupby, whatever the size
         copy = tmp_path / f"out-{rows}"
