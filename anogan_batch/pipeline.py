@@ -2,7 +2,8 @@
 
     read_parquet(PATCHES) -> [checkpoint filter] -> map_batches(PatchScorer, ActorPoolStrategy)
         -> JobSink: OUT/patch_scores/job_id=<id>/*.parquet and OUT/quarantine/*.parquet
-    then scan_scores (a Ray groupby), row counts from Parquet footers, job.json.
+    then scan_scores (a Ray groupby; in the driver for small jobs), row counts from Parquet
+    footers, job.json.
 
 Exactly-once across crashes rests on Ray Data's checkpointing (`DataContext.checkpoint_config`,
 id column `patch_id`, under OUT/_checkpoint): a write task records the ids it is about to write
