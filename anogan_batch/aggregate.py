@@ -188,11 +188,14 @@ def write_scan_tables(
     target = storage.join(out, "heatmaps") if heatmaps else scan_scores
     for path in {target, scan_scores}:
         storage.delete(path)
-    local = rows is not None and groups_in_driver(rows, heatmaps)
-    if local:
-        _group_in_driver(inputs, target, (out, threshold, heatmaps))
-    else:
-        _group_on_ray(inputs, target, (out, threshold, heatmaps), io_cpus)
+    args = (out, threshold, heatmaps)
+    if rows is not None and groups_in_driver(rows, heatmaps):
+        table = _group_in_driver(inputs, args)
+        _write_table(table, target)
+        if heatmaps:
+            _write_table(table.select(list(SUMMARY_COLUMNS)), scan_scores)
+        return "driver"
+    _group_on_ray(inputs, target, args, io_cpus)
     if heatmaps:  # scan_scores = the summary columns of heatmaps, streamed, never all in memory
         import pyarrow.dataset as pads
 
@@ -207,7 +210,7 @@ def write_scan_tables(
             format="parquet",
             basename_template="part-{i}.parquet",
         )
-    return "driver" if local else "ray"
+    return "ray"
 
 
 def _inputs(
@@ -250,8 +253,9 @@ def _group_on_ray(inputs, target: str, args: tuple, io_cpus: float) -> None:
         rows.write_parquet(inner, filesystem=fs, ray_remote_args={"num_cpus": io_cpus})
 
 
-def _group_in_driver(inputs, target: str, args: tuple) -> None:
-    """The same groups and `scan_row` calls as `_group_on_ray`, on pyarrow in this process."""
+def _group_in_driver(inputs, args: tuple):
+    """The same groups and `scan_row` calls as `_group_on_ray`, on pyarrow in this process.
+    -> the scans' rows (pyarrow), at least one: the caller has scored patches."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -270,16 +274,17 @@ def _group_in_driver(inputs, target: str, args: tuple) -> None:
         name: union.column(name).to_numpy(zero_copy_only=False) for name in union.column_names
     }
     scan_ids = columns["scan_id"]
-    starts = np.flatnonzero(np.r_[True, scan_ids[1:] != scan_ids[:-1]]) if len(scan_ids) else []
-    ends = [*starts[1:], len(scan_ids)]
+    starts = np.flatnonzero(np.r_[True, scan_ids[1:] != scan_ids[:-1]])
     rows: dict[str, list] = {}
-    for a, b in zip(starts, ends, strict=True):
-        row = scan_row({k: v[a:b] for k, v in columns.items()}, *args)
-        for k, v in row.items():
+    for a, b in zip(starts, [*starts[1:], len(scan_ids)], strict=True):
+        for k, v in scan_row({k: v[a:b] for k, v in columns.items()}, *args).items():
             rows.setdefault(k, []).extend(v)
-    table = pa.table(rows) if rows else None
-    if table is None or table.num_rows == 0:
-        return
-    fs, inner = storage.filesystem_for(target)
+    return pa.table(rows)
+
+
+def _write_table(table, path: str) -> None:
+    import pyarrow.parquet as pq
+
+    fs, inner = storage.filesystem_for(path)
     fs.create_dir(inner, recursive=True)
     pq.write_table(table, f"{inner}/part-0.parquet", filesystem=fs)

@@ -277,29 +277,29 @@ def _score_process(model_dir: str, table: str, out: str, args: list[str]) -> dic
     `ray.shutdown()` can crash on Ray Data's leftover threads (ray-project/ray#31145), and each
     run's figures (peak memory above all) stay its own.
     """
-    import json
     import subprocess
     import sys
+
+    from anogan_batch.job import JobManifest
 
     cmd = [sys.executable, "-m", "anogan_batch", "score", model_dir, table, out, *args]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"bench job failed ({done.returncode}): {done.stderr[-2000:]}")
-    with open(os.path.join(out, "job.json")) as f:
-        manifest = json.load(f)
-    return manifest["runs"][-1] | {"patches_per_second": manifest.get("patches_per_second")}
+    manifest = JobManifest.load(out)
+    return manifest.runs[-1] | {"patches_per_second": manifest.patches_per_second}
 
 
 def _search_flags(search) -> list[str]:
     """`score` flags that give the job the same search as `search` in process."""
+    if search.stop_tol is not None or search.slots is not None:
+        raise ValueError("the bench's job figures use the fixed-Γ search")
     flags = ["--lambda", str(search.lam), "--seed", str(search.seed), "--start", search.start]
     flags += ["--precision", search.precision]
     if search.iterations is not None:
         flags += ["--iterations", str(search.iterations)]
     if search.lr is not None:
         flags += ["--lr", str(search.lr)]
-    if search.stop_tol is not None or search.slots is not None:
-        raise ValueError("the bench's job figures use the fixed-Γ search")
     return flags
 
 

@@ -47,11 +47,14 @@ def cluster(s3_server, monkeypatch):
     c.shutdown()
 
 
-def score_on(c, *args: str) -> JobManifest:
-    """Run `anogan-batch score ARGS` as a driver joining cluster `c`; its manifest."""
-    r = run_cli("score", *args, "--no-progress", "--no-heatmaps", env={"RAY_ADDRESS": c.address})
+def score_on(c, model: str, patches: str, out: str, *flags: str) -> JobManifest:
+    """Run `anogan-batch score` as a driver joining cluster `c`; the job's manifest."""
+    r = run_cli(
+        "score", model, patches, out, *flags, "--no-progress", "--no-heatmaps",
+        env={"RAY_ADDRESS": c.address},
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    manifest = JobManifest.load(args[2])
+    manifest = JobManifest.load(out)
     assert manifest is not None
     return manifest
 
