@@ -24,6 +24,9 @@ from typing import Any
 import numpy as np
 
 from anogan_batch import storage
+from anogan_batch.heatmaps import MAP_COLUMNS, HeatmapGeometry, render_scan
+from anogan_batch.layout import JobLayout
+from anogan_batch.patches import DTYPES, PIXEL_MAX
 
 SUMMARY_COLUMNS = (
     "scan_id", "n_patches", "max_score", "mean_score", "p95_score", "min_score", "std_score",
@@ -59,6 +62,38 @@ def scan_summary(group: dict[str, np.ndarray], threshold: float | None) -> dict[
         "max_y": np.array([group["y"][top]], dtype=np.int32),
         "label": [label],
     }
+
+
+def scan_schema(heatmaps: bool):
+    """The columns of OUT/scan_scores (and, with `heatmaps`, of OUT/heatmaps), typed once so
+    that every file of the table has one schema whatever nulls its scans hold."""
+    import pyarrow as pa
+
+    summary = [
+        ("scan_id", pa.string()),
+        ("n_patches", pa.int64()),
+        *((name, pa.float64()) for name in SUMMARY_COLUMNS[2:7]),
+        ("n_above_threshold", pa.int64()),
+        ("max_patch_id", pa.string()),
+        ("max_x", pa.int32()),
+        ("max_y", pa.int32()),
+        ("label", pa.string()),
+    ]
+    maps = [
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("heatmap", pa.binary()),
+        ("max_heat", pa.float64()),
+        ("mean_heat", pa.float64()),
+        ("overlay", pa.string()),
+        ("heatmap_skipped", pa.string()),
+    ]
+    return pa.schema(summary + (maps if heatmaps else []))
+
+
+def _typed(batch, heatmaps: bool):
+    """A batch of scan rows (pyarrow) in `scan_schema`."""
+    return batch.select(scan_schema(heatmaps).names).cast(scan_schema(heatmaps))
 
 
 def _union_schema():
@@ -108,23 +143,67 @@ def scan_row(
     group: dict[str, np.ndarray],
     out: str,
     threshold: float | None,
-    heatmaps: tuple[int, int] | None,
+    heatmaps: tuple | None,
 ) -> dict[str, Any]:
     """One scan's union rows -> its summary (+ heatmap) row; [] when nothing was scored."""
-    from anogan_batch.heatmaps import MAP_COLUMNS, render_scan
-
     # one order for a scan's rows, whatever order the shuffle delivered them in: float sums
     # (mean, std, the stitched heatmap) then come out bit for bit the same on every run
     order = np.lexsort((group["y"], group["x"], group["kind"]))
     group = {k: v[order] for k, v in group.items()}
-    kind = group["kind"]
-    scored = kind == SCORE
+    scored = group["kind"] == SCORE
     if not scored.any():  # every patch of this scan was masked or quarantined
         return {k: [] for k in SUMMARY_COLUMNS + (MAP_COLUMNS if heatmaps else ())}
     row = scan_summary({k: v[scored] for k, v in group.items()}, threshold)
     if heatmaps:
-        row |= render_scan(group, out, *heatmaps)
+        geometry = HeatmapGeometry(*heatmaps)
+        residual, image, recorded = scan_tiles(group, geometry)
+        overlay = JobLayout(out).overlay(str(group["scan_id"][0]))
+        row |= render_scan(residual, image, geometry.size, overlay, recorded)
     return row
+
+
+def scan_tiles(
+    group: dict[str, np.ndarray], geometry: HeatmapGeometry
+) -> tuple[list, list, tuple[int, int] | None]:
+    """A scan's union rows -> (residual tiles, pixel tiles in [0, 1], recorded (height, width)).
+
+    Residual maps are the job's own output. Pixels and sizes come from the input table: a row
+    whose dtype is not a pixel dtype, whose bytes do not fill a patch, or whose size is not
+    positive is left out of the picture (its patch was quarantined or never scored).
+    """
+    size, channels = geometry.size, geometry.channels
+    residual, image, recorded = [], [], None
+    for i in range(len(group["kind"])):
+        kind, x, y = group["kind"][i], _position(group["x"][i]), _position(group["y"][i])
+        if x is None or y is None:
+            continue
+        if kind == SIZE:
+            if x > 0 and y > 0 and recorded is None:  # the size rides in x (width), y (height)
+                recorded = (y, x)
+            continue
+        dtype = "float32" if kind == SCORE else (group["dtype"][i] or geometry.dtype)
+        tile = _tile(group["data"][i], dtype, size, channels)
+        if tile is None:
+            continue
+        if kind == SCORE:
+            residual.append((x, y, tile))
+        else:
+            image.append((x, y, tile / PIXEL_MAX[dtype]))
+    return residual, image, recorded
+
+
+def _position(value) -> int | None:
+    """An x, y (or size) value of the union rows as an int; None for a null (NaN after numpy)."""
+    return int(value) if value is not None and np.isfinite(value) else None
+
+
+def _tile(data: bytes | None, dtype: str | None, size: int, channels: int) -> np.ndarray | None:
+    """One patch's bytes as float32 (size, size, channels), or None if they are not one."""
+    if data is None or dtype not in DTYPES:
+        return None
+    if len(data) != size * size * channels * DTYPES[dtype].itemsize:
+        return None
+    return np.frombuffer(data, dtype=DTYPES[dtype]).reshape(size, size, channels).astype(np.float32)
 
 
 def _partitions(ds) -> int:
@@ -151,18 +230,18 @@ def task_shuffle() -> Iterator[None]:
         ctx.shuffle_strategy = previous
 
 
-def shuffle_bytes(rows: int, heatmaps: tuple[int, int] | None) -> int:
+def shuffle_bytes(rows: int, heatmaps: tuple | None) -> int:
     """A bound on the shuffle's input for a job of `rows` patches, from its geometry alone
     (no metadata reads): the summary columns, plus with heatmaps a float32 residual map and
     the pixels (at most 4 bytes each) per patch."""
     per_row = 256
     if heatmaps:
-        size, channels = heatmaps
+        size, channels = heatmaps[:2]
         per_row += size * size * channels * 8
     return rows * per_row
 
 
-def groups_in_driver(rows: int, heatmaps: tuple[int, int] | None) -> bool:
+def groups_in_driver(rows: int, heatmaps: tuple | None) -> bool:
     """Whether a job of `rows` patches is small enough to group in the driver."""
     return rows <= LOCAL_ROWS and shuffle_bytes(rows, heatmaps) <= LOCAL_BYTES
 
@@ -172,7 +251,7 @@ def write_scan_tables(
     patches: str,
     *,
     threshold: float | None = None,
-    heatmaps: tuple[int, int] | None = None,
+    heatmaps: tuple | None = None,
     io_cpus: float = 0.5,
     rows: int | None = None,
 ) -> str:
@@ -184,8 +263,9 @@ def write_scan_tables(
     Ray.
     -> "driver" or "ray", where it ran."""
     inputs = _inputs(out, patches, heatmaps)
-    scan_scores = storage.join(out, "scan_scores")
-    target = storage.join(out, "heatmaps") if heatmaps else scan_scores
+    layout = JobLayout(out)
+    scan_scores = layout.scan_scores
+    target = layout.heatmaps if heatmaps else scan_scores
     for path in {target, scan_scores}:
         storage.delete(path)
     args = (out, threshold, heatmaps)
@@ -213,18 +293,16 @@ def write_scan_tables(
     return "ray"
 
 
-def _inputs(
-    out: str, patches: str, heatmaps: tuple[int, int] | None
-) -> list[tuple[str, list[str], str]]:
+def _inputs(out: str, patches: str, heatmaps: tuple | None) -> list[tuple[str, list[str], str]]:
     """(path, columns, kind) of each table the groupby brings together."""
     score_cols = ["scan_id", "x", "y", "anomaly_score", "patch_id", "label"]
     if heatmaps:
         score_cols.append("residual_map")
-    inputs = [(storage.join(out, "patch_scores"), score_cols, SCORE)]
+    inputs = [(JobLayout(out).patch_scores, score_cols, SCORE)]
     if heatmaps:
-        from anogan_batch.tables import open_dataset
+        from anogan_batch.tables import table_columns
 
-        names = open_dataset(patches).schema.names
+        names = table_columns(patches)
         cols = [c for c in ("scan_id", "x", "y", "image", "dtype") if c in names]
         inputs.append((patches, cols, IMAGE))
         scans_file = storage.join(patches, "_scans.parquet")
@@ -248,6 +326,9 @@ def _group_on_ray(inputs, target: str, args: tuple, io_cpus: float) -> None:
     rows = ds.groupby("scan_id", num_partitions=_partitions(ds)).map_groups(
         scan_row, fn_args=args, batch_format="numpy", num_cpus=io_cpus
     )
+    rows = rows.map_batches(
+        _typed, fn_args=(bool(args[2]),), batch_format="pyarrow", num_cpus=io_cpus
+    )
     fs, inner = storage.filesystem_for(target)
     with task_shuffle():
         rows.write_parquet(inner, filesystem=fs, ray_remote_args={"num_cpus": io_cpus})
@@ -261,25 +342,37 @@ def _group_in_driver(inputs, args: tuple):
 
     from anogan_batch.tables import open_dataset
 
-    def read(path: str, columns: list[str]) -> pa.Table:
+    def read(path: str, columns: list[str], kind: str) -> list[pa.Table]:
         if path.endswith(".parquet"):  # _scans.parquet, which a dataset listing skips
             fs, inner = storage.filesystem_for(path)
-            return pq.read_table(inner, filesystem=fs, columns=columns)
-        return open_dataset(path).to_table(columns=columns)
+            return [to_union_rows(pq.read_table(inner, filesystem=fs, columns=columns), kind)]
+        # file by file, each in its own schema: an input table's files may disagree on
+        # integer widths or optional columns, and the union schema takes them all
+        fragments = open_dataset(path).get_fragments()
+        return [
+            to_union_rows(f.to_table(columns=[c for c in columns if c in _stored(f)]), kind)
+            for f in fragments
+        ]
 
     union = pa.concat_tables(
-        [to_union_rows(read(path, cols), kind) for path, cols, kind in inputs]
+        [table for path, cols, kind in inputs for table in read(path, cols, kind)]
     ).sort_by("scan_id")
     columns = {
         name: union.column(name).to_numpy(zero_copy_only=False) for name in union.column_names
     }
     scan_ids = columns["scan_id"]
     starts = np.flatnonzero(np.r_[True, scan_ids[1:] != scan_ids[:-1]])
-    rows: dict[str, list] = {}
+    schema = scan_schema(bool(args[2]))
+    rows: dict[str, list] = {name: [] for name in schema.names}
     for a, b in zip(starts, [*starts[1:], len(scan_ids)], strict=True):
         for k, v in scan_row({k: v[a:b] for k, v in columns.items()}, *args).items():
-            rows.setdefault(k, []).extend(v)
-    return pa.table(rows)
+            rows[k].extend(v)
+    return pa.table({k: pa.array(v, schema.field(k).type) for k, v in rows.items()}, schema)
+
+
+def _stored(fragment) -> list[str]:
+    """The columns stored in one Parquet file (hive partition keys are not needed here)."""
+    return fragment.physical_schema.names
 
 
 def _write_table(table, path: str) -> None:

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from anogan_batch.errors import AnoganError, ConfigError
+from anogan_batch.errors import AnoganError, ConfigError, redact
 
 app = typer.Typer(
     name="anogan-batch",
@@ -63,6 +63,15 @@ def ingest(
         str, typer.Option(help=f"auto (Ray above {256} files), local, or ray")
     ] = "auto",
     rows_per_file: Annotated[int, typer.Option("--rows-per-file")] = 50_000,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(
+            "--max-pixels",
+            help="values one file may decode to (all slices); larger files are quarantined "
+            "before decoding [default: 2^27]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Cut every scan under SRC into P x P patches and write a patch table to OUT.
 
@@ -80,6 +89,7 @@ def ingest(
         min_foreground=min_foreground,
         engine=engine,
         rows_per_file=rows_per_file,
+        **({} if max_pixels is None else {"max_pixels": max_pixels}),
     )
     s = run_ingest(src, out, cfg)
     _echo(
@@ -343,13 +353,13 @@ def heatmap(
     """Fetch one scan's anomaly heatmap by scan_id (and where its overlay PNG is)."""
     import numpy as np
 
-    from anogan_batch import storage
     from anogan_batch.heatmaps import heatmap_for
+    from anogan_batch.layout import JobLayout
 
     heat = heatmap_for(out, scan_id)
     if npy:
         np.save(npy, heat)
-    overlay = storage.join(out, "overlays", scan_id + ".png")
+    overlay = JobLayout(out).overlay(scan_id)
     _echo(
         f"{scan_id}: {heat.shape[0]}x{heat.shape[1]} heatmap, max {heat.max():.3f} at "
         f"(x={int(heat.argmax() % heat.shape[1])}, y={int(heat.argmax() // heat.shape[1])}); "
@@ -449,15 +459,28 @@ def bench(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: exit 0 ok, 2 bad usage or input, 1 anything unexpected.
+    """Console entry point: exit 0 ok, 2 bad usage or input, 1 anything else.
 
     Typer (standalone mode) already turns usage errors into exit 2 and exits; a user error
-    from the library surfaces here as `AnoganError`, the one place it becomes exit 2.
+    from the library surfaces here as `AnoganError`, the one place it becomes exit 2. S3 that
+    stays unreachable past the retry policy is exit 1 with a message naming the endpoint (a
+    rerun resumes); anything else is a bug, exit 1 with its traceback.
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("anogan_batch").setLevel(logging.INFO)
     try:
         app(args=argv, prog_name="anogan-batch")
     except AnoganError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(redact(f"error: {e}"), err=True)
         sys.exit(2)
+    except Exception as e:
+        import traceback
+
+        from anogan_batch.s3 import describe_s3_failure
+
+        message = describe_s3_failure(e)
+        if message is None:  # a bug: exit 1 with its traceback
+            sys.stderr.write(redact(traceback.format_exc()))
+            sys.exit(1)
+        typer.echo(redact(f"error: {message}"), err=True)
+        sys.exit(1)

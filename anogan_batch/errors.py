@@ -29,3 +29,19 @@ class InputError(AnoganError):
 
 class ModelError(AnoganError):
     """A model directory is missing, corrupt, or does not fit the data."""
+
+
+# Credentials a message could carry by accident (an SDK error quoting a request, a URI with
+# user info); they never reach a log, job.json or the terminal.
+SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+def redact(text: str) -> str:
+    """`text` with the value of every credential variable set in this process replaced."""
+    import os
+
+    for name in SECRET_VARIABLES:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:  # a one-letter "secret" would blank unrelated text
+            text = text.replace(value, f"<{name}>")
+    return text

@@ -8,34 +8,53 @@ it the patch grid's extent is used). `render_scan` turns them into:
 - the heatmap: per pixel, the mean over channels of |x - G(z)| (model space, so 0..2), averaged
   over every patch covering the pixel (overlapping strides); pixels no scored patch covers
   (masked background) are 0;
-- OUT/overlays/<scan_id>.png: the scan in gray with the heatmap on top ("hot" colours, opaque
-  where the residual is large). For display only, the heatmap is smoothed by a box blur of
-  radius P/7 (single-pixel stroke misalignments are not lesions) and mapped from
-  [HEAT_FLOOR, HEAT_SCALE] onto the colour scale. The scale is fixed, not per scan, so
-  overlays compare across scans and jobs.
+- the overlay PNG (OUT/overlays/, named by `layout.file_stem(scan_id)`): the scan in gray with
+  the heatmap on top ("hot" colours, opaque where the residual is large). For display only,
+  the heatmap is smoothed by a box blur of radius P/7 (single-pixel stroke misalignments are
+  not lesions) and mapped from [HEAT_FLOOR, HEAT_SCALE] onto the colour scale. The scale is
+  fixed, not per scan, so overlays compare across scans and jobs.
+
+Positions and sizes come from input tables, so they are bounded before they size an array: a
+tile outside its scan is left out, and a scan larger than MAX_HEATMAP_PIXELS gets no heatmap
+(`heatmap_skipped` says why) rather than an allocation the data asked for.
 
 OUT/heatmaps/ is a Parquet table, one row per scan: the scan_scores columns plus height, width,
-heatmap (float32 little-endian bytes, row-major height x width), max_heat, mean_heat and
-overlay (path of the PNG).
+heatmap (float32 little-endian bytes, row-major height x width), max_heat, mean_heat, overlay
+(path of the PNG) and heatmap_skipped.
 `heatmap_for(OUT, scan_id)` fetches one scan's map, reading only the row groups whose scan_id
 statistics can match.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from anogan_batch import storage
-from anogan_batch.patches import PIXEL_MAX
 
 HEAT_FLOOR = 0.1  # smoothed residual per pixel below which nothing is drawn
 HEAT_SCALE = 0.35  # smoothed residual shown at full colour (model space spans 0..2)
-MAP_COLUMNS = ("height", "width", "heatmap", "max_heat", "mean_heat", "overlay")
+# Largest scan (height x width) that gets a heatmap: its stitching holds a few float64 copies
+# of it, about 1 GiB at this size.
+MAX_HEATMAP_PIXELS = 2**25
+MAP_COLUMNS = (
+    "height", "width", "heatmap", "max_heat", "mean_heat", "overlay", "heatmap_skipped",
+)  # fmt: skip
+
+Tile = tuple[int, int, np.ndarray]  # (x, y, pixels (P, P, C))
 
 
-def stitch(
-    tiles: list[tuple[int, int, np.ndarray]], height: int, width: int
-) -> tuple[np.ndarray, np.ndarray]:
+class HeatmapGeometry(NamedTuple):
+    """What a job's tiles look like: the model's patch side, channels and stored dtype (the
+    pixel dtype of rows whose table has no `dtype` column)."""
+
+    size: int
+    channels: int
+    dtype: str | None = None
+
+
+def stitch(tiles: list[Tile], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """(x, y, tile (P, P, C)) -> (mean-over-overlaps image (H, W, C), coverage count (H, W))."""
     channels = tiles[0][2].shape[2] if tiles else 1
     total = np.zeros((height, width, channels), dtype=np.float64)
@@ -72,32 +91,44 @@ def colorize(scan: np.ndarray, heat: np.ndarray, radius: int = 0) -> np.ndarray:
     return np.rint((base * (1 - alpha) + hot * alpha) * 255).astype(np.uint8)
 
 
-def render_scan(group: dict[str, np.ndarray], out: str, size: int, channels: int) -> dict:
-    """One scan's shuffle rows (see aggregate.py) -> its heatmap columns; writes its overlay
-    PNG as a side effect (named by scan_id, so a retried task overwrites it)."""
-    from anogan_batch.aggregate import IMAGE, SCORE, SIZE
+def canvas_size(residual: list[Tile], image: list[Tile], size: int, recorded) -> tuple[int, int]:
+    """(height, width) of a scan: as ingest recorded it, else the patch grid's extent."""
+    if recorded is not None:
+        return recorded
+    tiles = residual + image
+    return max(y for _, y, _ in tiles) + size, max(x for x, _, _ in tiles) + size
+
+
+def inside(tiles: list[Tile], height: int, width: int) -> list[Tile]:
+    """The tiles that lie wholly inside a height x width scan."""
+    return [
+        (x, y, t)
+        for x, y, t in tiles
+        if x >= 0 and y >= 0 and x + t.shape[1] <= width and y + t.shape[0] <= height
+    ]
+
+
+def render_scan(
+    residual: list[Tile],
+    image: list[Tile],
+    size: int,
+    overlay: str,
+    recorded: tuple[int, int] | None = None,
+) -> dict:
+    """One scan's residual tiles and pixel tiles (scaled to [0, 1]) -> its heatmap columns;
+    writes the overlay PNG to `overlay` as a side effect (a retried task overwrites it).
+    `recorded`: the scan's (height, width) from ingest, when known."""
     from anogan_batch.plots import png_bytes
 
-    scan_id = str(group["scan_id"][0])
-    kinds = group["kind"]
-    residual, image = [], []
-    for i in np.flatnonzero(kinds != SIZE):
-        dtype = str(group["dtype"][i])
-        tile = np.frombuffer(group["data"][i], dtype=np.dtype(dtype).newbyteorder("<"))
-        tile = tile.reshape(size, size, channels).astype(np.float32)
-        if kinds[i] == SCORE:
-            residual.append((int(group["x"][i]), int(group["y"][i]), tile))
-        elif kinds[i] == IMAGE:
-            image.append((int(group["x"][i]), int(group["y"][i]), tile / PIXEL_MAX.get(dtype, 1.0)))
-    sizes = np.flatnonzero(kinds == SIZE)
-    if len(sizes):
-        width, height = int(group["x"][sizes[0]]), int(group["y"][sizes[0]])
-    else:  # not ingested by us: the patch grid's extent
-        width = max(x for x, _, _ in residual + image) + size
-        height = max(y for _, y, _ in residual + image) + size
+    height, width = canvas_size(residual, image, size, recorded)
+    if height * width > MAX_HEATMAP_PIXELS:
+        return _skipped(
+            height, width, f"scan is {height}x{width}, over the {MAX_HEATMAP_PIXELS:,}-pixel "
+            "heatmap limit",
+        )  # fmt: skip
+    residual, image = inside(residual, height, width), inside(image, height, width)
     heat = stitch(residual, height, width)[0].mean(axis=2).astype(np.float32)
     scan = stitch(image, height, width)[0] if image else np.zeros((height, width, 1), np.float32)
-    overlay = storage.join(out, "overlays", scan_id + ".png")
     storage.write_bytes(overlay, png_bytes(colorize(scan, heat, max(1, size // 7))))
     return {
         "height": np.array([height], dtype=np.int32),
@@ -106,6 +137,20 @@ def render_scan(group: dict[str, np.ndarray], out: str, size: int, channels: int
         "max_heat": [float(heat.max())],
         "mean_heat": [float(heat.mean())],
         "overlay": [overlay],
+        "heatmap_skipped": [None],
+    }
+
+
+def _skipped(height: int, width: int, why: str) -> dict:
+    bounded = [min(v, np.iinfo(np.int32).max) for v in (height, width)]
+    return {
+        "height": np.array(bounded[:1], dtype=np.int32),
+        "width": np.array(bounded[1:], dtype=np.int32),
+        "heatmap": [None],
+        "max_heat": [None],
+        "mean_heat": [None],
+        "overlay": [None],
+        "heatmap_skipped": [why],
     }
 
 
@@ -114,13 +159,16 @@ def heatmap_for(out: str, scan_id: str) -> np.ndarray:
     import pyarrow.dataset as pads
 
     from anogan_batch.errors import InputError
+    from anogan_batch.layout import JobLayout
     from anogan_batch.tables import open_dataset
 
-    ds = open_dataset(storage.join(out, "heatmaps"))
-    rows = ds.to_table(
-        columns=["height", "width", "heatmap"], filter=pads.field("scan_id") == scan_id
-    )
+    ds = open_dataset(JobLayout(out).heatmaps)
+    columns = [c for c in ("height", "width", "heatmap", "heatmap_skipped") if c in ds.schema.names]
+    rows = ds.to_table(columns=columns, filter=pads.field("scan_id") == scan_id)
     if rows.num_rows == 0:
-        raise InputError(f"no heatmap for scan_id '{scan_id}' in '{out}/heatmaps'")
+        raise InputError(f"no heatmap for scan_id {scan_id!r} in '{out}/heatmaps'")
+    if rows.column("heatmap")[0].as_py() is None:
+        why = rows.column("heatmap_skipped")[0].as_py() if "heatmap_skipped" in columns else None
+        raise InputError(f"scan_id {scan_id!r} has no heatmap: {why}")
     h, w = rows.column("height")[0].as_py(), rows.column("width")[0].as_py()
     return np.frombuffer(rows.column("heatmap")[0].as_py(), dtype="<f4").reshape(h, w)

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import posixpath
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,9 +34,14 @@ from anogan_batch.config import check_choice, check_float, check_int
 from anogan_batch.errors import InputError
 from anogan_batch.patches import PATCH_SCHEMA, encode_pixels, patch_id_for
 from anogan_batch.readers import READERS, ReadOptions, foreground_mask, to_stored
+from anogan_batch.storage import Listed
 
 ENGINES = ("auto", "local", "ray")
 AUTO_RAY_FILES = 256  # `auto` uses Ray above this many files (or when RAY_ADDRESS is set)
+# Values decoded from one file at most (all its slices): 512 CT slices of 512 x 512. Sizes come
+# from headers that anyone can write, so they are checked before anything is allocated.
+MAX_PIXELS = 2**27
+VOLUME_SUFFIXES = (".npy", ".tif", ".tiff", ".dcm", ".dicom")  # files whose slices get '@0007'
 SCAN_FIELDS = (
     "path", "scan_id", "label", "height", "width", "channels", "dtype",
     "n_patches", "n_skipped", "normalisation", "reason",
@@ -52,6 +58,7 @@ class IngestConfig:
     window: tuple[float, float] | None = None  # (center, width), source units
     min_foreground: float = 0.0  # skip patches with less Otsu foreground than this
     engine: str = "auto"
+    max_pixels: int = MAX_PIXELS  # per file: a larger one is refused before it is decoded
 
     def __post_init__(self) -> None:
         check_int("patch_size", self.patch_size, min_value=4)
@@ -61,6 +68,7 @@ class IngestConfig:
         check_choice("slice_axis", self.slice_axis, (-3, -2, -1, 0, 1, 2))
         check_float("min_foreground", self.min_foreground, low=0.0, high=1.0)
         check_choice("engine", self.engine, ENGINES)
+        check_int("max_pixels", self.max_pixels, min_value=1)
         if self.window is not None:
             check_float("window center", self.window[0])
             check_float("window width", self.window[1], low=0.0, low_open=True)
@@ -71,7 +79,14 @@ class IngestConfig:
 
     @property
     def read_options(self) -> ReadOptions:
-        return ReadOptions(slice_axis=self.slice_axis, window=self.window)
+        return ReadOptions(
+            slice_axis=self.slice_axis, window=self.window, max_pixels=self.max_pixels
+        )
+
+    @property
+    def max_file_bytes(self) -> int:
+        """Largest file read: its pixels as float64 plus room for headers and metadata."""
+        return 8 * self.max_pixels + 2**24
 
 
 @dataclass
@@ -103,16 +118,59 @@ def cut_patches(pixels: np.ndarray, patch: int, step: int) -> Iterator[tuple[int
             yield x, y, pixels[y : y + patch, x : x + patch]
 
 
-def scan_id_for(src: str, path: str) -> str:
-    """The file's path relative to SRC, without extension, with '/' separators."""
-    rel = path[len(src.rstrip("/")) + 1 :] if path != src else posixpath.basename(path)
-    rel = rel.replace("\\", "/")
-    return rel.rsplit(".", 1)[0] if "." in posixpath.basename(rel) else rel
+def scan_id_for(name: str) -> str:
+    """A file's scan_id: its path relative to SRC ('/'-separated), without the extension."""
+    return name.rsplit(".", 1)[0] if "." in posixpath.basename(name) else name
 
 
-def label_for(src: str, path: str) -> str:
-    parent = posixpath.dirname(path.replace("\\", "/"))
-    return posixpath.basename(parent) or posixpath.basename(src.rstrip("/"))
+def label_for(src: str, name: str) -> str:
+    """--label-from-parent: the folder holding the file (SRC's own name for files at the top)."""
+    return posixpath.basename(posixpath.dirname(name)) or posixpath.basename(src.rstrip("/"))
+
+
+def plan_files(src: str, cfg: IngestConfig) -> tuple[list[Listed], list[dict]]:
+    """The files under SRC to ingest, and a scan row with the reason for each one that is not:
+    what `storage.walk` could not open, files over `max_file_bytes`, and files whose scan_id
+    another file already has ('a.png' and 'a.npy'; 'ct@0003.png' beside volume 'ct.npy'):
+    two files must never write the same patch_ids. The first by name keeps the id."""
+    files, refused = [], []
+    for f in storage.walk(src):
+        if f.problem is not None:
+            refused.append(_scan_row(f.shown, reason=f.problem))
+        elif f.size > cfg.max_file_bytes:
+            why = f"file is {f.size:,} bytes, over the {cfg.max_file_bytes:,} a scan may have"
+            refused.append(_scan_row(f.shown, reason=why + " (see --max-pixels)"))
+        else:
+            files.append(f)
+    owner: dict[str, Listed] = {}
+    volumes = set()
+    for f in files:
+        if _suffix(f.name) in READERS:
+            owner.setdefault(scan_id_for(f.name), f)
+            if _suffix(f.name) in VOLUME_SUFFIXES:
+                volumes.add(scan_id_for(f.name))
+    kept = []
+    for f in files:
+        scan_id = scan_id_for(f.name)
+        first = owner.get(scan_id)
+        slice_of = SLICE_ID.fullmatch(scan_id)
+        if first is not None and first is not f:
+            why = f"scan_id {scan_id!r} is already the id of '{first.name}'; rename one of them"
+            refused.append(_scan_row(f.shown, scan_id=scan_id, reason=why))
+        elif first is f and slice_of and slice_of.group(1) in volumes:
+            volume = owner[slice_of.group(1)].name
+            why = f"scan_id {scan_id!r} may be a slice id of volume '{volume}'; rename it"
+            refused.append(_scan_row(f.shown, scan_id=scan_id, reason=why))
+        else:
+            kept.append(f)
+    return kept, refused
+
+
+SLICE_ID = re.compile(r"(.*)@\d{4,}")
+
+
+def _suffix(name: str) -> str:
+    return posixpath.splitext(name)[1].lower()
 
 
 def _scan_row(path: str, **values) -> dict:
@@ -121,72 +179,99 @@ def _scan_row(path: str, **values) -> dict:
     return row
 
 
-def process_file(path: str, src: str, cfg: IngestConfig) -> tuple[list[dict], list[dict]]:
+def read_file(f: Listed, limit: int) -> bytes:
+    """A scan file's bytes, never more than `limit` (a file may have grown since listing)."""
+    if storage.is_s3(f.path):
+        raw = storage.read_bytes(f.path)
+    else:
+        with open(f.path, "rb") as fh:
+            raw = fh.read(limit + 1)
+    if len(raw) > limit:
+        raise ValueError(f"file is over the {limit:,} bytes a scan may have (see --max-pixels)")
+    return raw
+
+
+def process_file(f: Listed, src: str, cfg: IngestConfig) -> tuple[list[dict], list[dict]]:
     """One scan file -> (patch rows, one scan row per image or a row with the reason)."""
-    ext = posixpath.splitext(path)[1].lower()
+    path = f.shown
+    ext = _suffix(f.name)
     reader = READERS.get(ext)
     if reader is None:
         return [], [_scan_row(path, reason=f"unsupported format '{ext or '(none)'}'")]
     try:
-        raw = storage.read_bytes(path)
+        raw = read_file(f, cfg.max_file_bytes)
         if not raw:
             raise ValueError("file is empty (0 bytes)")
         images = reader(raw, cfg.read_options)
     except Exception as e:  # any decoder error means this one file is unreadable
-        return [], [_scan_row(path, reason=f"unreadable {ext} file: {e}")]
-    base_id = scan_id_for(src, path)
-    label = label_for(src, path) if cfg.label_from_parent else None
-    size = cfg.patch_size
+        return [], [_scan_row(path, reason=f"unreadable {ext} file: {_one_line(e)}")]
+    base_id = scan_id_for(f.name)
+    label = label_for(src, f.name) if cfg.label_from_parent else None
     rows: list[dict] = []
     scans: list[dict] = []
     for img in images:
-        scan_id = base_id + img.suffix
+        where, scan_id = path + img.suffix, base_id + img.suffix
         try:
             pixels, norm = to_stored(img, cfg.read_options)
-        except ValueError as e:
-            scans.append(_scan_row(path + img.suffix, scan_id=scan_id, reason=str(e)))
+            image_rows, skipped = cut_scan(pixels, scan_id, label, cfg)
+        except Exception as e:  # this image's values cannot be stored or cut
+            scans.append(_scan_row(where, scan_id=scan_id, reason=_one_line(e)))
             continue
         h, w, c = pixels.shape
-        if h < size or w < size:
-            reason = f"image is {h}x{w}, smaller than the {size}px patch"
-            scans.append(_scan_row(path + img.suffix, scan_id=scan_id, reason=reason))
-            continue
-        mask = foreground_mask(pixels) if cfg.min_foreground > 0 else None
-        n_patches = n_skipped = 0
-        for x, y, patch in cut_patches(pixels, size, cfg.step):
-            if mask is not None and mask[y : y + size, x : x + size].mean() < cfg.min_foreground:
-                n_skipped += 1
-                continue
-            rows.append(
-                {
-                    "patch_id": patch_id_for(scan_id, x, y, size),
-                    "scan_id": scan_id,
-                    "x": x,
-                    "y": y,
-                    "image": encode_pixels(patch),
-                    "height": size,
-                    "width": size,
-                    "channels": c,
-                    "dtype": patch.dtype.name,
-                    "label": label,
-                }
-            )
-            n_patches += 1
+        rows.extend(image_rows)
         scans.append(
             _scan_row(
-                path + img.suffix,
+                where,
                 scan_id=scan_id,
                 label=label,
                 height=h,
                 width=w,
                 channels=c,
                 dtype=pixels.dtype.name,
-                n_patches=n_patches,
-                n_skipped=n_skipped,
+                n_patches=len(image_rows),
+                n_skipped=skipped,
                 normalisation=json.dumps(norm, sort_keys=True),
             )
         )
     return rows, scans
+
+
+def cut_scan(
+    pixels: np.ndarray, scan_id: str, label: str | None, cfg: IngestConfig
+) -> tuple[list[dict], int]:
+    """One stored image (H, W, C) -> (its patch rows, patches skipped below --min-foreground).
+    ValueError when it is smaller than a patch."""
+    h, w, c = pixels.shape
+    size = cfg.patch_size
+    if h < size or w < size:
+        raise ValueError(f"image is {h}x{w}, smaller than the {size}px patch")
+    mask = foreground_mask(pixels) if cfg.min_foreground > 0 else None
+    rows, skipped = [], 0
+    for x, y, patch in cut_patches(pixels, size, cfg.step):
+        if mask is not None and mask[y : y + size, x : x + size].mean() < cfg.min_foreground:
+            skipped += 1
+            continue
+        rows.append(
+            {
+                "patch_id": patch_id_for(scan_id, x, y, size),
+                "scan_id": scan_id,
+                "x": x,
+                "y": y,
+                "image": encode_pixels(patch),
+                "height": size,
+                "width": size,
+                "channels": c,
+                "dtype": patch.dtype.name,
+                "label": label,
+            }
+        )
+    return rows, skipped
+
+
+def _one_line(e: Exception) -> str:
+    """An exception as one short line for a reason column (decoders write long ones)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return re.sub(r" at 0x[0-9a-f]+", "", text)[:300]  # no memory addresses: reruns agree
 
 
 def _write_part(out: str, name: str, rows: list[dict]) -> None:
@@ -199,14 +284,14 @@ def _write_part(out: str, name: str, rows: list[dict]) -> None:
         pq.write_table(table, f, compression="zstd")
 
 
-def ingest_chunk(paths: list[str], src: str, out: str, cfg: IngestConfig) -> list[dict]:
+def ingest_chunk(files: list[Listed], src: str, out: str, cfg: IngestConfig) -> list[dict]:
     """Ingest a chunk of files: write its parts, return its scan rows. Idempotent."""
-    key = hashlib.sha1(paths[0].encode()).hexdigest()[:16]
+    key = hashlib.sha1(files[0].name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     pending: list[dict] = []
     scans: list[dict] = []
     parts = 0
-    for path in paths:
-        rows, file_scans = process_file(path, src, cfg)
+    for f in files:
+        rows, file_scans = process_file(f, src, cfg)
         pending.extend(rows)
         scans.extend(file_scans)
         while len(pending) >= cfg.rows_per_file:
@@ -220,7 +305,11 @@ def ingest_chunk(paths: list[str], src: str, out: str, cfg: IngestConfig) -> lis
 def _ray_ingest_batch(batch: dict, src: str, out: str, cfg: IngestConfig):
     import pyarrow as pa
 
-    scans = ingest_chunk([str(p) for p in batch["path"]], src, out, cfg)
+    files = [
+        Listed(os.fsdecode(bytes(p)), str(n), int(z))
+        for p, n, z in zip(batch["path"], batch["name"], batch["size"], strict=True)
+    ]
+    scans = ingest_chunk(files, src, out, cfg)
     return pa.Table.from_pylist(scans, schema=_scan_schema())
 
 
@@ -237,7 +326,7 @@ def _use_ray(cfg: IngestConfig, n_files: int) -> bool:
     return n_files > AUTO_RAY_FILES or bool(os.environ.get("RAY_ADDRESS"))
 
 
-def _run_chunks(files: list[str], src: str, out: str, cfg: IngestConfig, use_ray: bool) -> list:
+def _run_chunks(files: list[Listed], src: str, out: str, cfg: IngestConfig, use_ray: bool) -> list:
     if not use_ray:
         return ingest_chunk(files, src, out, cfg)
     import pyarrow as pa
@@ -251,7 +340,9 @@ def _run_chunks(files: list[str], src: str, out: str, cfg: IngestConfig, use_ray
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
     # several chunks per CPU so a slow file does not leave the rest idle
     n_chunks = max(1, min(len(files), 4 * cpus))
-    ds = ray.data.from_items([{"path": p} for p in files], override_num_blocks=n_chunks)
+    # paths travel as bytes: a local file name need not be UTF-8, and Arrow strings must be
+    items = [{"path": os.fsencode(f.path), "name": f.name, "size": f.size} for f in files]
+    ds = ray.data.from_items(items, override_num_blocks=n_chunks)
     ds = ds.map_batches(
         _ray_ingest_batch,
         fn_args=(src, out, cfg),
@@ -283,18 +374,18 @@ def ingest(src: str, out: str, cfg: IngestConfig) -> IngestSummary:
     started = time.time()
     if not storage.exists(src) and not storage.is_dir(src):
         raise InputError(f"scan source '{src}' does not exist")
-    files = storage.list_files(src)
-    if not files:
+    files, refused = plan_files(src, cfg)
+    if not files and not refused:
         raise InputError(f"scan source '{src}' holds no files")
     _prepare_out(out)
     use_ray = _use_ray(cfg, len(files))
-    scans = _run_chunks(files, src, out, cfg, use_ray)
+    scans = refused + (_run_chunks(files, src, out, cfg, use_ray) if files else [])
 
     good = [s for s in scans if s["reason"] is None]
     bad = [s for s in scans if s["reason"] is not None]
     norms = sorted({s["normalisation"] for s in good})
     summary = IngestSummary(
-        files=len(files),
+        files=len(files) + len(refused),
         scans=len(good),
         patches=sum(s["n_patches"] for s in good),
         skipped_patches=sum(s["n_skipped"] for s in good),

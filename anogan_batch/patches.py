@@ -69,8 +69,17 @@ def encode_pixels(pixels: np.ndarray) -> bytes:
     return np.ascontiguousarray(pixels, dtype=DTYPES[name]).tobytes()
 
 
+STRING_COLUMNS = ("patch_id", "scan_id", "label", "dtype")
+INT_COLUMNS = ("x", "y", "height", "width", "channels")
+POSITION_MAX = 2**31 - 1  # x and y are int32 in every output table
+
+
 def check_columns(schema: pa.Schema, where: str) -> None:
-    """Raise InputError naming the first required column that is missing or mistyped."""
+    """Raise InputError naming the first required column that is missing or mistyped.
+
+    An optional column whose every value is null (Parquet type `null`, as pandas writes an
+    empty column) is accepted; a required one is not.
+    """
     names = set(schema.names)
     for col in REQUIRED_COLUMNS:
         if col not in names:
@@ -78,27 +87,53 @@ def check_columns(schema: pa.Schema, where: str) -> None:
                 f"patch table '{where}' has no column '{col}'; required columns are "
                 f"{', '.join(REQUIRED_COLUMNS)} (found: {', '.join(schema.names) or 'none'})"
             )
-    for col in ("patch_id", "scan_id", "label", "dtype"):
-        if (
-            col in names
-            and not pa.types.is_string(schema.field(col).type)
-            and not (pa.types.is_large_string(schema.field(col).type))
-        ):
+    for col in names & set(STRING_COLUMNS + INT_COLUMNS + ("image",)):
+        typ = schema.field(col).type
+        if pa.types.is_null(typ):
+            if col in REQUIRED_COLUMNS:
+                raise InputError(
+                    f"patch table '{where}': column '{col}' is null in every row (type null); "
+                    "it is required"
+                )
+        elif col == "image" and not (pa.types.is_binary(typ) or pa.types.is_large_binary(typ)):
             raise InputError(
-                f"patch table '{where}': column '{col}' must be string, "
-                f"found {schema.field(col).type}"
+                f"patch table '{where}': column 'image' must be binary (raw pixels), found {typ}"
             )
-    image_type = schema.field("image").type
-    if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
-        raise InputError(
-            f"patch table '{where}': column 'image' must be binary (raw pixels), found {image_type}"
-        )
+        elif col in STRING_COLUMNS and not (
+            pa.types.is_string(typ) or pa.types.is_large_string(typ)
+        ):
+            raise InputError(f"patch table '{where}': column '{col}' must be string, found {typ}")
+        elif col in INT_COLUMNS and not pa.types.is_integer(typ):
+            raise InputError(f"patch table '{where}': column '{col}' must be integer, found {typ}")
 
 
-def _column(table: pa.Table, name: str) -> np.ndarray | None:
+def int32_or_null(table: pa.Table, name: str) -> pa.Array:
+    """An integer column as int32, null where it is null, absent or does not fit int32."""
     if name not in table.column_names:
-        return None
-    return table.column(name).to_numpy(zero_copy_only=False)
+        return pa.nulls(table.num_rows, pa.int32())
+    values = table.column(name).to_pylist()
+    return pa.array([v if v is not None and -(2**31) <= v < 2**31 else None for v in values],
+                    pa.int32())  # fmt: skip
+
+
+def identity_problems(table: pa.Table) -> list[str | None]:
+    """Why each row cannot be placed (null ids, bad x/y), or None: checked before pixels.
+    Columns the caller did not read (training reads no positions) are not checked."""
+    n = table.num_rows
+    reasons: list[str | None] = [None] * n
+    names = [c for c in ("patch_id", "scan_id", "x", "y") if c in table.column_names]
+    columns = {c: table.column(c).to_pylist() for c in names}
+    for i in range(n):
+        for col in names:
+            value = columns[col][i]
+            if value is None:
+                reasons[i] = f"{col} is null"
+            elif col in ("x", "y") and not 0 <= value <= POSITION_MAX:
+                reasons[i] = f"{col} is {value}, outside 0..{POSITION_MAX}"
+            else:
+                continue
+            break
+    return reasons
 
 
 def row_problem(
@@ -120,11 +155,22 @@ def row_problem(
     return None
 
 
+def _shapes(table: pa.Table) -> list[tuple[int, int, int] | None]:
+    """Each row's (height, width, channels), or None where the table does not say (columns
+    absent, or a null in the row): such a row is checked by its byte length alone."""
+    n = table.num_rows
+    if not all(c in table.column_names for c in ("height", "width", "channels")):
+        return [None] * n
+    h, w, c = (table.column(name).to_pylist() for name in ("height", "width", "channels"))
+    return [None if None in s else s for s in zip(h, w, c, strict=True)]
+
+
 def decode_patches(table: pa.Table, spec: PatchSpec) -> tuple[np.ndarray, list[str | None]]:
     """Decode the `image` column into pixels (n, S, S, C) and a reason per bad row (else None).
 
-    Bad rows get zeros in `pixels`; the caller must not score them. NaN and inf pixels of
-    float32 tables are bad rows, as is a null `patch_id`.
+    Bad rows get zeros in `pixels`; the caller must not score them. A row is bad when its
+    id, scan or position cannot be recorded (`identity_problems`), when its bytes are not one
+    patch of the model's shape and dtype, or when a float32 patch holds NaN or inf.
     """
     n = table.num_rows
     reasons: list[str | None] = [None] * n
@@ -133,27 +179,23 @@ def decode_patches(table: pa.Table, spec: PatchSpec) -> tuple[np.ndarray, list[s
         return pixels, reasons
 
     images = table.column("image").combine_chunks()
-    heights, widths, chans = (_column(table, c) for c in ("height", "width", "channels"))
-    dtypes = _column(table, "dtype")
-    patch_ids = table.column("patch_id")
-    id_nulls = patch_ids.is_null().to_numpy(zero_copy_only=False)
+    if pa.types.is_null(images.type):
+        images = pa.nulls(n, pa.binary())
+    shapes = _shapes(table)
+    dtypes = table.column("dtype").to_pylist() if "dtype" in table.column_names else [None] * n
+    reasons = identity_problems(table)
 
-    values = images.to_pylist() if images.null_count else None
+    nulls = images.is_null().to_numpy(zero_copy_only=False)
     offsets = np.frombuffer(images.buffers()[1], dtype=_offset_dtype(images.type))
     offsets = offsets[images.offset : images.offset + n + 1]
     lengths = np.diff(offsets)
     data = images.buffers()[2]
     count = spec.size * spec.size * spec.channels
     for i in range(n):
-        if id_nulls[i]:
-            reasons[i] = "patch_id is null"
+        if reasons[i] is not None:
             continue
-        null = values is not None and values[i] is None
-        shape = None
-        if heights is not None and widths is not None and chans is not None:
-            shape = (int(heights[i]), int(widths[i]), int(chans[i]))
-        dtype = None if dtypes is None or dtypes[i] is None else str(dtypes[i])
-        reasons[i] = row_problem(spec, None if null else int(lengths[i]), shape, dtype)
+        nbytes = None if nulls[i] else int(lengths[i])
+        reasons[i] = row_problem(spec, nbytes, shapes[i], dtypes[i])
         if reasons[i] is None:
             start = int(offsets[i])
             row = np.frombuffer(data, dtype=DTYPES[spec.dtype], count=count, offset=start)

@@ -19,12 +19,13 @@ import logging
 import math
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from anogan_batch import storage
 from anogan_batch.config import check_choice, check_float, check_int
-from anogan_batch.errors import InputError
+from anogan_batch.errors import ConfigError, InputError
 from anogan_batch.search import SearchConfig
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ INPUT_COLUMNS = (
 QUARANTINE_COLUMNS = ("patch_id", "scan_id", "x", "y", "label", "reason", "job_id", "model_id")
 PARTITION_COLUMN = "job_id"
 CHECKPOINT_DIR = "_checkpoint"
+# a job id names a partition folder (patch_scores/job_id=<id>), so it is a safe file name
+JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,10 @@ class ScoreJobConfig:
         if self.threshold is not None:
             check_float("threshold", self.threshold)
         check_float("target_file_mb", self.target_file_mb, low=0.0, low_open=True)
+        if self.job_id is not None and not JOB_ID.fullmatch(self.job_id):
+            raise ConfigError(
+                "job_id", self.job_id, "use 1-128 letters, digits, '.', '_' or '-', not first '.'"
+            )
         from anogan_batch.warehouse import TABLE_FORMATS
 
         check_choice("table_format", self.table_format, TABLE_FORMATS)
@@ -197,6 +204,10 @@ def quiet_ray_data() -> None:
     # Our own progress line replaces Ray Data's per-operator bars and their log spam.
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # One retry policy for S3, ours (s3.py), not Ray's on top of it: Ray's own I/O retry
+    # (10 tries, backoff to 32 s, on top of the SDK's) would stretch a dead endpoint's
+    # failure to many minutes.
+    ctx.retried_io_errors = []
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
@@ -271,20 +282,26 @@ def recover_pending(out: str) -> int:
     return len(pending)
 
 
-def build_pipeline(cfg: ScoreJobConfig, res: Resources, job_id: str, model_id: str, progress=None):
-    """read_parquet -> map_batches(PatchScorer) on an actor pool; the caller writes it."""
+def build_pipeline(
+    cfg: ScoreJobConfig,
+    res: Resources,
+    job_id: str,
+    model_id: str,
+    columns: tuple[str, ...],
+    progress=None,
+):
+    """read_parquet -> map_batches(PatchScorer) on an actor pool; the caller writes it.
+    `columns`: the patch table's, over all its files (a file without one reads it as null)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
     from anogan_batch.scorer import PatchScorer
-    from anogan_batch.tables import open_patch_table
 
-    names = open_patch_table(cfg.patches).schema.names
     fs, inner = storage.filesystem_for(cfg.patches)
     ds = ray.data.read_parquet(
         inner,
         filesystem=fs,
-        columns=[c for c in INPUT_COLUMNS if c in names],
+        columns=[c for c in INPUT_COLUMNS if c in columns],
         num_cpus=IO_CPUS,
         file_extensions=["parquet", "parq", "pq"],
     )

@@ -22,6 +22,7 @@ A new format is a function `(raw: bytes, opts: ReadOptions) -> list[Image]` and 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +33,17 @@ import numpy as np
 class ReadOptions:
     slice_axis: int = 0  # which axis of a 3-D NPY volume indexes its slices
     window: tuple[float, float] | None = None  # (center, width) in source units
+    max_pixels: int = 2**27  # values one file may decode to, all slices and channels
+
+
+def check_size(declared: int, opts: ReadOptions, what: str) -> None:
+    """Refuse a file whose header declares more values than `max_pixels`, before decoding:
+    the header is the file's word, and a 30-byte header can ask for terabytes."""
+    if declared > opts.max_pixels:
+        raise ValueError(
+            f"{what} declares {declared:,} values, over the limit of {opts.max_pixels:,} "
+            "(a decompression bomb, or raise --max-pixels)"
+        )
 
 
 @dataclass
@@ -56,9 +68,19 @@ def _slices(arrays: list[np.ndarray]) -> list[Image]:
 
 def read_pil(raw: bytes, opts: ReadOptions) -> list[Image]:
     """PNG / JPEG via Pillow: 8-bit gray or RGB, 16-bit gray; alpha and palettes dropped."""
+    import warnings
+
     from PIL import Image as PILImage
 
-    with PILImage.open(io.BytesIO(raw)) as img:
+    # check_size below replaces Pillow's own bomb check (a warning, or an error at twice its
+    # fixed limit), so that one limit, --max-pixels, holds for every format
+    PILImage.MAX_IMAGE_PIXELS = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+        img = PILImage.open(io.BytesIO(raw))
+    with img:
+        width, height = img.size
+        check_size(width * height * len(img.getbands()), opts, "image")
         img.load()
         if img.mode.startswith("I;16"):
             arr = np.asarray(img).astype(np.uint16)
@@ -77,6 +99,10 @@ def read_tiff(raw: bytes, opts: ReadOptions) -> list[Image]:
 
     pages = []
     with tifffile.TiffFile(io.BytesIO(raw)) as tif:
+        declared = 0
+        for page in tif.pages:
+            declared += math.prod(page.shape)
+            check_size(declared, opts, "TIFF file")
         for page in tif.pages:
             arr = page.asarray()
             if page.axes == "SYX":  # planar RGB: samples first
@@ -89,6 +115,7 @@ def read_tiff(raw: bytes, opts: ReadOptions) -> list[Image]:
 
 def read_npy(raw: bytes, opts: ReadOptions) -> list[Image]:
     """NPY: a 2-D image, or a 3-D volume cut into 2-D slices along `opts.slice_axis`."""
+    check_npy_header(raw, opts)
     arr = np.load(io.BytesIO(raw), allow_pickle=False)
     if arr.ndim == 2:
         return [Image("", arr)]
@@ -99,6 +126,29 @@ def read_npy(raw: bytes, opts: ReadOptions) -> list[Image]:
     return _slices(list(np.moveaxis(arr, opts.slice_axis, 0)))
 
 
+def check_npy_header(raw: bytes, opts: ReadOptions) -> None:
+    """Check an NPY header against the bytes that follow it before numpy allocates the array
+    it declares (np.load allocates first, then finds out the data is missing)."""
+    from numpy.lib import format as npformat
+
+    f = io.BytesIO(raw)
+    version = npformat.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = npformat.read_array_header_1_0(f)
+    else:
+        shape, _, dtype = npformat.read_array_header_2_0(f)
+    if dtype.hasobject:
+        raise ValueError("array holds Python objects, not pixels")
+    count = math.prod(shape)
+    check_size(count, opts, "array")
+    have = len(raw) - f.tell()
+    if have != count * dtype.itemsize:
+        raise ValueError(
+            f"array of shape {shape} {dtype} needs {count * dtype.itemsize:,} bytes, the file "
+            f"holds {have:,} (truncated or padded)"
+        )
+
+
 def read_dicom(raw: bytes, opts: ReadOptions) -> list[Image]:
     """DICOM via pydicom: rescale applied, frames as slices, default window = stored range."""
     import pydicom
@@ -106,9 +156,11 @@ def read_dicom(raw: bytes, opts: ReadOptions) -> list[Image]:
     ds = pydicom.dcmread(io.BytesIO(raw), force=True)
     if "PixelData" not in ds:
         raise ValueError("DICOM file has no pixel data")
-    arr = ds.pixel_array
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    rows, columns = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+    check_size(rows * columns * frames * samples, opts, "DICOM file")
+    arr = ds.pixel_array
     if samples > 1:  # colour: 8-bit RGB, no rescale or window
         return _slices(list(arr) if frames > 1 else [arr])
     slope = float(getattr(ds, "RescaleSlope", 1) or 1)
@@ -155,6 +207,10 @@ def to_stored(img: Image, opts: ReadOptions) -> tuple[np.ndarray, dict]:
         values = values[:, :, None]
     if values.ndim != 3 or values.shape[2] not in (1, 3):
         raise ValueError(f"image of shape {img.values.shape} is neither gray nor RGB")
+    if np.issubdtype(values.dtype, np.floating):
+        finite = np.isfinite(values)
+        if not finite.all():  # no window or scale maps them to a pixel value
+            raise ValueError(f"{int((~finite).sum())} pixels are NaN or infinite")
     window = opts.window or img.default_window
     if window is not None:
         center, width = window
@@ -168,8 +224,8 @@ def to_stored(img: Image, opts: ReadOptions) -> tuple[np.ndarray, dict]:
     if values.dtype in (np.uint8, np.uint16):
         return values, normalisation_of(values.dtype.name, None)
     if np.issubdtype(values.dtype, np.floating):
-        lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
-        if np.isfinite(values).all() and lo >= 0.0 and hi <= 1.0:
+        lo, hi = float(values.min()), float(values.max())
+        if lo >= 0.0 and hi <= 1.0:
             return values.astype(np.float32), normalisation_of("float32", None)
         raise ValueError(
             f"float pixels span [{lo:g}, {hi:g}], outside [0, 1]; pass --window CENTER,WIDTH"

@@ -107,9 +107,11 @@ def top_patches(out: str, k: int = TOP_K) -> list[dict[str, Any]]:
 
 def _overlays(out: str, scan_ids: list[str]) -> str:
     """The overlay PNGs of these scans (from OUT/overlays), inlined, with captions."""
+    from anogan_batch.layout import JobLayout
+
     cells = []
     for scan_id in scan_ids:
-        path = storage.join(out, "overlays", scan_id + ".png")
+        path = JobLayout(out).overlay(scan_id)
         if storage.exists(path):
             img = _img(storage.read_bytes(path), size=224, title=scan_id)
             cells.append(f"<figure>{img}<figcaption>{escape(scan_id)}</figcaption></figure>")

@@ -14,10 +14,10 @@ import sys
 import threading
 import time
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from anogan_batch import storage
-from anogan_batch.errors import InputError
+from anogan_batch.errors import InputError, redact
 from anogan_batch.job import JobManifest, check_rerun, new_job_id, now
 from anogan_batch.pipeline import (
     CHECKPOINT_DIR,
@@ -58,18 +58,22 @@ def first_quarantine_reason(out: str) -> str | None:
     return open_dataset(storage.join(out, "quarantine")).head(1, columns=["reason"])[0][0].as_py()
 
 
-def preflight(cfg: ScoreJobConfig) -> tuple[str, int, SearchConfig]:
-    """Fail fast (exit 2) on a bad model or a table that cannot fit it.
+class Preflight(NamedTuple):
+    model_id: str
+    rows: int
+    search: SearchConfig  # its start resolved against the model
+    columns: tuple[str, ...]  # of the patch table, over all its files
 
-    -> (model_id, rows, the search config with its start resolved against the model).
-    """
+
+def preflight(cfg: ScoreJobConfig) -> Preflight:
+    """Fail fast (exit 2) on a bad model or a table that cannot fit it."""
     from anogan_batch.modeldir import load_model, read_model_json
     from anogan_batch.patches import row_problem
     from anogan_batch.search import resolve_search
     from anogan_batch.tables import (
         check_normalisation,
-        count_rows,
         first_rows,
+        inspect_patch_table,
         open_patch_table,
         table_normalisation,
     )
@@ -79,7 +83,8 @@ def preflight(cfg: ScoreJobConfig) -> tuple[str, int, SearchConfig]:
     ds = open_patch_table(cfg.patches)
     model_norm = read_model_json(cfg.model_dir).get("normalisation", {})
     check_normalisation(table_normalisation(cfg.patches), model_norm, cfg.patches, cfg.model_dir)
-    rows = count_rows(ds, cfg.patches)
+    table = inspect_patch_table(cfg.patches)
+    rows = table.rows
     if rows == 0:
         raise InputError(f"patch table '{cfg.patches}' is empty: nothing to score")
     sample = first_rows(ds, ["patch_id", "image", "height", "width", "channels", "dtype"])
@@ -97,7 +102,7 @@ def preflight(cfg: ScoreJobConfig) -> tuple[str, int, SearchConfig]:
             f"patch table '{cfg.patches}' does not fit model '{cfg.model_dir}': first row "
             f"{sample.column('patch_id')[0].as_py()!r}: {problem}"
         )
-    return model.model_id, rows, search
+    return Preflight(model.model_id, rows, search, table.columns)
 
 
 def identity(cfg: ScoreJobConfig, model_id: str) -> dict[str, Any]:
@@ -208,6 +213,7 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
     import ray
 
     from anogan_batch.aggregate import write_scan_tables
+    from anogan_batch.tables import check_patch_ids
     from anogan_batch.warehouse import publish
 
     cfg = replace(
@@ -217,7 +223,7 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
         out=storage.absolute(cfg.out),
     )
     t0 = time.time()
-    model_id, input_rows, search = preflight(cfg)
+    model_id, input_rows, search, columns = preflight(cfg)
     cfg = replace(cfg, search=search)
     preflight_s = time.time() - t0
     ident = identity(cfg, model_id)
@@ -255,6 +261,9 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
         connect_ray()
         quiet_ray_data()
         phases["connect"] = time.time() - t0
+        t0 = time.time()
+        run["ids_checked_in"] = check_patch_ids(cfg.patches, input_rows, io_cpus=IO_CPUS)
+        phases["check_ids"] = time.time() - t0
         run["recovered_pending_writes"] = recover_pending(cfg.out)
         before = output_rows(cfg.out, "patch_scores") + output_rows(cfg.out, "quarantine")
         todo = input_rows - before
@@ -263,7 +272,7 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
         run["resources"] = asdict(res)
         manifest.save(cfg.out)
         started = time.time()
-        _execute(cfg, res, manifest, model_id, todo)
+        _execute(cfg, res, manifest, model_id, todo, columns)
         elapsed = time.time() - started
         phases["score"] = elapsed
         manifest.scored_rows = output_rows(cfg.out, "patch_scores")
@@ -299,7 +308,7 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
         return manifest
     except BaseException as e:
         manifest.status, manifest.finished_at = "failed", now()
-        manifest.error = f"{type(e).__name__}: {e}"
+        manifest.error = redact(f"{type(e).__name__}: {e}")
         run["finished_at"] = now()
         try:
             manifest.save(cfg.out)
@@ -308,15 +317,22 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
         raise
 
 
-def _heatmap_geometry(cfg: ScoreJobConfig) -> tuple[int, int]:
+def _heatmap_geometry(cfg: ScoreJobConfig):
+    from anogan_batch.heatmaps import HeatmapGeometry
     from anogan_batch.modeldir import read_model_json
 
-    patch = read_model_json(cfg.model_dir)["patch"]
-    return patch["size"], patch["channels"]
+    doc = read_model_json(cfg.model_dir)
+    patch, norm = doc["patch"], doc.get("normalisation", {})
+    return HeatmapGeometry(patch["size"], patch["channels"], norm.get("pixel_dtype", "uint8"))
 
 
 def _execute(
-    cfg: ScoreJobConfig, res: Resources, manifest: JobManifest, model_id: str, todo: int
+    cfg: ScoreJobConfig,
+    res: Resources,
+    manifest: JobManifest,
+    model_id: str,
+    todo: int,
+    columns: tuple[str, ...],
 ) -> None:
     from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig
@@ -333,7 +349,9 @@ def _execute(
     )
     try:
         with _Progress(todo, cfg.progress) as progress:
-            ds = build_pipeline(cfg, res, manifest.job_id, model_id, progress=progress.actor)
+            ds = build_pipeline(
+                cfg, res, manifest.job_id, model_id, columns, progress=progress.actor
+            )
             ds.write_datasink(
                 make_sink(cfg.out, _rows_per_file(cfg)),
                 ray_remote_args={"num_cpus": IO_CPUS},

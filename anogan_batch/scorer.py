@@ -76,7 +76,7 @@ def score_table(
     import torch
 
     from anogan_batch.model import model_input
-    from anogan_batch.patches import decode_patches, encode_maps
+    from anogan_batch.patches import decode_patches, encode_maps, int32_or_null
     from anogan_batch.search import latent_search
 
     spec = model.patch_spec
@@ -127,8 +127,8 @@ def score_table(
         {
             "patch_id": col("patch_id", pa.string()),
             "scan_id": col("scan_id", pa.string()),
-            "x": col("x", pa.int32()),
-            "y": col("y", pa.int32()),
+            "x": int32_or_null(table, "x"),
+            "y": int32_or_null(table, "y"),
             "label": col("label", pa.string()),
             "anomaly_score": pa.array(anomaly, pa.float64(), mask=nulls),
             "residual_score": pa.array(residual, pa.float64(), mask=nulls),

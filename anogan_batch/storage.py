@@ -2,20 +2,20 @@
 
 Every reader and writer in the package (pyarrow, Ray Data, JSON and image helpers) gets its
 filesystem from `filesystem_for`, so the S3 endpoint, region and retry policy are set in one
-place. pyarrow does not read `AWS_ENDPOINT_URL_S3` itself; we do, and pass it on.
+place (s3.py). pyarrow does not read `AWS_ENDPOINT_URL_S3` itself; we do, and pass it on.
 Credentials come from the standard AWS chain inside the AWS SDK; they are never read, printed
 or logged here.
 """
 
 from __future__ import annotations
 
-import functools
+import errno
 import json
 import os
 import posixpath
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 from anogan_batch.errors import InputError
 
@@ -36,25 +36,6 @@ def s3_region() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
-@functools.cache
-def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
-    import pyarrow.fs as pafs
-
-    kwargs: dict[str, Any] = {
-        "region": region,
-        # Standard AWS retry policy: backs off on throttling (SlowDown, 503) and transient
-        # network errors.
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=10),
-    }
-    if endpoint:
-        parsed = urlparse(endpoint)
-        kwargs["endpoint_override"] = parsed.netloc or parsed.path
-        kwargs["scheme"] = parsed.scheme or "https"
-        # Custom endpoints (MinIO, moto, Ceph) rarely support virtual-host addressing.
-        kwargs["force_virtual_addressing"] = False
-    return pafs.S3FileSystem(**kwargs)
-
-
 def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or an s3:// URI."""
     import pyarrow.fs as pafs
@@ -63,7 +44,14 @@ def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
         inner = path[len("s3://") :].rstrip("/")
         if not inner:
             raise InputError(f"'{path}' names no bucket")
-        return _s3_filesystem(s3_endpoint(), s3_region()), inner
+        if "@" in inner.split("/")[0]:  # s3://KEY:SECRET@bucket/...: never echo it back
+            raise InputError(
+                f"'s3://...@{inner.split('@', 1)[1]}': credentials in an s3:// URI are not "
+                "supported; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile) instead"
+            )
+        from anogan_batch.s3 import s3_filesystem
+
+        return s3_filesystem(s3_endpoint(), s3_region()), inner
     if "://" in path:
         raise InputError(f"'{path}': only local paths and s3:// URIs are supported")
     return pafs.LocalFileSystem(), os.path.abspath(path)
@@ -102,29 +90,136 @@ def is_dir(path: str) -> bool:
     return False
 
 
-def list_files(path: str, *, suffixes: tuple[str, ...] = ()) -> list[str]:
-    """All files under `path`, recursively, sorted, as paths of the same kind as `path`.
+@dataclass(frozen=True)
+class Listed:
+    """One entry found under a folder by `walk`."""
 
-    Hidden files and folders (leading '.' or '_') are skipped, as Parquet readers do.
-    """
+    path: str  # to open it: an s3:// URI, or a local path (undecodable bytes as surrogates)
+    name: str  # relative to the folder, '/'-separated, printable (undecodable bytes as \\xNN)
+    size: int = 0
+    problem: str | None = None  # why it cannot be read: a link loop, a FIFO, a locked folder ...
+
+    @property
+    def shown(self) -> str:
+        """`path` as text that can be printed and stored (undecodable bytes as \\xNN)."""
+        return _printable(self.path)
+
+    @property
+    def utf8(self) -> bool:
+        """Whether `path` is valid UTF-8 (pyarrow and Ray need that; Python's open does not)."""
+        try:
+            self.path.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+
+
+def walk(path: str) -> list[Listed]:
+    """Every file under `path` (a folder, a file or an s3:// prefix), recursively, sorted by
+    name. Hidden entries (leading '.' or '_') are skipped, as Parquet readers do. Nothing found
+    there is trusted: links are followed but never into a folder already listed (no cycles,
+    no file twice), and what cannot be listed or is not a regular file comes back with a
+    `problem` instead of being opened (a FIFO would block a reader for ever)."""
+    if is_s3(path):
+        return _walk_s3(path)
+    return sorted(_walk_local(os.path.abspath(path)), key=lambda f: f.name)
+
+
+def _walk_s3(path: str) -> list[Listed]:
     import pyarrow.fs as pafs
 
     fs, inner = filesystem_for(path)
     info = fs.get_file_info(inner)
     if info.type == pafs.FileType.File:
-        infos = [info]
-    else:
-        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True, allow_not_found=True))
+        return [Listed("s3://" + info.path, posixpath.basename(info.path), info.size or 0)]
+    sel = pafs.FileSelector(inner, recursive=True, allow_not_found=True)
     out = []
-    for f in infos:
-        if f.type != pafs.FileType.File:
+    for f in fs.get_file_info(sel):
+        rel = posixpath.relpath(f.path, inner)
+        if f.type != pafs.FileType.File or _hidden(rel):
             continue
-        rel = posixpath.relpath(f.path, inner) if f.path != inner else posixpath.basename(f.path)
-        if any(part.startswith((".", "_")) for part in rel.split("/")):
+        out.append(Listed("s3://" + f.path, rel, f.size or 0))
+    return sorted(out, key=lambda f: f.name)
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def _printable(rel: str) -> str:
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _walk_local(root: str) -> list[Listed]:
+    import stat
+
+    try:
+        top = os.stat(root)
+    except OSError as e:
+        raise InputError(f"'{_printable(root)}' cannot be read: {e.strerror}") from e
+    if not stat.S_ISDIR(top.st_mode):
+        return [_local_entry(root, _printable(os.path.basename(root)), top)]
+    seen = {(top.st_dev, top.st_ino)}
+    out: list[Listed] = []
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as e:
+            name = _printable(os.path.relpath(folder, root))
+            out.append(Listed(folder, name, problem=f"folder cannot be listed: {e.strerror}"))
             continue
-        if suffixes and not f.path.lower().endswith(suffixes):
+        for entry in entries:
+            if entry.name.startswith((".", "_")):
+                continue
+            name = _printable(os.path.relpath(entry.path, root).replace(os.sep, "/"))
+            try:
+                st = os.stat(entry.path)  # follows links
+            except OSError as e:
+                why = "a link loop" if e.errno == errno.ELOOP else e.strerror
+                out.append(Listed(entry.path, name, problem=f"cannot be opened: {why}"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if (st.st_dev, st.st_ino) in seen:
+                    problem = "a link to a folder listed already (a cycle or a duplicate)"
+                    out.append(Listed(entry.path, name, problem=problem))
+                else:
+                    seen.add((st.st_dev, st.st_ino))
+                    folders.append(entry.path)
+                continue
+            out.append(_local_entry(entry.path, name, st))
+    return out
+
+
+def _local_entry(path: str, name: str, st: os.stat_result) -> Listed:
+    import stat
+
+    if not stat.S_ISREG(st.st_mode):
+        return Listed(path, name, problem="not a regular file (a FIFO, socket or device)")
+    return Listed(path, name, st.st_size)
+
+
+def list_files(path: str, *, suffixes: tuple[str, ...] = ()) -> list[str]:
+    """All files under `path`, recursively, sorted, as paths of the same kind as `path`.
+
+    Hidden files and folders (leading '.' or '_') are skipped, as Parquet readers do. A file
+    with one of `suffixes` that cannot be read (see `walk`) is an InputError naming it: a
+    table must not lose a file silently.
+    """
+    if not is_s3(path) and not os.path.lexists(path):
+        return []
+    out = []
+    for f in walk(path):
+        folder_problem = f.problem is not None and f.problem.startswith("folder")
+        if suffixes and not f.name.lower().endswith(suffixes) and not folder_problem:
             continue
-        out.append("s3://" + f.path if is_s3(path) else f.path)
+        if f.problem is not None:
+            raise InputError(f"'{_printable(path)}': '{f.name}' {f.problem}")
+        if not f.utf8:
+            raise InputError(f"'{_printable(path)}': file name '{f.name}' is not valid UTF-8")
+        out.append(f.path)
     return sorted(out)
 
 

@@ -105,9 +105,7 @@ def submit(spec: JobSpec, address: str, *, wait: bool, timeout_s: float, echo=pr
         client = JobSubmissionClient(address)
     except Exception as e:  # connection refused, auth, version: all user-fixable
         raise InputError(f"cannot reach the Ray Jobs API at {address}: {e}") from e
-    job_id = client.submit_job(
-        entrypoint=spec.entrypoint, runtime_env=spec.runtime_env or None, **spec.options
-    )
+    job_id = _submit_when_ready(client, spec)
     echo(f"submitted {job_id} to {address}: {spec.entrypoint}")
     if not wait:
         return 0
@@ -130,3 +128,20 @@ def submit(spec: JobSpec, address: str, *, wait: bool, timeout_s: float, echo=pr
         return 0
     code = getattr(info, "driver_exit_code", None)
     return code if isinstance(code, int) and code > 0 else 1
+
+
+AGENT_WAIT_S = 60.0  # a head node that has just started has no job agent for a few seconds
+
+
+def _submit_when_ready(client, spec: JobSpec) -> str:
+    """submit_job, retried while the head answers that no job agent is up yet."""
+    deadline = time.time() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=spec.entrypoint, runtime_env=spec.runtime_env or None, **spec.options
+            )
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(1.0)

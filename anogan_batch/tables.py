@@ -6,6 +6,7 @@ specific small columns (eval reads `label` and `anomaly_score`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from anogan_batch import storage
@@ -66,6 +67,123 @@ def count_rows(ds: pads.Dataset, where: str) -> int:
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"'{where}': cannot read '{fragment.path}': {e}") from e
     return total
+
+
+@dataclass(frozen=True)
+class PatchTableInfo:
+    rows: int
+    columns: tuple[str, ...]  # every column some file of the table has, in first-seen order
+
+
+def inspect_patch_table(path: str) -> PatchTableInfo:
+    """Rows and columns of a patch table from every file's footer, checking each file's own
+    schema on the way: files written by different tools may disagree, and a file whose
+    columns cannot be read as a patch table is named here, before any row is scored."""
+    ds = open_patch_table(path)
+    rows, columns = 0, {}
+    for fragment, meta, schema in _footers(ds, path):
+        check_columns(schema, fragment.path)
+        rows += meta.num_rows
+        columns |= dict.fromkeys(schema.names)
+    return PatchTableInfo(rows, tuple(columns))
+
+
+def table_columns(path: str) -> tuple[str, ...]:
+    """Every column some file of the dataset at `path` has (a dataset's own schema is its
+    first file's)."""
+    columns: dict[str, None] = {}
+    ds = open_dataset(path)
+    for _, _, schema in _footers(ds, path):
+        columns |= dict.fromkeys(schema.names)
+    return tuple(columns)
+
+
+def _footers(ds: pads.Dataset, where: str):
+    """(fragment, Parquet metadata, arrow schema with hive keys) of every file; a file whose
+    footer cannot be read is an InputError naming it."""
+    import pyarrow as pa
+
+    partition_fields = [f for f in ds.schema if f.name not in _file_columns(ds)]
+    for fragment in ds.get_fragments():
+        try:
+            meta = fragment.metadata
+            schema = meta.schema.to_arrow_schema()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"'{where}': cannot read '{fragment.path}': {e}") from e
+        for field in partition_fields:  # hive partition columns live in folder names
+            if field.name not in schema.names:
+                schema = schema.append(field)
+        yield fragment, meta, schema
+
+
+def _file_columns(ds: pads.Dataset) -> set[str]:
+    """Column names stored in the dataset's files (not its hive partition keys)."""
+    partitioning = getattr(ds, "partitioning", None)
+    keys = set(partitioning.schema.names) if partitioning is not None else set()
+    return set(ds.schema.names) - keys
+
+
+# Tables up to this many rows have their ids checked in the driver (pyarrow's hash groupby,
+# ~100 bytes of memory a row); larger ones by a Ray Data groupby across the cluster.
+ID_CHECK_DRIVER_ROWS = 2_000_000
+SHOWN_IDS = 5
+
+
+def check_patch_ids(
+    path: str, rows: int, *, driver_rows: int = ID_CHECK_DRIVER_ROWS, io_cpus: float = 0.5
+) -> str:
+    """Refuse a patch table whose `patch_id`s are null or repeat (InputError naming how many
+    and the first few): exactly-once scoring and resume are keyed on the id. Memory stays
+    bounded at any size: above `driver_rows` the count runs on Ray. -> "driver" or "ray"."""
+    where = "driver" if rows <= driver_rows else "ray"
+    count = _id_counts_in_driver if where == "driver" else _id_counts_on_ray
+    nulls, repeated, examples = count(path, io_cpus)
+    if nulls:
+        raise InputError(
+            f"patch table '{path}': {nulls:,} row(s) have a null patch_id; every row needs "
+            "a unique id (ingest writes them)"
+        )
+    if repeated:
+        shown = ", ".join(f"{pid!r} ({n} rows)" for pid, n in examples)
+        raise InputError(
+            f"patch table '{path}': {repeated:,} patch_id(s) appear more than once, e.g. "
+            f"{shown}; patch_id must be unique (nothing was scored)"
+        )
+    return where
+
+
+def _id_counts_in_driver(path: str, io_cpus: float) -> tuple[int, int, list]:
+    """(null ids, repeated ids, first few repeated (id, count)) by pyarrow in this process."""
+    import pyarrow.compute as pc
+
+    ids = open_dataset(path).to_table(columns=["patch_id"])
+    nulls = ids.column("patch_id").null_count
+    counts = ids.group_by("patch_id").aggregate([("patch_id", "count")])
+    repeated = counts.filter(pc.field("patch_id_count") > 1)
+    first = repeated.sort_by("patch_id").slice(0, SHOWN_IDS).to_pylist()
+    return nulls, repeated.num_rows, [(r["patch_id"], r["patch_id_count"]) for r in first]
+
+
+def _id_counts_on_ray(path: str, io_cpus: float) -> tuple[int, int, list]:
+    """The same counts by a Ray Data groupby: each node holds only its share of the ids."""
+    import ray.data
+
+    fs, inner = storage.filesystem_for(path)
+    ds = ray.data.read_parquet(
+        inner, filesystem=fs, num_cpus=io_cpus, file_extensions=["parquet", "parq", "pq"]
+    ).select_columns(["patch_id"])
+    flagged = (
+        ds.groupby("patch_id")
+        .count()
+        .filter(lambda r: r["patch_id"] is None or r["count()"] > 1)
+        .materialize()
+    )
+    rows = flagged.take_all() if flagged.count() <= 10_000 else flagged.take(10_000)
+    nulls = sum(r["count()"] for r in rows if r["patch_id"] is None)
+    repeated = [r for r in rows if r["patch_id"] is not None]
+    n_repeated = flagged.count() - (1 if nulls else 0)
+    first = sorted((r["patch_id"], r["count()"]) for r in repeated)[:SHOWN_IDS]
+    return nulls, n_repeated, first
 
 
 def first_rows(ds: pads.Dataset, columns: list[str], n: int = 1) -> pa.Table:

@@ -9,9 +9,7 @@ a log is left as it is), so a job that crashes after publishing and is rerun doe
 twice.
 
 Delta needs the `deltalake` package (`pip install 'anogan-batch[warehouse]'`). On S3, the
-endpoint and region come from the same environment as everywhere else; the job is the only
-writer of its tables, so S3's missing atomic rename is not a problem
-(`AWS_S3_ALLOW_UNSAFE_RENAME`).
+endpoint, region and retry policy come from `s3.object_store_options`.
 """
 
 from __future__ import annotations
@@ -24,21 +22,6 @@ from anogan_batch.errors import InputError
 TABLE_FORMATS = ("parquet", "delta")
 # table -> hive partition columns of its directory layout
 TABLES = {"patch_scores": ("job_id",), "scan_scores": (), "quarantine": (), "heatmaps": ()}
-
-
-def _storage_options(uri: str) -> dict[str, str] | None:
-    if not uri.startswith("s3://"):
-        return None
-    options = {"AWS_S3_ALLOW_UNSAFE_RENAME": "true"}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        options["AWS_ENDPOINT_URL"] = endpoint
-        if endpoint.startswith("http://"):
-            options["AWS_ALLOW_HTTP"] = "true"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        options["AWS_REGION"] = region
-    return options
 
 
 def publish(out: str, table_format: str) -> dict[str, str]:
@@ -80,13 +63,15 @@ def _convert_in_child(uri: str, partitions: tuple[str, ...], name: str) -> None:
 def _convert(uri: str, name: str, partitions: list[str]) -> None:
     from deltalake import Field, Schema, convert_to_deltalake
 
+    from anogan_batch.s3 import object_store_options
+
     convert_to_deltalake(
         uri,
         mode="ignore",
         partition_by=Schema([Field(c, "string") for c in partitions]) if partitions else None,
         partition_strategy="hive" if partitions else None,
         name=name,
-        storage_options=_storage_options(uri),
+        storage_options=object_store_options(uri),
     )
 
 

@@ -150,13 +150,15 @@ def ray_local(s3_server):
     ray.shutdown()
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real `anogan-batch` entry point in a subprocess."""
+def run_cli(
+    *args: str, env: dict | None = None, timeout: int = 600, prefix: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run the real `anogan-batch` entry point in a subprocess (`prefix`: a wrapper command)."""
     # a stray RAY_ADDRESS would send the job to some other cluster
     full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
     return subprocess.run(
         # -X faulthandler: a crash in native code (Ray, torch) leaves its Python stack in stderr
-        [sys.executable, "-X", "faulthandler", "-m", "anogan_batch", *args],
+        [*(prefix or []), sys.executable, "-X", "faulthandler", "-m", "anogan_batch", *args],
         capture_output=True,
         text=True,
         env=full_env,

@@ -194,3 +194,28 @@ def test_submit_a_score_job_through_the_jobs_api(ray_head, tmp_path, tiny_model,
     assert "SUCCEEDED" in r.stdout
     job = json.loads((out / "job.json").read_text())
     assert job["status"] == "succeeded" and job["scored_rows"] == job["input_rows"] == 60
+
+
+def test_submit_waits_for_the_job_agent_of_a_fresh_head(monkeypatch):
+    # a head that has just started answers 500 "No available agent" for a few seconds
+    from anogan_batch import submit
+
+    class Client:
+        calls = 0
+
+        def submit_job(self, **kwargs):
+            Client.calls += 1
+            if Client.calls < 3:
+                raise RuntimeError("Request failed with status code 500: No available agent")
+            return "raysubmit_1"
+
+    monkeypatch.setattr(submit.time, "sleep", lambda s: None)
+    assert submit._submit_when_ready(Client(), submit.JobSpec("true")) == "raysubmit_1"
+    assert Client.calls == 3
+
+    class Broken:
+        def submit_job(self, **kwargs):
+            raise RuntimeError("Request failed with status code 400: bad runtime_env")
+
+    with pytest.raises(RuntimeError, match="bad runtime_env"):
+        submit._submit_when_ready(Broken(), submit.JobSpec("true"))

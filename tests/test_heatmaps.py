@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from anogan_batch.heatmaps import heatmap_for, stitch
+from anogan_batch.layout import JobLayout
 from anogan_batch.patches import decode_map
 from tests.conftest import run_cli
 
@@ -72,7 +73,7 @@ def test_heatmap_is_the_stitched_residual_maps(mosaic_job):
         got = heatmap_for(str(out), scan_id)
         assert got.shape == (56, 56)
         np.testing.assert_allclose(got, want, rtol=1e-6)
-        overlay = Image.open(out / "overlays" / f"{scan_id}.png")
+        overlay = Image.open(JobLayout(str(out)).overlay(scan_id))
         assert overlay.size == (56, 56) and overlay.mode == "RGB"
     table = pads.dataset(out / "heatmaps").to_table(columns=["scan_id", "overlay", "max_score"])
     assert sorted(table.column("scan_id").to_pylist()) == [

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from anogan_batch.errors import InputError
 from anogan_batch.patches import (
@@ -114,3 +116,69 @@ def test_residual_map_layout():
     raw = encode_maps(maps)
     back = decode_map(raw[1], 4, 4, 3)  # (H, W, C)
     np.testing.assert_array_equal(back, maps[1].transpose(1, 2, 0))
+
+
+# ---- property: any table, any row ------------------------------------------------------------
+
+SPEC = PatchSpec(4, 1, "uint8")
+maybe_int = st.one_of(st.none(), st.integers(-(2**40), 2**40), st.sampled_from([0, 4, 2**31 - 1]))
+row = st.fixed_dictionaries(
+    {
+        "patch_id": st.one_of(st.none(), st.text(max_size=20)),
+        "scan_id": st.one_of(st.none(), st.text(max_size=20)),
+        "x": maybe_int,
+        "y": maybe_int,
+        "image": st.one_of(st.none(), st.binary(min_size=16, max_size=16), st.binary(max_size=40)),
+        "height": st.one_of(st.none(), st.just(4), st.integers(-5, 2**31 - 1)),
+        "width": st.one_of(st.none(), st.just(4), st.integers(-5, 50)),
+        "channels": st.one_of(st.none(), st.just(1), st.integers(-1, 4)),
+        "dtype": st.one_of(st.none(), st.sampled_from(["uint8", "uint16", "float32", "O", ""])),
+    }
+)
+
+
+def expected_reason(r: dict) -> str | None:
+    """An independent statement of which rows can be scored as SPEC."""
+    for col in ("patch_id", "scan_id", "x", "y"):
+        if r[col] is None:
+            return f"{col} is null"
+        if col in ("x", "y") and not 0 <= r[col] < 2**31:
+            return "outside"
+    if r["image"] is None:
+        return "image is null"
+    if r["dtype"] is not None and r["dtype"] != "uint8":
+        return "pixel dtype"
+    shape = (r["height"], r["width"], r["channels"])
+    if None not in shape and shape != (4, 4, 1):
+        return "patch is"
+    if len(r["image"]) != 16:
+        return "bytes"
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(row, max_size=12))
+def test_any_rows_decode_or_get_the_right_reason(rows):
+    table = pa.table(
+        {
+            "patch_id": pa.array([r["patch_id"] for r in rows], pa.string()),
+            "scan_id": pa.array([r["scan_id"] for r in rows], pa.large_string()),
+            "x": pa.array([r["x"] for r in rows], pa.int64()),
+            "y": pa.array([r["y"] for r in rows], pa.int64()),
+            "image": pa.array([r["image"] for r in rows], pa.large_binary()),
+            "height": pa.array([r["height"] for r in rows], pa.int64()),
+            "width": pa.array([r["width"] for r in rows], pa.int64()),
+            "channels": pa.array([r["channels"] for r in rows], pa.int64()),
+            "dtype": pa.array([r["dtype"] for r in rows], pa.string()),
+        }
+    )
+    pixels, reasons = decode_patches(table, SPEC)
+    assert pixels.shape == (len(rows), 4, 4, 1) and len(reasons) == len(rows)
+    for r, got, p in zip(rows, reasons, pixels, strict=True):
+        want = expected_reason(r)
+        if want is None:
+            assert got is None
+            assert p.tobytes() == r["image"]  # lossless
+        else:
+            assert got is not None and want in got, (r, got)
+            assert not p.any()  # a bad row is never handed to the search with data

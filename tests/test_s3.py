@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import boto3
 import numpy as np
@@ -11,9 +14,14 @@ import pytest
 import tifffile
 
 from anogan_batch import storage
+from anogan_batch.errors import InputError, redact
+from anogan_batch.layout import JobLayout
 from tests.conftest import S3_SECRET, run_cli
 
 pytestmark = pytest.mark.s3
+
+
+SESSION_TOKEN = "fAkE-sEsSiOn-ToKeN-9d3e"
 
 
 def keys(bucket: str, prefix: str) -> list[str]:
@@ -79,17 +87,31 @@ def test_whole_flow_on_s3_never_shows_the_secret(bucket, sample):
         ("eval", f"{root}/job", "--normal-label", "0"),
         ("report", f"{root}/job"),
     ]
+    # a session token too (as temporary credentials carry), and Ray's logs in a folder of our
+    # own so that every line the job's workers logged is searched (short: socket paths)
+    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    env = {"AWS_SESSION_TOKEN": SESSION_TOKEN, "RAY_TMPDIR": ray_tmp}
     output = ""
     for args in steps:
-        r = run_cli(*args)
+        r = run_cli(*args, env=env)
         output += r.stdout + r.stderr
         assert r.returncode == 0, (args[0], r.stderr)
-    assert S3_SECRET not in output
+    # a bad run's error message too
+    r = run_cli("score", f"{root}/model", f"{root}/no-such-table", f"{root}/job2", env=env)
+    assert r.returncode == 2, r.stderr
+    output += r.stdout + r.stderr
+    for secret in (S3_SECRET, SESSION_TOKEN):
+        assert secret not in output
+        logs = [p for p in Path(ray_tmp).rglob("*") if p.is_file() and not p.is_socket()]
+        assert any(p.suffix in (".out", ".err", ".log") for p in logs)  # Ray did log
+        assert not [p for p in logs if secret.encode() in p.read_bytes()]
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     job = json.loads(s3.get_object(Bucket=bucket, Key="job/job.json")["Body"].read())
     assert job["status"] == "succeeded" and job["scored_rows"] == job["input_rows"] == 43
     assert any(k.startswith("job/patch_scores/job_id=") for k in keys(bucket, "job/"))
     assert "job/patch_scores/_delta_log/00000000000000000000.json" in keys(bucket, "job/")
-    assert "job/overlays/0/stack@0002.png" in keys(bucket, "job/overlays/")
+    overlay = JobLayout(f"s3://{bucket}/job").overlay("0/stack@0002")
+    assert overlay.removeprefix(f"s3://{bucket}/") in keys(bucket, "job/overlays/")
     assert keys(bucket, "job/heatmaps/")
     assert keys(bucket, "job/scan_scores/")
     assert not keys(bucket, "job/_checkpoint/")
@@ -100,9 +122,10 @@ def test_whole_flow_on_s3_never_shows_the_secret(bucket, sample):
         "job/report.html",
     ):
         assert key in keys(bucket, key.split("/")[0] + "/"), key
-    for key in keys(bucket, ""):
+    for key in keys(bucket, ""):  # job.json, the report, every table
         body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         assert S3_SECRET.encode() not in body, key
+        assert SESSION_TOKEN.encode() not in body, key
 
 
 def test_large_job_groupby_on_ray_reads_and_writes_s3(bucket, sample, tiny_model, ray_local):
@@ -134,7 +157,6 @@ def test_generic_endpoint_variable_is_honoured(bucket, s3_server, monkeypatch):
     """AWS_ENDPOINT_URL (all services) works when AWS_ENDPOINT_URL_S3 is not set."""
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    storage._s3_filesystem.cache_clear()
     path = f"s3://{bucket}/dir/x.json"
     storage.write_json(path, {"a": 1})
     assert storage.read_json(path) == {"a": 1}
@@ -161,3 +183,17 @@ def test_missing_bucket_is_a_clear_error(s3_server, tmp_path):
     r = run_cli("score", "s3://no-such-bucket/model", str(tmp_path), str(tmp_path / "o"))
     assert r.returncode == 2 and "no-such-bucket/model" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_credentials_in_a_uri_are_refused_without_echoing_them():
+    with pytest.raises(InputError) as e:
+        storage.filesystem_for("s3://AKIDEXAMPLE:sEcReT-in-uri@bucket/patches")
+    assert "sEcReT-in-uri" not in str(e.value) and "bucket/patches" in str(e.value)
+
+
+def test_redact_hides_every_credential_variable(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "t0ken-value")
+    text = redact("GET ?X-Amz-Security-Token=t0ken-value failed (key s3cr3t-value)")
+    assert "t0ken-value" not in text and "s3cr3t-value" not in text
+    assert "<AWS_SESSION_TOKEN>" in text

@@ -1,9 +1,12 @@
-"""Installed in every process of a test Ray cluster through PYTHONPATH (see test_cluster.py).
+"""Installed in test processes through PYTHONPATH (see test_cluster.py, test_crash.py).
 
-When ANOGAN_TEST_POISON is set, `anogan_batch.search` is patched right after it is imported so
-that a batch holding a patch id with 'poison' in it raises, as a bug would. A runtime_env
-setup hook would do the same but makes every Ray worker start through the runtime-env agent,
-which triples the test's time on a 2-core machine.
+- ANOGAN_TEST_POISON: `anogan_batch.search` is patched right after it is imported so that a
+  batch holding a patch id with 'poison' in it raises, as a bug would.
+- ANOGAN_TEST_KILL=module:function:N: the process SIGKILLs itself on the N-th call of
+  module.function, as a driver lost to the OOM killer or a preempted node would be.
+
+A runtime_env setup hook would do the same but makes every Ray worker start through the
+runtime-env agent, which triples the test's time on a 2-core machine.
 """
 
 import importlib.abc
@@ -13,8 +16,11 @@ import sys
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, name, patch):
+        self.name, self.patch = name, patch
+
     def find_spec(self, name, path=None, target=None):
-        if name != "anogan_batch.search":
+        if name != self.name:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
@@ -22,13 +28,29 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run(module)
-            from tests.faults import poison
-
-            poison(module)
+            self.patch(module)
 
         spec.loader.exec_module = exec_module
         return spec
 
 
+def _poison(module):
+    from tests.faults import poison
+
+    poison(module)
+
+
+def _killer(function, n):
+    def patch(module):
+        from tests.faults import kill_on_call
+
+        kill_on_call(module, function, n)
+
+    return patch
+
+
 if os.environ.get("ANOGAN_TEST_POISON"):
-    sys.meta_path.insert(0, _PatchOnImport())
+    sys.meta_path.insert(0, _PatchOnImport("anogan_batch.search", _poison))
+if os.environ.get("ANOGAN_TEST_KILL"):
+    _module, _function, _n = os.environ["ANOGAN_TEST_KILL"].split(":")
+    sys.meta_path.insert(0, _PatchOnImport(_module, _killer(_function, int(_n))))

@@ -1,0 +1,82 @@
+"""Scan readers under arbitrary bytes: a file is either cut into patches or given a reason."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from anogan_batch.ingest import IngestConfig, process_file
+from anogan_batch.readers import READERS, ReadOptions, check_size, read_npy
+from anogan_batch.storage import Listed
+from tests.corpus import npy_bomb, valid_files
+
+CFG = IngestConfig(patch_size=16, max_pixels=2**20)
+VALID = valid_files()
+EXTS = sorted(VALID)
+
+
+def ingest_bytes(data: bytes, ext: str) -> tuple[list[dict], list[dict]]:
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "scan" + ext)
+        with open(path, "wb") as f:
+            f.write(data)
+        return process_file(Listed(path, "scan" + ext, len(data)), d, CFG)
+
+
+def check_outcome(rows: list[dict], scans: list[dict]) -> None:
+    """Each image is a scan row with patches, or a scan row with a reason; ids never repeat."""
+    assert scans, "a file always leaves at least one scan row"
+    for scan in scans:
+        if scan["reason"] is None:  # a read scan: its geometry is recorded
+            assert scan["height"] >= 16 and scan["width"] >= 16 and scan["n_patches"] > 0
+        else:
+            assert isinstance(scan["reason"], str) and scan["reason"].strip()
+            assert scan["n_patches"] == 0
+    ids = [r["patch_id"] for r in rows]
+    assert len(ids) == len(set(ids))
+    assert sum(s["n_patches"] for s in scans if s["reason"] is None) == len(rows)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=2048), st.sampled_from(EXTS))
+def test_random_bytes_never_escape_the_reader(data, ext):
+    check_outcome(*ingest_bytes(data, ext))
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(EXTS),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
+    st.one_of(st.none(), st.integers(0, 10**6)),
+)
+def test_damaged_valid_files_never_escape_the_reader(ext, flips, cut):
+    data = bytearray(VALID[ext])
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    if cut is not None:
+        data = data[: cut % (len(data) + 1)]
+    check_outcome(*ingest_bytes(bytes(data), ext))
+
+
+def test_valid_files_of_every_format_are_read():
+    for ext in EXTS:
+        rows, scans = ingest_bytes(VALID[ext], ext)
+        assert [s["reason"] for s in scans] == [None] and len(rows) == 4, ext
+
+
+def test_headers_are_checked_before_anything_is_allocated():
+    opts = ReadOptions(max_pixels=1000)
+    check_size(1000, opts, "x")
+    for declared in (1001, 10**12):
+        with pytest.raises(ValueError, match=f"declares {declared:,} values"):
+            check_size(declared, opts, "x")
+    with pytest.raises(ValueError, match="declares 10,000,000,000 values"):
+        read_npy(npy_bomb(), ReadOptions())
+
+
+def test_every_format_has_a_reader():
+    assert set(READERS) >= set(EXTS)

@@ -1,0 +1,143 @@
+"""S3 that throttles, fails, resets and stalls (tests/s3_faults.py between the product and moto):
+the job's output equals a healthy run's; S3 gone for good is a clear exit 1 and a rerun resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import boto3
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from anogan_batch import storage
+from anogan_batch.layout import JobLayout
+from tests.conftest import S3_SECRET, run_cli
+from tests.s3_faults import FaultProxy, FaultRates
+
+pytestmark = pytest.mark.s3
+SEARCH = ("--iterations", "5", "--batch-size", "8", "--no-progress")
+
+
+def keys(bucket: str, prefix: str) -> list[str]:
+    pages = (
+        boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    )
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def read(uri: str, sort: str) -> list[dict]:
+    fs, inner = storage.filesystem_for(uri)
+    table = pads.dataset(inner, filesystem=fs, format="parquet", partitioning="hive").to_table()
+    return table.sort_by(sort).to_pylist()
+
+
+def assert_same_rows(got: list[dict], want: list[dict], what: str) -> None:
+    assert len(got) == len(want), what
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys(), what
+        for k in w:
+            if k in ("job_id", "overlay"):
+                continue
+            if isinstance(w[k], float):
+                assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-7), (what, k)
+            elif isinstance(w[k], bytes) and k in ("residual_map", "latent", "heatmap"):
+                np.testing.assert_allclose(
+                    np.frombuffer(g[k], "<f4"), np.frombuffer(w[k], "<f4"), rtol=1e-5, atol=1e-6
+                )
+            else:
+                assert g[k] == w[k], (what, k)
+
+
+def test_a_flaky_s3_gives_the_output_of_a_healthy_one(
+    bucket, s3_server, sample, tiny_model, ray_local
+):
+    from anogan_batch.ingest import IngestConfig, ingest
+    from anogan_batch.pipeline import ScoreJobConfig
+    from anogan_batch.plots import png_bytes
+    from anogan_batch.runner import run_score_job
+    from anogan_batch.search import SearchConfig
+
+    s3 = boto3.client("s3")
+    for i in range(24):
+        key = f"scans/{sample['test_labels'][i]}/{sample['test_index'][i]:05d}.png"
+        s3.put_object(Bucket=bucket, Key=key, Body=png_bytes(sample["test_images"][i]))
+    root = f"s3://{bucket}"
+    # the healthy run: in this process, straight to moto
+    ingest(f"{root}/scans", f"{root}/clean/patches", IngestConfig(28, label_from_parent=True))
+    run_score_job(
+        ScoreJobConfig(tiny_model, f"{root}/clean/patches", f"{root}/clean/job", batch_size=8,
+                       search=SearchConfig(iterations=5), progress=False)
+    )  # fmt: skip
+    # the flaky run: the commands as users run them, through the fault proxy
+    proxy = FaultProxy(s3_server, FaultRates(), seed=7).start()
+    env = {"AWS_ENDPOINT_URL_S3": proxy.url}
+    r = run_cli("ingest", f"{root}/scans", f"{root}/flaky/patches", "--patch-size", "28",
+                "--label-from-parent", env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("score", tiny_model, f"{root}/flaky/patches", f"{root}/flaky/job", *SEARCH,
+                "--table-format", "delta", env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = {name: JobLayout(f"{root}/{name}/job") for name in ("clean", "flaky")}
+    for kind in ("slow_down", "internal", "reset", "delay"):
+        assert proxy.counts[kind] > 0, proxy.counts  # every fault struck
+    clean, flaky = runs["clean"], runs["flaky"]
+    want = read(clean.patch_scores, "patch_id")
+    got = read(flaky.patch_scores, "patch_id")
+    assert len({r["patch_id"] for r in got}) == len(got) == 24  # nothing lost, nothing twice
+    assert_same_rows(got, want, "patch_scores")
+    assert_same_rows(read(flaky.heatmaps, "scan_id"), read(clean.heatmaps, "scan_id"), "heatmaps")
+    assert_same_rows(read(flaky.scan_scores, "scan_id"), read(clean.scan_scores, "scan_id"), "s")
+    for layout in (clean, flaky):
+        prefix = layout.overlays.removeprefix(root + "/") + "/"
+        overlays = {k.rsplit("/", 1)[1] for k in keys(bucket, prefix)}
+        assert len(overlays) == 24
+    assert {k.rsplit("/", 1)[1] for k in keys(bucket, "flaky/job/overlays/")} == {
+        k.rsplit("/", 1)[1] for k in keys(bucket, "clean/job/overlays/")
+    }
+    job = storage.read_json(flaky.manifest)
+    assert job["status"] == "succeeded" and job["input_rows"] == job["scored_rows"] == 24
+    assert keys(bucket, "flaky/job/patch_scores/_delta_log/")
+
+
+def test_s3_gone_for_good_fails_clearly_and_a_rerun_resumes(bucket, s3_server, sample, tiny_model):
+    from anogan_batch.tables import write_patch_table
+
+    root = f"s3://{bucket}"
+    write_patch_table(f"{root}/patches", sample["test_images"][:160], files=4)
+    proxy = FaultProxy(s3_server, FaultRates(0, 0, 0, 0)).start()
+    port = proxy.server.server_address[1]
+    env = {"AWS_ENDPOINT_URL_S3": proxy.url, "ANOGAN_S3_MAX_ATTEMPTS": "2"}
+    args = ("score", tiny_model, f"{root}/patches", f"{root}/job", *SEARCH,
+            "--target-file-mb", "0.03", "--no-heatmaps")  # fmt: skip
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "anogan_batch", *args]
+    proc = subprocess.Popen(
+        cmd, env=os.environ | env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 240
+    while not keys(bucket, "job/patch_scores/") and time.time() < deadline:
+        time.sleep(0.2)
+    proxy.down()  # mid-job: some rows are written, most are not
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: S3 at " + proxy.url), last
+    assert "rerun the same command" in last  # (Ray's own log above it may hold its stack)
+    body = boto3.client("s3").get_object(Bucket=bucket, Key="job/job.json")["Body"].read()
+    assert json.loads(body)["status"] in ("running", "failed")
+    assert S3_SECRET not in stderr and S3_SECRET.encode() not in body  # even in the error
+
+    FaultProxy(s3_server, FaultRates(0, 0, 0, 0), port=port).start()  # S3 is back
+    rerun = run_cli(*args, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    job = json.loads(
+        boto3.client("s3").get_object(Bucket=bucket, Key="job/job.json")["Body"].read()
+    )
+    assert job["status"] == "succeeded" and job["input_rows"] == job["scored_rows"] == 160
+    assert job["runs"][-1]["rows"] < 160  # resumed: rows written before the outage stayed
+    ids = [r["patch_id"] for r in read(JobLayout(f"{root}/job").patch_scores, "patch_id")]
+    assert len(ids) == len(set(ids)) == 160

@@ -1,0 +1,38 @@
+"""The patch_id check on both of its paths: pyarrow in the driver, a Ray Data groupby above."""
+
+from __future__ import annotations
+
+import pytest
+
+from anogan_batch.errors import InputError
+from anogan_batch.tables import check_patch_ids, write_patch_table
+
+
+def test_the_ray_id_check_finds_what_the_driver_finds(tmp_path, sample, ray_local):
+    images = sample["test_images"][:40]
+    ids = [f"p{i:02d}" for i in range(40)]
+    clean, dup = tmp_path / "clean", tmp_path / "dup"
+    write_patch_table(str(clean), images, ids=ids, scan_ids=ids, files=3)
+    # p03 three times and p07 twice, across files; plus two null ids
+    bad = [*ids[:30], "p03", "p03", "p07", None, None, *ids[35:]]
+    write_patch_table(str(dup), images, ids=bad, scan_ids=ids, files=3)
+
+    assert check_patch_ids(str(clean), 40, driver_rows=0) == "ray"
+    assert check_patch_ids(str(clean), 40) == "driver"
+    messages = []
+    for driver_rows in (0, 10**6):
+        with pytest.raises(InputError) as e:
+            check_patch_ids(str(dup), 40, driver_rows=driver_rows)
+        messages.append(str(e.value))
+    assert messages[0] == messages[1]
+    assert "2 row(s) have a null patch_id" in messages[0]
+
+    no_nulls = tmp_path / "no-nulls"
+    write_patch_table(str(no_nulls), images, ids=bad[:33] + ids[33:], scan_ids=ids, files=3)
+    messages = []
+    for driver_rows in (0, 10**6):
+        with pytest.raises(InputError) as e:
+            check_patch_ids(str(no_nulls), 40, driver_rows=driver_rows)
+        messages.append(str(e.value))
+    assert messages[0] == messages[1]
+    assert "2 patch_id(s) appear more than once, e.g. 'p03' (3 rows), 'p07' (2 rows)" in messages[0]
