@@ -140,7 +140,9 @@ def test_large_job_groupby_on_ray_reads_and_writes_s3(bucket, sample, tiny_model
     from anogan_batch.tables import open_dataset, write_patch_table
 
     root = f"s3://{bucket}"
-    scan_ids = [f"scan{i % 5}" for i in range(30)]
+    # hostile scan ids: on S3 too, nothing may land outside the job's prefix
+    names = ["../../escape", "/abs/x", "scan2", "..", "a" * 1100]
+    scan_ids = [names[i % 5] for i in range(30)]
     write_patch_table(f"{root}/patches", sample["test_images"][:30], scan_ids=scan_ids)
     model = load_model(tiny_model).to("cpu")
     rows = open_dataset(f"{root}/patches").to_table()
@@ -149,8 +151,10 @@ def test_large_job_groupby_on_ray_reads_and_writes_s3(bucket, sample, tiny_model
     pq.write_table(scored, inner, filesystem=fs)
     assert write_scan_tables(f"{root}/job", f"{root}/patches", heatmaps=(28, 1)) == "ray"
     scans = open_dataset(f"{root}/job/scan_scores").to_table().sort_by("scan_id").to_pylist()
-    assert [(r["scan_id"], r["n_patches"]) for r in scans] == [(f"scan{i}", 6) for i in range(5)]
+    assert [(r["scan_id"], r["n_patches"]) for r in scans] == [(n, 6) for n in sorted(names)]
     assert len([k for k in keys(bucket, "job/overlays/") if k.endswith(".png")]) == 5
+    assert {k.split("/")[0] for k in keys(bucket, "")} == {"patches", "job"}
+    assert not [k for k in keys(bucket, "") if ".." in k.split("/")]
 
 
 def test_generic_endpoint_variable_is_honoured(bucket, s3_server, monkeypatch):
