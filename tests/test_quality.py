@@ -16,6 +16,7 @@ from anogan_batch.training import TrainConfig, fit_gan
 AUROC_FLOOR = 0.85
 
 
+@pytest.mark.data
 @pytest.mark.skipif(not __import__("os").path.isdir(mnist_dir()), reason="MNIST not available")
 def test_small_model_separates_zeros_from_other_digits():
     images, labels = load_mnist()
@@ -42,6 +43,7 @@ def test_small_model_separates_zeros_from_other_digits():
     assert score >= AUROC_FLOOR, f"AUROC {score:.4f} below the floor {AUROC_FLOOR}"
 
 
+@pytest.mark.data
 @pytest.mark.skipif(not __import__("os").path.isdir(mnist_dir()), reason="MNIST not available")
 def test_quality_protocol_quick_run_writes_the_table(tmp_path):
     """`bench --quality mnist --quick`: the protocol end to end at a tiny size."""
