@@ -77,8 +77,8 @@ def ingest(
 
     Formats: PNG/JPEG (8/16-bit), TIFF (multi-page), NPY (2-D, or 3-D volumes), DICOM.
     """
-    from anogan_batch.ingest import IngestConfig
-    from anogan_batch.ingest import ingest as run_ingest
+    from anogan_batch.job.ingest import IngestConfig
+    from anogan_batch.job.ingest import ingest as run_ingest
 
     cfg = IngestConfig(
         patch_size=patch_size,
@@ -160,7 +160,7 @@ def train(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Train the GAN on normal patches (only rows whose label is L when given)."""
-    from anogan_batch.training import TrainConfig, train_gan
+    from anogan_batch.core.training import TrainConfig, train_gan
 
     cfg = TrainConfig(
         epochs=epochs,
@@ -276,9 +276,9 @@ def score(
     ] = "parquet",
 ) -> None:
     """The distributed scoring job: latent mapping of every patch on Ray actors."""
-    from anogan_batch.pipeline import ScoreJobConfig
-    from anogan_batch.runner import run_score_job
-    from anogan_batch.search import SearchConfig
+    from anogan_batch.core.search import SearchConfig
+    from anogan_batch.job.pipeline import ScoreJobConfig
+    from anogan_batch.job.runner import run_score_job
 
     cfg = ScoreJobConfig(
         model_dir=model_dir,
@@ -314,7 +314,7 @@ def score(
         f"of {m.input_rows} rows ({m.patches_per_second or 0:.2f} patches/s); outputs in {out}"
     )
     if m.scored_rows == 0:
-        from anogan_batch.runner import first_quarantine_reason
+        from anogan_batch.job.runner import first_quarantine_reason
 
         raise AnoganError(
             f"no row of '{patches}' could be scored: all {m.quarantined_rows} rows are in "
@@ -332,7 +332,7 @@ def eval_(
     ] = None,
 ) -> None:
     """AUROC / AUPRC of a finished job against the `label` column; writes OUT/metrics.json."""
-    from anogan_batch.evaluate import evaluate_job
+    from anogan_batch.evaluation.evaluate import evaluate_job
 
     m = evaluate_job(out, normal_label, truth=truth)
     _echo(
@@ -353,8 +353,8 @@ def heatmap(
     """Fetch one scan's anomaly heatmap by scan_id (and where its overlay PNG is)."""
     import numpy as np
 
-    from anogan_batch.heatmaps import heatmap_for
-    from anogan_batch.layout import JobLayout
+    from anogan_batch.job.heatmaps import heatmap_for
+    from anogan_batch.job.layout import JobLayout
 
     heat = heatmap_for(out, scan_id)
     if npy:
@@ -375,7 +375,7 @@ def report(
     ] = None,
 ) -> None:
     """A self-contained HTML report of a finished job."""
-    from anogan_batch.report import write_report
+    from anogan_batch.evaluation.report import write_report
 
     path = write_report(out, html)
     _echo(f"report written to {path}")
@@ -392,7 +392,7 @@ def demo(
     ] = None,
 ) -> None:
     """The whole flow on data that ships with the package; finishes with the AUROC."""
-    from anogan_batch.demo import run_demo
+    from anogan_batch.evaluation.demo import run_demo
 
     run_demo(out, train=train, iterations=iterations)
 
@@ -410,8 +410,8 @@ def submit(
     timeout: Annotated[float, typer.Option(help="seconds to wait")] = 7 * 24 * 3600.0,
 ) -> None:
     """Submit a job spec from jobs/ to a Ray cluster (Ray Jobs API); exits like the job."""
-    from anogan_batch.submit import default_address, load_spec, parse_sets
-    from anogan_batch.submit import submit as run_submit
+    from anogan_batch.job.submit import default_address, load_spec, parse_sets
+    from anogan_batch.job.submit import submit as run_submit
 
     job = load_spec(spec, parse_sets(set_ or []))
     code = run_submit(job, address or default_address(), wait=wait, timeout_s=timeout, echo=_echo)
@@ -436,7 +436,7 @@ def bench(
     """The performance benchmark (or, with --quality mnist, the detection-quality one)."""
     if quality is not None:
         from anogan_batch.errors import ConfigError
-        from anogan_batch.quality import QualityRecipe, run_quality
+        from anogan_batch.evaluation.quality import QualityRecipe, run_quality
 
         if quality != "mnist":
             raise ConfigError("--quality", quality, "the one protocol is 'mnist'")
@@ -450,7 +450,7 @@ def bench(
         if json_path is not None:
             json_path.write_text(json.dumps(result, indent=2) + "\n")
         return
-    from anogan_batch.bench import run_bench
+    from anogan_batch.evaluation.bench import run_bench
 
     figures = run_bench(quick=quick)
     if json_path is not None:
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         import traceback
 
-        from anogan_batch.s3 import describe_s3_failure
+        from anogan_batch.io.s3 import describe_s3_failure
 
         message = describe_s3_failure(e)
         if message is None:  # a bug: exit 1 with its traceback

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from anogan_batch.datasets import load_mnist, one_class_split
+from anogan_batch.evaluation.datasets import load_mnist, one_class_split
 
 NORMAL_DIGIT = 0
 N_TRAIN, N_TEST_NORMAL, N_TEST_ANOMALOUS = 4000, 150, 150

@@ -21,8 +21,8 @@ def make_table(path: str, rows: int, files: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from anogan_batch.demo import load_sample
-    from anogan_batch.patches import PATCH_SCHEMA, patch_id_for
+    from anogan_batch.evaluation.demo import load_sample
+    from anogan_batch.io.patches import PATCH_SCHEMA, patch_id_for
 
     digits = load_sample()["train_images"]
     os.makedirs(path, exist_ok=True)
@@ -57,8 +57,8 @@ def main() -> None:
     if not os.path.isdir(path):
         make_table(path, args.rows, args.files)
 
-    from anogan_batch.pipeline import connect_ray, quiet_ray_data
-    from anogan_batch.tables import check_patch_ids
+    from anogan_batch.io.tables import check_patch_ids
+    from anogan_batch.job.pipeline import connect_ray, quiet_ray_data
 
     result = {"rows": args.rows, "files": args.files}
     t0 = time.time()

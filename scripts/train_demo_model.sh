@@ -7,11 +7,11 @@
 set -euo pipefail
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-python -m anogan_batch.demo "$work/scans" train          # the 4,000 training zeros as PNGs
+python -m anogan_batch.evaluation.demo "$work/scans" train          # the 4,000 training zeros as PNGs
 anogan-batch ingest "$work/scans" "$work/patches" --patch-size 28 --label-from-parent
 rm -rf anogan_batch/data/model
 anogan-batch train "$work/patches" anogan_batch/data/model \
   --normal-label 0 --epochs 20 --g-width 64 --d-width 64 --seed 0 --input-norm none \
   --feature-layer -1 --no-progress
 # float16 weights: half the bytes in the package (a test bounds the score change)
-python -c "from anogan_batch.modeldir import compact_model; compact_model('anogan_batch/data/model')"
+python -c "from anogan_batch.core.modeldir import compact_model; compact_model('anogan_batch/data/model')"

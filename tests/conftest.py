@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anogan_batch.patches import patch_id_for
+from anogan_batch.io.patches import patch_id_for
 
 # Small enough to train in ~3 s on 2 cores, good enough that the search matters (AUROC ~0.94
 # on the demo task with 40 search steps, measured).
@@ -23,14 +23,14 @@ TINY_TRAIN = {
 @pytest.fixture(scope="session")
 def sample() -> dict[str, np.ndarray]:
     """The demo's bundled MNIST sample: 4,000 training zeros, 300 held-out digits."""
-    from anogan_batch.demo import load_sample
+    from anogan_batch.evaluation.demo import load_sample
 
     return load_sample()
 
 
 def make_patch_table(path: Path, pixels: np.ndarray, labels=None, *, ids=None, files=1) -> Path:
     """A patch table from arrays (scan_id = the part of the id before '#')."""
-    from anogan_batch.tables import write_patch_table
+    from anogan_batch.io.tables import write_patch_table
 
     n = len(pixels)
     ids = ids or [patch_id_for(f"scan{i:05d}", 0, 0, pixels.shape[1]) for i in range(n)]
@@ -42,7 +42,7 @@ def make_patch_table(path: Path, pixels: np.ndarray, labels=None, *, ids=None, f
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, sample) -> str:
     """A very small GAN trained on 2,048 real zeros (seconds on CPU); BN statistics are real."""
-    from anogan_batch.training import TrainConfig, train_gan
+    from anogan_batch.core.training import TrainConfig, train_gan
 
     root = tmp_path_factory.mktemp("tiny")
     table = make_patch_table(root / "train", sample["train_images"][:2048])
@@ -53,7 +53,7 @@ def tiny_model(tmp_path_factory, sample) -> str:
 
 @pytest.fixture(scope="session")
 def loaded_tiny(tiny_model):
-    from anogan_batch.modeldir import load_model
+    from anogan_batch.core.modeldir import load_model
 
     return load_model(tiny_model)  # frozen
 
@@ -142,7 +142,7 @@ def ray_local(s3_server):
     """
     import ray
 
-    from anogan_batch.pipeline import connect_ray
+    from anogan_batch.job.pipeline import connect_ray
 
     os.environ.pop("RAY_ADDRESS", None)
     connect_ray()

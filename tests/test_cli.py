@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from anogan_batch.patches import PATCH_SCHEMA
+from anogan_batch.io.patches import PATCH_SCHEMA
 from tests.conftest import make_patch_table, run_cli
 
 
@@ -30,7 +30,7 @@ def test_help_lists_every_command():
 
 
 def test_end_to_end_ingest_train_score_eval_report(tmp_path):
-    from anogan_batch.demo import write_sample_scans
+    from anogan_batch.evaluation.demo import write_sample_scans
 
     scans = tmp_path / "scans"
     assert write_sample_scans(str(scans), split="test") == 300
@@ -182,7 +182,7 @@ def test_bad_flag_values(tmp_path, tiny_model, test_table, args, needle):
 def test_encoder_start_needs_a_model_with_an_encoder(tmp_path, loaded_tiny, test_table):
     from dataclasses import replace
 
-    from anogan_batch.modeldir import save_model
+    from anogan_batch.core.modeldir import save_model
 
     m = loaded_tiny
     plain = str(tmp_path / "plain")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from anogan_batch.job import JobManifest
+from anogan_batch.job.manifest import JobManifest
 from tests.conftest import make_patch_table, run_cli
 
 pytestmark = pytest.mark.cluster

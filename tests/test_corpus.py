@@ -19,7 +19,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from anogan_batch.layout import JobLayout
+from anogan_batch.job.layout import JobLayout
 from tests.conftest import run_cli
 from tests.corpus import HOSTILE_SCAN_IDS, ingest_corpus, quarantine_table, refused_tables
 

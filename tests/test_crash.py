@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.dataset as pads
 from PIL import Image
 
-from anogan_batch.layout import JobLayout
+from anogan_batch.job.layout import JobLayout
 from tests.conftest import run_cli
 
 REPO = str(Path(__file__).resolve().parents[1])
@@ -28,7 +28,7 @@ FLAGS = ["--iterations", "10", "--no-progress", "--table-format", "delta", "--jo
 
 def make_scans(root: Path, sample) -> Path:
     """Four 56x56 scans of 2x2 real digits, cut into 28x28 patches with stride 14."""
-    from anogan_batch.ingest import IngestConfig, ingest
+    from anogan_batch.job.ingest import IngestConfig, ingest
 
     zeros = iter(sample["test_images"][sample["test_labels"] == 0])
     for s in range(SCANS):
@@ -82,9 +82,9 @@ def one_commit_each(out: Path) -> None:
 def test_sigkill_during_aggregation_and_publishing_then_rerun_gives_the_same_output(
     tmp_path, tiny_model, sample, ray_local
 ):
-    from anogan_batch.pipeline import ScoreJobConfig
-    from anogan_batch.runner import run_score_job
-    from anogan_batch.search import SearchConfig
+    from anogan_batch.core.search import SearchConfig
+    from anogan_batch.job.pipeline import ScoreJobConfig
+    from anogan_batch.job.runner import run_score_job
 
     (tmp_path / "scans").mkdir()
     patches = make_scans(tmp_path / "scans", sample)
@@ -103,11 +103,11 @@ def test_sigkill_during_aggregation_and_publishing_then_rerun_gives_the_same_out
 
     out = tmp_path / "crashed"
     # 1. dies while rendering the third scan's heatmap: two overlays written, no tables yet
-    score_and_die(tiny_model, patches, out, "anogan_batch.heatmaps:render_scan:3")
+    score_and_die(tiny_model, patches, out, "anogan_batch.job.heatmaps:render_scan:3")
     assert len(files(out / "overlays")) == 2
     assert not (out / "heatmaps").exists() or not list((out / "heatmaps").rglob("*.parquet"))
     # 2. the rerun dies between the Delta commits of patch_scores and scan_scores
-    score_and_die(tiny_model, patches, out, "anogan_batch.warehouse:_convert_in_child:2")
+    score_and_die(tiny_model, patches, out, "anogan_batch.job.warehouse:_convert_in_child:2")
     assert (out / "patch_scores" / "_delta_log").exists()
     assert not (out / "scan_scores" / "_delta_log").exists()
     # 3. the same command again finishes

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anogan_batch.demo import (
+from anogan_batch.evaluation.demo import (
     GRID,
     PATCH_SIZE,
     TRAIN_ARGS,
@@ -53,7 +53,7 @@ def test_demo_runs_and_finds_the_lesions(tmp_path, capsys):
 def test_bundled_model_and_its_retrain_script_follow_train_args():
     """The recipe is written twice (demo.TRAIN_ARGS for `demo --train`, CLI flags in
     scripts/train_demo_model.sh); both must be the recipe the bundled model was trained with."""
-    from anogan_batch.modeldir import load_model
+    from anogan_batch.core.modeldir import load_model
 
     cfg = load_model(bundled_model_dir()).config
     training = json.loads((Path(bundled_model_dir()) / "model.json").read_text())["training"]

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from anogan_batch.cli import app, parse_actors
-from anogan_batch.submit import load_spec
+from anogan_batch.job.submit import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 YAMLS = sorted([*ROOT.glob("jobs/*.yaml"), *ROOT.glob("cluster/*.yaml")])
@@ -199,7 +199,7 @@ def test_submit_a_score_job_through_the_jobs_api(ray_head, tmp_path, tiny_model,
 
 def test_submit_waits_for_the_job_agent_of_a_fresh_head(monkeypatch):
     # a head that has just started answers 500 "No available agent" for a few seconds
-    from anogan_batch import submit
+    from anogan_batch.job import submit
 
     class Client:
         calls = 0

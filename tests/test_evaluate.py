@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from anogan_batch.evaluate import auroc, average_precision, metrics, roc_curve
+from anogan_batch.evaluation.evaluate import auroc, average_precision, metrics, roc_curve
 
 
 def brute_auroc(scores, positive):

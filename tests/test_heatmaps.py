@@ -13,9 +13,9 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
-from anogan_batch.heatmaps import heatmap_for, stitch
-from anogan_batch.layout import JobLayout
-from anogan_batch.patches import decode_map
+from anogan_batch.io.patches import decode_map
+from anogan_batch.job.heatmaps import heatmap_for, stitch
+from anogan_batch.job.layout import JobLayout
 from tests.conftest import run_cli
 
 P, STRIDE = 28, 14  # overlapping patches: every inner pixel is covered by up to 4 of them
@@ -31,10 +31,10 @@ def test_stitch_averages_overlaps():
 @pytest.fixture(scope="module")
 def mosaic_job(ray_local, tiny_model, sample, tmp_path_factory):
     """Four 56x56 scans of 2x2 real digits: two all zeros, two with one non-zero 'lesion'."""
-    from anogan_batch.ingest import IngestConfig, ingest
-    from anogan_batch.pipeline import ScoreJobConfig
-    from anogan_batch.runner import run_score_job
-    from anogan_batch.search import SearchConfig
+    from anogan_batch.core.search import SearchConfig
+    from anogan_batch.job.ingest import IngestConfig, ingest
+    from anogan_batch.job.pipeline import ScoreJobConfig
+    from anogan_batch.job.runner import run_score_job
 
     root = tmp_path_factory.mktemp("mosaic")
     images, labels = sample["test_images"], sample["test_labels"]
@@ -126,7 +126,7 @@ def test_delta_tables_are_committed_once(mosaic_job):
 
 
 def test_only_small_jobs_group_in_the_driver():
-    from anogan_batch.aggregate import LOCAL_ROWS, groups_in_driver
+    from anogan_batch.job.aggregate import LOCAL_ROWS, groups_in_driver
 
     assert groups_in_driver(36, (28, 1)) and groups_in_driver(LOCAL_ROWS, None)
     assert not groups_in_driver(LOCAL_ROWS + 1, None)
@@ -139,7 +139,7 @@ def test_only_small_jobs_group_in_the_driver():
 def test_a_small_job_groups_its_scans_in_the_driver_exactly_as_ray_does(
     mosaic_job, tmp_path, with_threshold
 ):
-    from anogan_batch.aggregate import write_scan_tables
+    from anogan_batch.job.aggregate import write_scan_tables
 
     manifest, out, _ = mosaic_job
     patches = str(out.parent / "patches")
@@ -193,8 +193,8 @@ def _chromium() -> str | None:
 
 @pytest.mark.skipif(_chromium() is None, reason="no chromium (apt install chromium)")
 def test_report_renders_in_a_real_browser(mosaic_job, tmp_path):
-    from anogan_batch.evaluate import evaluate_job
-    from anogan_batch.report import write_report
+    from anogan_batch.evaluation.evaluate import evaluate_job
+    from anogan_batch.evaluation.report import write_report
 
     _, out, _ = mosaic_job
     evaluate_job(str(out), "normal")

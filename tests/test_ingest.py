@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from anogan_batch.errors import InputError
-from anogan_batch.ingest import IngestConfig, grid_positions, ingest
-from anogan_batch.patches import PatchSpec, decode_patches
+from anogan_batch.io.patches import PatchSpec, decode_patches
+from anogan_batch.job.ingest import IngestConfig, grid_positions, ingest
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anogan_batch.layout import HASH_CHARS, SLUG_CHARS, JobLayout, file_stem
+from anogan_batch.job.layout import HASH_CHARS, SLUG_CHARS, JobLayout, file_stem
 
 HOSTILE = [
     "../../x",

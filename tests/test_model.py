@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anogan_batch.errors import ConfigError
-from anogan_batch.model import (
+from anogan_batch.core.model import (
     CONTRAST_FLOOR,
     ModelConfig,
     build_models,
@@ -19,6 +18,7 @@ from anogan_batch.model import (
     to_model_space,
     to_pixel_space,
 )
+from anogan_batch.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from anogan_batch.core.model import model_input
+from anogan_batch.core.modeldir import load_model, save_model
+from anogan_batch.core.search import SearchConfig, latent_search
 from anogan_batch.errors import ModelError
-from anogan_batch.model import model_input
-from anogan_batch.modeldir import load_model, save_model
-from anogan_batch.search import SearchConfig, latent_search
 
 
 def test_model_dir_contents(tiny_model):
@@ -150,7 +150,7 @@ def test_encoder_weights_without_encoder_in_model_json(model_copy):
 
 
 def test_float16_weights_load_as_float32_and_score_alike(tmp_path, loaded_tiny, sample):
-    from anogan_batch.modeldir import compact_model
+    from anogan_batch.core.modeldir import compact_model
 
     m = loaded_tiny
     d = str(tmp_path / "m")

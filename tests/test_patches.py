@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from anogan_batch.errors import InputError
-from anogan_batch.patches import (
+from anogan_batch.io.patches import (
     PATCH_SCHEMA,
     PatchSpec,
     check_columns,

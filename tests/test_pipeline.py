@@ -10,11 +10,11 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
+from anogan_batch.core.model import model_input
+from anogan_batch.core.search import POLISH, SearchConfig, latent_search
 from anogan_batch.errors import InputError
-from anogan_batch.model import model_input
-from anogan_batch.pipeline import ScoreJobConfig
-from anogan_batch.runner import run_score_job
-from anogan_batch.search import POLISH, SearchConfig, latent_search
+from anogan_batch.job.pipeline import ScoreJobConfig
+from anogan_batch.job.runner import run_score_job
 from tests.conftest import make_patch_table
 
 SEARCH = SearchConfig(iterations=10, seed=5)
@@ -173,7 +173,7 @@ def test_rerun_with_other_parameters_is_refused(finished_job, tiny_model, test_t
 
 @pytest.fixture(scope="module")
 def float_model(tmp_path_factory, sample):
-    from anogan_batch.training import TrainConfig, train_gan
+    from anogan_batch.core.training import TrainConfig, train_gan
 
     root = tmp_path_factory.mktemp("float")
     pixels = sample["train_images"][:256].astype(np.float32) / 255.0
@@ -212,7 +212,7 @@ def test_table_normalised_unlike_the_model_is_refused(tiny_model, sample, tmp_pa
 
     from PIL import Image
 
-    from anogan_batch.ingest import IngestConfig, ingest
+    from anogan_batch.job.ingest import IngestConfig, ingest
 
     src = tmp_path / "scans"
     src.mkdir()
@@ -231,7 +231,7 @@ def test_table_normalised_unlike_the_model_is_refused(tiny_model, sample, tmp_pa
         out = str(tmp_path / f"out-{table}")
         return ScoreJobConfig(str(model), str(tmp_path / table), out, search=SEARCH)
 
-    from anogan_batch.runner import preflight
+    from anogan_batch.job.runner import preflight
 
     assert preflight(job(tiny_model, "ok"))[1] == 3
     with pytest.raises(InputError, match="normalised as .*uint16.*trained on .*uint8"):
@@ -250,7 +250,7 @@ def _node(cpus: float, memory_gib: float | None = 64.0, gpus: float = 0.0) -> di
 
 
 def _plan(nodes: list[dict], todo_rows: int | None = None, **kw):
-    from anogan_batch.pipeline import plan_resources
+    from anogan_batch.job.pipeline import plan_resources
 
     cfg = ScoreJobConfig("m", "p", "o", **kw)
     cluster = {"GPU": sum(n["Resources"].get("GPU", 0.0) for n in nodes)}

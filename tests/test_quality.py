@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from anogan_batch.datasets import load_mnist, mnist_dir, one_class_split
-from anogan_batch.evaluate import auroc
-from anogan_batch.model import model_input
-from anogan_batch.search import SearchConfig, latent_search
-from anogan_batch.training import TrainConfig, fit_gan
+from anogan_batch.core.model import model_input
+from anogan_batch.core.search import SearchConfig, latent_search
+from anogan_batch.core.training import TrainConfig, fit_gan
+from anogan_batch.evaluation.datasets import load_mnist, mnist_dir, one_class_split
+from anogan_batch.evaluation.evaluate import auroc
 
 # Measured 0.944 with this recipe on this split (2 cores, torch 2.13 CPU); floor with margin.
 AUROC_FLOOR = 0.85

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from anogan_batch import storage
 from anogan_batch.errors import InputError, redact
-from anogan_batch.layout import JobLayout
+from anogan_batch.io import storage
+from anogan_batch.job.layout import JobLayout
 from tests.conftest import S3_SECRET, run_cli
 
 pytestmark = pytest.mark.s3
@@ -32,7 +32,7 @@ def keys(bucket: str, prefix: str) -> list[str]:
 
 
 def test_whole_flow_on_s3_never_shows_the_secret(bucket, sample):
-    from anogan_batch.plots import png_bytes
+    from anogan_batch.io.plots import png_bytes
 
     s3 = boto3.client("s3")
     for img, label, idx in zip(
@@ -133,11 +133,11 @@ def test_large_job_groupby_on_ray_reads_and_writes_s3(bucket, sample, tiny_model
     # Data groupby whose tasks read and write S3 themselves
     import pyarrow.parquet as pq
 
-    from anogan_batch.aggregate import write_scan_tables
-    from anogan_batch.modeldir import load_model
-    from anogan_batch.scorer import score_table
-    from anogan_batch.search import SearchConfig
-    from anogan_batch.tables import open_dataset, write_patch_table
+    from anogan_batch.core.modeldir import load_model
+    from anogan_batch.core.search import SearchConfig
+    from anogan_batch.io.tables import open_dataset, write_patch_table
+    from anogan_batch.job.aggregate import write_scan_tables
+    from anogan_batch.job.scorer import score_table
 
     root = f"s3://{bucket}"
     # hostile scan ids: on S3 too, nothing may land outside the job's prefix
@@ -171,7 +171,7 @@ def test_generic_endpoint_variable_is_honoured(bucket, s3_server, monkeypatch):
 
 
 def test_s3_patch_table_round_trip_through_tables(bucket, sample):
-    from anogan_batch.tables import open_patch_table, write_patch_table
+    from anogan_batch.io.tables import open_patch_table, write_patch_table
 
     path = f"s3://{bucket}/t"
     write_patch_table(path, sample["test_images"][:10], files=2)

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
-from anogan_batch import storage
-from anogan_batch.layout import JobLayout
+from anogan_batch.io import storage
+from anogan_batch.job.layout import JobLayout
 from tests.conftest import S3_SECRET, run_cli
 from tests.s3_faults import FaultProxy, FaultRates
 
@@ -56,11 +56,11 @@ def assert_same_rows(got: list[dict], want: list[dict], what: str) -> None:
 def test_a_flaky_s3_gives_the_output_of_a_healthy_one(
     bucket, s3_server, sample, tiny_model, ray_local
 ):
-    from anogan_batch.ingest import IngestConfig, ingest
-    from anogan_batch.pipeline import ScoreJobConfig
-    from anogan_batch.plots import png_bytes
-    from anogan_batch.runner import run_score_job
-    from anogan_batch.search import SearchConfig
+    from anogan_batch.core.search import SearchConfig
+    from anogan_batch.io.plots import png_bytes
+    from anogan_batch.job.ingest import IngestConfig, ingest
+    from anogan_batch.job.pipeline import ScoreJobConfig
+    from anogan_batch.job.runner import run_score_job
 
     s3 = boto3.client("s3")
     for i in range(24):
@@ -105,7 +105,7 @@ def test_a_flaky_s3_gives_the_output_of_a_healthy_one(
 
 
 def test_s3_gone_for_good_fails_clearly_and_a_rerun_resumes(bucket, s3_server, sample, tiny_model):
-    from anogan_batch.tables import write_patch_table
+    from anogan_batch.io.tables import write_patch_table
 
     root = f"s3://{bucket}"
     write_patch_table(f"{root}/patches", sample["test_images"][:160], files=4)

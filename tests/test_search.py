@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from anogan_batch.model import ModelConfig, build_models, freeze, to_model_space
-from anogan_batch.search import POLISH, SearchConfig, initial_latents, latent_search
+from anogan_batch.core.model import ModelConfig, build_models, freeze, to_model_space
+from anogan_batch.core.search import POLISH, SearchConfig, initial_latents, latent_search
 
 CFG = SearchConfig(iterations=40, seed=3)
 
@@ -132,7 +132,7 @@ def test_config_errors_name_the_field():
 
 def test_written_out_adam_matches_torch_adam(loaded_tiny, batch):
     """The search's per-patch Adam is torch.optim.Adam (the reference) with per-row steps."""
-    from anogan_batch.search import _per_patch_losses
+    from anogan_batch.core.search import _per_patch_losses
 
     g, d = loaded_tiny.generator, loaded_tiny.discriminator
     x, ids = batch
@@ -243,8 +243,8 @@ def test_encoder_start_is_e_of_x_and_keeps_batch_invariance(loaded_tiny, batch):
 
 
 def test_start_auto_and_encoder_without_one(loaded_tiny, batch):
+    from anogan_batch.core.search import resolve_search
     from anogan_batch.errors import ConfigError
-    from anogan_batch.search import resolve_search
 
     assert resolve_search(SearchConfig(), has_encoder=True).start == "encoder"
     assert resolve_search(SearchConfig(), has_encoder=False).start == "prior"

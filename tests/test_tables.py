@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from anogan_batch.errors import InputError
-from anogan_batch.tables import check_patch_ids, write_patch_table
+from anogan_batch.io.tables import check_patch_ids, write_patch_table
 
 
 def test_the_ray_id_check_finds_what_the_driver_finds(tmp_path, sample, ray_local):

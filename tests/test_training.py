@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from anogan_batch.core.training import TrainConfig, fit_gan, load_training_patches, train_gan
 from anogan_batch.errors import InputError
-from anogan_batch.training import TrainConfig, fit_gan, load_training_patches, train_gan
 from tests.conftest import make_patch_table
 
 FAST = {
@@ -90,7 +90,7 @@ def _windowed_scans(root, window_ok=True):
 
 
 def test_training_records_the_tables_normalisation(tmp_path):
-    from anogan_batch.ingest import IngestConfig, ingest
+    from anogan_batch.job.ingest import IngestConfig, ingest
 
     src = _windowed_scans(tmp_path / "scans")
     ingest(str(src), str(tmp_path / "p"), IngestConfig(patch_size=16, window=(128.0, 200.0)))
@@ -103,7 +103,7 @@ def test_training_records_the_tables_normalisation(tmp_path):
 def test_a_table_mixing_bit_depths_is_refused(tmp_path):
     from PIL import Image
 
-    from anogan_batch.ingest import IngestConfig, ingest
+    from anogan_batch.job.ingest import IngestConfig, ingest
 
     src = _windowed_scans(tmp_path / "scans")
     Image.fromarray(np.full((16, 16), 4000, np.uint16)).save(src / "deep.png")
@@ -113,7 +113,7 @@ def test_a_table_mixing_bit_depths_is_refused(tmp_path):
 
 
 def test_encoder_trains_after_the_gan_and_leaves_it_alone(sample):
-    from anogan_batch.training import fit_gan
+    from anogan_batch.core.training import fit_gan
 
     pixels = sample["train_images"][:256, :, :, None]
     cfg = {**FAST, "epochs": 2}
@@ -130,7 +130,7 @@ def test_encoder_trains_after_the_gan_and_leaves_it_alone(sample):
 
 def test_encoder_inverts_the_generator(loaded_tiny, sample):
     """The tiny model's encoder (3 epochs): G(E(x)) is far closer to x than G at random z."""
-    from anogan_batch.model import model_input
+    from anogan_batch.core.model import model_input
 
     pixels = torch.from_numpy(sample["train_images"][:256, :, :, None].copy())
     x = model_input(pixels, loaded_tiny.config)
@@ -144,7 +144,7 @@ def test_encoder_inverts_the_generator(loaded_tiny, sample):
 def test_contrast_range_is_fitted_on_the_training_patches(loaded_tiny, sample):
     """train's default: contrast normalisation whose fitted range maps the training patches'
     extremes to G's [-1, 1], so the normal data fills the tanh range and nothing of it clips."""
-    from anogan_batch.model import model_input
+    from anogan_batch.core.model import model_input
 
     cfg = loaded_tiny.config
     assert cfg.input_norm == "contrast" and cfg.norm_low < 0 < cfg.norm_high
@@ -160,7 +160,7 @@ def test_flat_training_patches_cannot_be_contrast_normalised():
 
 
 def test_input_norm_none_reads_pixels_as_stored(sample):
-    from anogan_batch.model import model_input, to_model_space
+    from anogan_batch.core.model import model_input, to_model_space
 
     fit = fit_gan(
         sample["train_images"][:128, :, :, None],
@@ -174,7 +174,7 @@ def test_input_norm_none_reads_pixels_as_stored(sample):
 
 
 def test_encoder_is_saved_and_recorded(tmp_path, mixed_table):
-    from anogan_batch.modeldir import load_model
+    from anogan_batch.core.modeldir import load_model
 
     train_gan(mixed_table, str(tmp_path / "m"), TrainConfig(**FAST), progress=False)
     doc = json.loads((tmp_path / "m" / "model.json").read_text())

@@ -1,6 +1,6 @@
 """Installed in test processes through PYTHONPATH (see test_cluster.py, test_crash.py).
 
-- ANOGAN_TEST_POISON: `anogan_batch.search` is patched right after it is imported so that a
+- ANOGAN_TEST_POISON: `anogan_batch.core.search` is patched right after it is imported so that a
   batch holding a patch id with 'poison' in it raises, as a bug would.
 - ANOGAN_TEST_KILL=module:function:N: the process SIGKILLs itself on the N-th call of
   module.function, as a driver lost to the OOM killer or a preempted node would be.
@@ -50,7 +50,7 @@ def _killer(function, n):
 
 
 if os.environ.get("ANOGAN_TEST_POISON"):
-    sys.meta_path.insert(0, _PatchOnImport("anogan_batch.search", _poison))
+    sys.meta_path.insert(0, _PatchOnImport("anogan_batch.core.search", _poison))
 if os.environ.get("ANOGAN_TEST_KILL"):
     _module, _function, _n = os.environ["ANOGAN_TEST_KILL"].split(":")
     sys.meta_path.insert(0, _PatchOnImport(_module, _killer(_function, int(_n))))

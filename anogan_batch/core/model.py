@@ -28,7 +28,7 @@ from anogan_batch.errors import ConfigError
 # PIXEL_MAX, the largest value of each stored pixel type: stored pixels p in [0, max] map to
 # p/max*2-1 in [-1, 1], the range of G's tanh output. It lives with the patch encoding so that
 # I/O code (ingest, heatmaps) can use it without importing torch.
-from anogan_batch.patches import PIXEL_MAX
+from anogan_batch.io.patches import PIXEL_MAX
 
 PRIORS = ("uniform",)
 D_NORMS = ("batch", "spectral", "none")

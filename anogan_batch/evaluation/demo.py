@@ -20,7 +20,7 @@ from importlib import resources
 
 import numpy as np
 
-from anogan_batch import storage
+from anogan_batch.io import storage
 
 NORMAL_LABEL = "0"  # the digit the model was trained on
 PATCH_SIZE = 28
@@ -53,7 +53,7 @@ def load_sample() -> dict[str, np.ndarray]:
 
 def write_sample_scans(scans: str, *, split: str) -> int:
     """Write the sample's `split` ('train' or 'test') digits as PNGs in one folder per digit."""
-    from anogan_batch.plots import png_bytes
+    from anogan_batch.io.plots import png_bytes
 
     sample = load_sample()
     images, labels, index = (sample[f"{split}_{k}"] for k in ("images", "labels", "index"))
@@ -67,8 +67,8 @@ def write_mosaic_scans(scans: str, truth: str, *, seed: int = 0) -> tuple[int, i
 
     -> (number of scans, number of lesion tiles). Deterministic for a seed.
     """
-    from anogan_batch.patches import patch_id_for
-    from anogan_batch.plots import png_bytes
+    from anogan_batch.io.patches import patch_id_for
+    from anogan_batch.io.plots import png_bytes
 
     sample = load_sample()
     tiles, lesions = iter(sample["tile_images"]), iter(sample["lesion_images"])
@@ -96,13 +96,13 @@ def write_mosaic_scans(scans: str, truth: str, *, seed: int = 0) -> tuple[int, i
 
 def run_demo(out: str, *, train: bool = False, iterations: int | None = None) -> dict:
     """Run the demo into `out` (its sub-folders are replaced) and print where things are."""
-    from anogan_batch.evaluate import evaluate_job
-    from anogan_batch.ingest import IngestConfig, ingest
-    from anogan_batch.pipeline import ScoreJobConfig
-    from anogan_batch.report import write_report
-    from anogan_batch.runner import run_score_job
-    from anogan_batch.search import SearchConfig
-    from anogan_batch.training import TrainConfig, train_gan
+    from anogan_batch.core.search import SearchConfig
+    from anogan_batch.core.training import TrainConfig, train_gan
+    from anogan_batch.evaluation.evaluate import evaluate_job
+    from anogan_batch.evaluation.report import write_report
+    from anogan_batch.job.ingest import IngestConfig, ingest
+    from anogan_batch.job.pipeline import ScoreJobConfig
+    from anogan_batch.job.runner import run_score_job
 
     out = storage.absolute(out)
     for sub in ("scans", "truth.csv", "patches", "train_scans", "train_patches", "model", "job"):

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from anogan_batch.search import SearchConfig
+from anogan_batch.core.search import SearchConfig
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from anogan_batch.modeldir import LoadedModel
+    from anogan_batch.core.modeldir import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,9 @@ def score_table(
     import pyarrow as pa
     import torch
 
-    from anogan_batch.model import model_input
-    from anogan_batch.patches import decode_patches, encode_maps, int32_or_null
-    from anogan_batch.search import latent_search
+    from anogan_batch.core.model import model_input
+    from anogan_batch.core.search import latent_search
+    from anogan_batch.io.patches import decode_patches, encode_maps, int32_or_null
 
     spec = model.patch_spec
     n = table.num_rows
@@ -166,7 +166,7 @@ class PatchScorer:
     ) -> None:
         import torch
 
-        from anogan_batch.modeldir import load_model
+        from anogan_batch.core.modeldir import load_model
 
         if threads:
             torch.set_num_threads(threads)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from anogan_batch.config import check_choice, check_float, check_int
-from anogan_batch.model import Discriminator, Encoder, Generator
+from anogan_batch.core.model import Discriminator, Encoder, Generator
 
 STARTS = ("auto", "prior", "encoder")
 # (Γ, Adam step size) by start when not given: the paper's search from the prior, a short

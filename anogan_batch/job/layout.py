@@ -24,7 +24,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from anogan_batch import storage
+from anogan_batch.io import storage
 
 SLUG_CHARS = 48  # readable part of a file stem; the hash keeps stems unique
 HASH_CHARS = 20  # 80 bits of sha256: no collision expected below ~10^11 distinct values

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from anogan_batch import storage
-from anogan_batch.heatmaps import MAP_COLUMNS, HeatmapGeometry, render_scan
-from anogan_batch.layout import JobLayout
-from anogan_batch.patches import DTYPES, PIXEL_MAX
+from anogan_batch.io import storage
+from anogan_batch.io.patches import DTYPES, PIXEL_MAX
+from anogan_batch.job.heatmaps import MAP_COLUMNS, HeatmapGeometry, render_scan
+from anogan_batch.job.layout import JobLayout
 
 SUMMARY_COLUMNS = (
     "scan_id", "n_patches", "max_score", "mean_score", "p95_score", "min_score", "std_score",
@@ -279,7 +279,7 @@ def write_scan_tables(
     if heatmaps:  # scan_scores = the summary columns of heatmaps, streamed, never all in memory
         import pyarrow.dataset as pads
 
-        from anogan_batch.tables import open_dataset
+        from anogan_batch.io.tables import open_dataset
 
         source = open_dataset(target).scanner(columns=list(SUMMARY_COLUMNS))
         out_fs, out_inner = storage.filesystem_for(scan_scores)
@@ -300,7 +300,7 @@ def _inputs(out: str, patches: str, heatmaps: tuple | None) -> list[tuple[str, l
         score_cols.append("residual_map")
     inputs = [(JobLayout(out).patch_scores, score_cols, SCORE)]
     if heatmaps:
-        from anogan_batch.tables import table_columns
+        from anogan_batch.io.tables import table_columns
 
         names = table_columns(patches)
         cols = [c for c in ("scan_id", "x", "y", "image", "dtype") if c in names]
@@ -340,7 +340,7 @@ def _group_in_driver(inputs, args: tuple):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from anogan_batch.tables import open_dataset
+    from anogan_batch.io.tables import open_dataset
 
     def read(path: str, columns: list[str], kind: str) -> list[pa.Table]:
         if path.endswith(".parquet"):  # _scans.parquet, which a dataset listing skips

@@ -12,7 +12,10 @@ import struct
 
 import numpy as np
 
-DEFAULT_MNIST_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
+# the checkout is <root>/main/anogan_batch/evaluation/ and the data <root>/shared/data/mnist
+DEFAULT_MNIST_DIR = os.path.join(
+    os.path.dirname(__file__), "..", "..", "..", "shared", "data", "mnist"
+)
 
 
 def mnist_dir() -> str:

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from anogan_batch import storage
 from anogan_batch.errors import ConfigError, InputError
+from anogan_batch.io import storage
 
 _VAR = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)\}")
 SPEC_KEYS = {

@@ -22,9 +22,21 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from anogan_batch.errors import ConfigError
-from anogan_batch.storage import is_s3, s3_endpoint, s3_region
 
 log = logging.getLogger(__name__)
+
+
+def is_s3(path: str) -> bool:
+    return path.startswith("s3://")
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint URL from the environment (service-specific variable first)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
 def shown_endpoint() -> str:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from anogan_batch import storage
 from anogan_batch.errors import InputError
-from anogan_batch.patches import check_columns
+from anogan_batch.io import storage
+from anogan_batch.io.patches import check_columns
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -214,7 +214,7 @@ def write_patch_table(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from anogan_batch.patches import PATCH_SCHEMA, encode_pixels, patch_id_for
+    from anogan_batch.io.patches import PATCH_SCHEMA, encode_pixels, patch_id_for
 
     if pixels.ndim == 3:
         pixels = pixels[..., None]

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from anogan_batch import storage
 from anogan_batch.errors import InputError
+from anogan_batch.io import storage
 
 # Parameters that change a patch's scores. Batch size, actor count and devices do not.
 IDENTITY_KEYS = (

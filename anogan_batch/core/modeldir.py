@@ -18,15 +18,15 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from anogan_batch import storage
 from anogan_batch.config import from_dict
 from anogan_batch.errors import AnoganError, ModelError
-from anogan_batch.patches import PatchSpec
+from anogan_batch.io import storage
+from anogan_batch.io.patches import PatchSpec
 
 if TYPE_CHECKING:
     import torch
 
-    from anogan_batch.model import Discriminator, Encoder, Generator, ModelConfig
+    from anogan_batch.core.model import Discriminator, Encoder, Generator, ModelConfig
 
 FORMAT = "anogan-batch/model/1"
 WEIGHTS = "weights.safetensors"
@@ -53,7 +53,7 @@ class LoadedModel:
         model can no longer be saved) and every network in channels_last."""
         import torch
 
-        from anogan_batch.model import fold_batchnorm
+        from anogan_batch.core.model import fold_batchnorm
 
         fold_batchnorm(self.generator)
         # channels_last: the convolutions' fast layout on CPU (oneDNN) and GPU (tensor cores);
@@ -106,7 +106,7 @@ def save_model(
         raise ValueError(
             f"config.encoder is {config.encoder}, encoder given: {encoder is not None}"
         )
-    from anogan_batch.model import describe_input
+    from anogan_batch.core.model import describe_input
 
     blob = weights_bytes(generator, discriminator, encoder, dtype)
     model_id = hashlib.sha256(blob).hexdigest()
@@ -173,7 +173,7 @@ def load_model(model_dir: str, *, expect_model_id: str | None = None) -> LoadedM
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    from anogan_batch.model import ModelConfig, build_encoder, build_models, freeze
+    from anogan_batch.core.model import ModelConfig, build_encoder, build_models, freeze
 
     doc = read_model_json(model_dir)
     json_path = storage.join(model_dir, MODEL_JSON)

@@ -16,10 +16,11 @@ import time
 from dataclasses import asdict, replace
 from typing import Any, NamedTuple
 
-from anogan_batch import storage
+from anogan_batch.core.search import SearchConfig
 from anogan_batch.errors import InputError, redact
-from anogan_batch.job import JobManifest, check_rerun, new_job_id, now
-from anogan_batch.pipeline import (
+from anogan_batch.io import storage
+from anogan_batch.job.manifest import JobManifest, check_rerun, new_job_id, now
+from anogan_batch.job.pipeline import (
     CHECKPOINT_DIR,
     IO_CPUS,
     Resources,
@@ -31,15 +32,14 @@ from anogan_batch.pipeline import (
     quiet_ray_data,
     recover_pending,
 )
-from anogan_batch.scorer import peak_rss_mb
-from anogan_batch.search import SearchConfig
+from anogan_batch.job.scorer import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
 
 def output_rows(out: str, table: str) -> int:
     """Rows in OUT/<table> from Parquet footers (0 when the table does not exist yet)."""
-    from anogan_batch.tables import count_rows, open_dataset
+    from anogan_batch.io.tables import count_rows, open_dataset
 
     path = storage.join(out, table)
     if not storage.is_dir(path) and not storage.exists(path):
@@ -51,7 +51,7 @@ def output_rows(out: str, table: str) -> int:
 
 def first_quarantine_reason(out: str) -> str | None:
     """The reason of one quarantined row (for messages), or None."""
-    from anogan_batch.tables import open_dataset
+    from anogan_batch.io.tables import open_dataset
 
     if not output_rows(out, "quarantine"):
         return None
@@ -67,10 +67,10 @@ class Preflight(NamedTuple):
 
 def preflight(cfg: ScoreJobConfig) -> Preflight:
     """Fail fast (exit 2) on a bad model or a table that cannot fit it."""
-    from anogan_batch.modeldir import load_model, read_model_json
-    from anogan_batch.patches import row_problem
-    from anogan_batch.search import resolve_search
-    from anogan_batch.tables import (
+    from anogan_batch.core.modeldir import load_model, read_model_json
+    from anogan_batch.core.search import resolve_search
+    from anogan_batch.io.patches import row_problem
+    from anogan_batch.io.tables import (
         check_normalisation,
         first_rows,
         inspect_patch_table,
@@ -212,9 +212,9 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
     """Score every row of cfg.patches into cfg.out (resuming a crashed run). -> manifest."""
     import ray
 
-    from anogan_batch.aggregate import write_scan_tables
-    from anogan_batch.tables import check_patch_ids
-    from anogan_batch.warehouse import publish
+    from anogan_batch.io.tables import check_patch_ids
+    from anogan_batch.job.aggregate import write_scan_tables
+    from anogan_batch.job.warehouse import publish
 
     cfg = replace(
         cfg,
@@ -318,8 +318,8 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
 
 
 def _heatmap_geometry(cfg: ScoreJobConfig):
-    from anogan_batch.heatmaps import HeatmapGeometry
-    from anogan_batch.modeldir import read_model_json
+    from anogan_batch.core.modeldir import read_model_json
+    from anogan_batch.job.heatmaps import HeatmapGeometry
 
     doc = read_model_json(cfg.model_dir)
     patch, norm = doc["patch"], doc.get("normalisation", {})
@@ -365,7 +365,7 @@ def _execute(
 
 def _rows_per_file(cfg: ScoreJobConfig) -> int:
     """Rows per output file for --target-file-mb (of uncompressed row bytes)."""
-    from anogan_batch.modeldir import read_model_json
+    from anogan_batch.core.modeldir import read_model_json
 
     arch = read_model_json(cfg.model_dir)["architecture"]
     row_bytes = arch["image_size"] ** 2 * arch["channels"] * 4 + arch["latent_dim"] * 4 + 256

@@ -65,10 +65,10 @@ def evaluate_class(
     """Train on `digit`, score the test digits; -> AUROC/AUPRC (and those of `variants`)."""
     import torch
 
-    from anogan_batch.evaluate import auroc, average_precision
-    from anogan_batch.model import model_input
-    from anogan_batch.search import SearchConfig, latent_search, resolve_search
-    from anogan_batch.training import TrainConfig, fit_gan
+    from anogan_batch.core.model import model_input
+    from anogan_batch.core.search import SearchConfig, latent_search, resolve_search
+    from anogan_batch.core.training import TrainConfig, fit_gan
+    from anogan_batch.evaluation.evaluate import auroc, average_precision
 
     started = time.process_time()
     normal = train_idx[labels[train_idx] == digit][: recipe.train_images]
@@ -117,7 +117,7 @@ def run_quality(
     variants: dict[str, dict] | None = None,
 ) -> dict[str, Any]:
     """Run the protocol for `classes`; write OUT/quality.json and OUT/quality.md."""
-    from anogan_batch.datasets import load_mnist, one_class_split
+    from anogan_batch.evaluation.datasets import load_mnist, one_class_split
 
     recipe = recipe or QualityRecipe()
     images, labels = load_mnist(mnist)
@@ -164,7 +164,7 @@ def run_quality(
 
 
 def _train_config(recipe: QualityRecipe):
-    from anogan_batch.training import TrainConfig
+    from anogan_batch.core.training import TrainConfig
 
     return TrainConfig(seed=recipe.seed, **recipe.train)
 

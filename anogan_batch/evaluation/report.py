@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from anogan_batch import storage
 from anogan_batch.errors import InputError
+from anogan_batch.io import storage
 
 TOP_K = 16
 TOP_SCANS = 8
@@ -48,12 +48,12 @@ def top_patches(out: str, k: int = TOP_K) -> list[dict[str, Any]]:
     import pyarrow.dataset as pads
     import torch
 
-    from anogan_batch.job import JobManifest
-    from anogan_batch.model import model_input, to_pixel_space
-    from anogan_batch.modeldir import load_model
-    from anogan_batch.patches import DTYPES, decode_map
-    from anogan_batch.plots import png_bytes
-    from anogan_batch.tables import open_dataset
+    from anogan_batch.core.model import model_input, to_pixel_space
+    from anogan_batch.core.modeldir import load_model
+    from anogan_batch.io.patches import DTYPES, decode_map
+    from anogan_batch.io.plots import png_bytes
+    from anogan_batch.io.tables import open_dataset
+    from anogan_batch.job.manifest import JobManifest
 
     manifest = JobManifest.load(out)
     scores = open_dataset(storage.join(out, "patch_scores"))
@@ -107,7 +107,7 @@ def top_patches(out: str, k: int = TOP_K) -> list[dict[str, Any]]:
 
 def _overlays(out: str, scan_ids: list[str]) -> str:
     """The overlay PNGs of these scans (from OUT/overlays), inlined, with captions."""
-    from anogan_batch.layout import JobLayout
+    from anogan_batch.job.layout import JobLayout
 
     cells = []
     for scan_id in scan_ids:
@@ -127,10 +127,10 @@ def _model_dir(manifest) -> str:
 
 def write_report(out: str, html_path: str | None = None) -> str:
     """Write the report of job OUT to `html_path` (default OUT/report.html); return the path."""
-    from anogan_batch.evaluate import roc_curve
-    from anogan_batch.job import JobManifest
-    from anogan_batch.plots import histogram_svg, line_chart_svg
-    from anogan_batch.tables import read_columns
+    from anogan_batch.evaluation.evaluate import roc_curve
+    from anogan_batch.io.plots import histogram_svg, line_chart_svg
+    from anogan_batch.io.tables import read_columns
+    from anogan_batch.job.manifest import JobManifest
 
     manifest = JobManifest.load(out)
     if manifest is None:
@@ -145,7 +145,7 @@ def write_report(out: str, html_path: str | None = None) -> str:
         table.column("label").to_pylist() if "label" in table.column_names else [None] * len(scores)
     )
     if metrics.get("truth"):  # eval's labels, so that the ROC here is the one it measured
-        from anogan_batch.evaluate import read_truth
+        from anogan_batch.evaluation.evaluate import read_truth
 
         truth = read_truth(metrics["truth"])
         ids = table.column("patch_id").to_pylist()

@@ -18,22 +18,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from anogan_batch.errors import InputError
+from anogan_batch.io.s3 import is_s3, s3_endpoint, s3_filesystem, s3_region
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
-
-
-def is_s3(path: str) -> bool:
-    return path.startswith("s3://")
-
-
-def s3_endpoint() -> str | None:
-    """The S3 endpoint URL from the environment (service-specific variable first)."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def s3_region() -> str:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
 def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
@@ -49,8 +37,6 @@ def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
                 f"'s3://...@{inner.split('@', 1)[1]}': credentials in an s3:// URI are not "
                 "supported; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile) instead"
             )
-        from anogan_batch.s3 import s3_filesystem
-
         return s3_filesystem(s3_endpoint(), s3_region()), inner
     if "://" in path:
         raise InputError(f"'{path}': only local paths and s3:// URIs are supported")

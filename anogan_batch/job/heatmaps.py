@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from anogan_batch import storage
+from anogan_batch.io import storage
 
 HEAT_FLOOR = 0.1  # smoothed residual per pixel below which nothing is drawn
 HEAT_SCALE = 0.35  # smoothed residual shown at full colour (model space spans 0..2)
@@ -118,7 +118,7 @@ def render_scan(
     """One scan's residual tiles and pixel tiles (scaled to [0, 1]) -> its heatmap columns;
     writes the overlay PNG to `overlay` as a side effect (a retried task overwrites it).
     `recorded`: the scan's (height, width) from ingest, when known."""
-    from anogan_batch.plots import png_bytes
+    from anogan_batch.io.plots import png_bytes
 
     height, width = canvas_size(residual, image, size, recorded)
     if height * width > MAX_HEATMAP_PIXELS:
@@ -159,8 +159,8 @@ def heatmap_for(out: str, scan_id: str) -> np.ndarray:
     import pyarrow.dataset as pads
 
     from anogan_batch.errors import InputError
-    from anogan_batch.layout import JobLayout
-    from anogan_batch.tables import open_dataset
+    from anogan_batch.io.tables import open_dataset
+    from anogan_batch.job.layout import JobLayout
 
     ds = open_dataset(JobLayout(out).heatmaps)
     columns = [c for c in ("height", "width", "heatmap", "heatmap_skipped") if c in ds.schema.names]

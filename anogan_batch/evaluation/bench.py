@@ -41,8 +41,8 @@ def _bench_model(size: int, width: int, seed: int = 0, encoder: bool = False):
     As saved: `LoadedModel.to` readies them for scoring."""
     import torch
 
-    from anogan_batch.model import ModelConfig, build_encoder, build_models, freeze
-    from anogan_batch.training import TrainConfig
+    from anogan_batch.core.model import ModelConfig, build_encoder, build_models, freeze
+    from anogan_batch.core.training import TrainConfig
 
     torch.manual_seed(seed)
     # train's feature layer, so that the search measured is the one a trained model runs
@@ -66,7 +66,7 @@ def _patches(n: int, size: int) -> np.ndarray:
     """n real digits from the bundled sample, resized to size x size, uint8 (n, S, S, 1)."""
     from PIL import Image
 
-    from anogan_batch.demo import load_sample
+    from anogan_batch.evaluation.demo import load_sample
 
     digits = load_sample()["test_images"]
     out = np.empty((n, size, size, 1), np.uint8)
@@ -87,9 +87,9 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
     import ray
     import torch
 
-    from anogan_batch.model import to_model_space
-    from anogan_batch.modeldir import LoadedModel
-    from anogan_batch.search import SearchConfig, latent_search
+    from anogan_batch.core.model import to_model_space
+    from anogan_batch.core.modeldir import LoadedModel
+    from anogan_batch.core.search import SearchConfig, latent_search
 
     size, width = (28, 8) if quick else (64, 64)
     iterations = 5 if quick else 100
@@ -201,7 +201,7 @@ def _flop_efficiency(g, d, x, ids, search, batched: float, looped: float) -> dic
 
 def _batch_sweep(g, d, x, ids, sizes: list[int]) -> dict[str, float]:
     """Patches x steps per second of the batched search at several batch sizes."""
-    from anogan_batch.search import SearchConfig, latent_search
+    from anogan_batch.core.search import SearchConfig, latent_search
 
     cfg = SearchConfig(iterations=3)
     out = {}
@@ -218,11 +218,11 @@ def _geval_reduction(quick: bool) -> dict[str, Any]:
     """G evaluations per patch: the paper's search vs the cheapest one that keeps its AUROC."""
     import torch
 
-    from anogan_batch.demo import bundled_model_dir, load_sample
-    from anogan_batch.evaluate import auroc
-    from anogan_batch.model import model_input
-    from anogan_batch.modeldir import load_model
-    from anogan_batch.search import SearchConfig, latent_search, resolve_search
+    from anogan_batch.core.model import model_input
+    from anogan_batch.core.modeldir import load_model
+    from anogan_batch.core.search import SearchConfig, latent_search, resolve_search
+    from anogan_batch.evaluation.demo import bundled_model_dir, load_sample
+    from anogan_batch.evaluation.evaluate import auroc
 
     model = load_model(bundled_model_dir()).to("cpu")
     sample = load_sample()
@@ -280,7 +280,7 @@ def _score_process(model_dir: str, table: str, out: str, args: list[str]) -> dic
     import subprocess
     import sys
 
-    from anogan_batch.job import JobManifest
+    from anogan_batch.job.manifest import JobManifest
 
     cmd = [sys.executable, "-m", "anogan_batch", "score", model_dir, table, out, *args]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -311,10 +311,10 @@ def _job_vs_inprocess(cfg, g, d, e, pixels, search, batch) -> dict[str, Any]:
     import pyarrow.dataset as pads
     import torch
 
-    from anogan_batch.modeldir import load_model, save_model
-    from anogan_batch.scorer import score_table
-    from anogan_batch.search import resolve_search
-    from anogan_batch.tables import write_patch_table
+    from anogan_batch.core.modeldir import load_model, save_model
+    from anogan_batch.core.search import resolve_search
+    from anogan_batch.io.tables import write_patch_table
+    from anogan_batch.job.scorer import score_table
 
     with tempfile.TemporaryDirectory(prefix="anogan-bench-") as tmp:
         model_dir = os.path.join(tmp, "model")
@@ -360,8 +360,8 @@ def _peak_memory(n: int) -> dict[str, Any]:
     Each size runs as its own `anogan-batch score` process (a fresh driver and local Ray), so
     each peak is that job's own. Streaming means the 10x job's peaks stay where the 1x job's are.
     """
-    from anogan_batch.modeldir import save_model
-    from anogan_batch.tables import write_patch_table
+    from anogan_batch.core.modeldir import save_model
+    from anogan_batch.io.tables import write_patch_table
 
     cfg, g, d, _ = _bench_model(28, 8)
     digits = _patches(500, 28)

@@ -29,12 +29,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from anogan_batch import storage
 from anogan_batch.config import check_choice, check_float, check_int
 from anogan_batch.errors import InputError
-from anogan_batch.patches import PATCH_SCHEMA, encode_pixels, patch_id_for
-from anogan_batch.readers import READERS, ReadOptions, foreground_mask, to_stored
-from anogan_batch.storage import Listed
+from anogan_batch.io import storage
+from anogan_batch.io.patches import PATCH_SCHEMA, encode_pixels, patch_id_for
+from anogan_batch.io.readers import READERS, ReadOptions, foreground_mask, to_stored
+from anogan_batch.io.storage import Listed
 
 ENGINES = ("auto", "local", "ray")
 AUTO_RAY_FILES = 256  # `auto` uses Ray above this many files (or when RAY_ADDRESS is set)
@@ -333,7 +333,7 @@ def _run_chunks(files: list[Listed], src: str, out: str, cfg: IngestConfig, use_
     import ray
     import ray.data
 
-    from anogan_batch.pipeline import connect_ray, quiet_ray_data
+    from anogan_batch.job.pipeline import connect_ray, quiet_ray_data
 
     connect_ray()
     quiet_ray_data()

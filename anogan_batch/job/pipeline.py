@@ -23,10 +23,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from anogan_batch import storage
 from anogan_batch.config import check_choice, check_float, check_int
+from anogan_batch.core.search import SearchConfig
 from anogan_batch.errors import ConfigError, InputError
-from anogan_batch.search import SearchConfig
+from anogan_batch.io import storage
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class ScoreJobConfig:
             raise ConfigError(
                 "job_id", self.job_id, "use 1-128 letters, digits, '.', '_' or '-', not first '.'"
             )
-        from anogan_batch.warehouse import TABLE_FORMATS
+        from anogan_batch.job.warehouse import TABLE_FORMATS
 
         check_choice("table_format", self.table_format, TABLE_FORMATS)
 
@@ -295,7 +295,7 @@ def build_pipeline(
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from anogan_batch.scorer import PatchScorer
+    from anogan_batch.job.scorer import PatchScorer
 
     fs, inner = storage.filesystem_for(cfg.patches)
     ds = ray.data.read_parquet(

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from anogan_batch import storage
 from anogan_batch.config import INPUT_NORMS, check_choice, check_float, check_int
 from anogan_batch.errors import InputError
+from anogan_batch.io import storage
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,8 @@ def load_training_patches(path: str, cfg: TrainConfig) -> TrainingData:
     """Read the normal patches of a patch table into memory, checked and fingerprinted."""
     import pyarrow.dataset as pads
 
-    from anogan_batch.patches import decode_patches
-    from anogan_batch.tables import open_patch_table
+    from anogan_batch.io.patches import decode_patches
+    from anogan_batch.io.tables import open_patch_table
 
     ds = open_patch_table(path)
     filt = None
@@ -113,7 +113,7 @@ def load_training_patches(path: str, cfg: TrainConfig) -> TrainingData:
 
 
 def _spec_of_first_row(table, path: str):
-    from anogan_batch.patches import DTYPES, PatchSpec
+    from anogan_batch.io.patches import DTYPES, PatchSpec
 
     names = table.column_names
     if all(c in names for c in ("height", "width", "channels", "dtype")):
@@ -157,7 +157,13 @@ def fit_gan(
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from anogan_batch.model import ModelConfig, build_models, contrast_range, freeze, model_input
+    from anogan_batch.core.model import (
+        ModelConfig,
+        build_models,
+        contrast_range,
+        freeze,
+        model_input,
+    )
 
     n, size, _, channels = pixels.shape
     pixels_t = torch.from_numpy(np.ascontiguousarray(pixels))
@@ -289,7 +295,7 @@ def fit_encoder(g, d, model_cfg, x_all, cfg: TrainConfig, *, progress: bool = Tr
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from anogan_batch.model import build_encoder, freeze
+    from anogan_batch.core.model import build_encoder, freeze
 
     device = next(g.parameters()).device
     torch.manual_seed(cfg.seed + 1)
@@ -331,8 +337,8 @@ def fit_encoder(g, d, model_cfg, x_all, cfg: TrainConfig, *, progress: bool = Tr
 
 def train_gan(patches: str, model_dir: str, cfg: TrainConfig, *, progress: bool = True) -> str:
     """Train on the normal patches of the table `patches`; write MODEL_DIR; return model_id."""
-    from anogan_batch.modeldir import save_model
-    from anogan_batch.tables import table_normalisation
+    from anogan_batch.core.modeldir import save_model
+    from anogan_batch.io.tables import table_normalisation
 
     norm = table_normalisation(patches)  # read first: a mixed table fails before training
     data = load_training_patches(patches, cfg)
@@ -387,8 +393,8 @@ def _write_artefacts(model_dir, g, model_cfg, history, seed: int) -> None:
     """samples.png (64 draws of G), losses.csv and loss_curve.svg."""
     import torch
 
-    from anogan_batch.model import to_pixel_space
-    from anogan_batch.plots import image_grid, line_chart_svg, png_bytes
+    from anogan_batch.core.model import to_pixel_space
+    from anogan_batch.io.plots import image_grid, line_chart_svg, png_bytes
 
     rng = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

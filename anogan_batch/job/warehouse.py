@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 
-from anogan_batch import storage
 from anogan_batch.errors import InputError
+from anogan_batch.io import storage
 
 TABLE_FORMATS = ("parquet", "delta")
 # table -> hive partition columns of its directory layout
@@ -54,7 +54,7 @@ def _convert_in_child(uri: str, partitions: tuple[str, ...], name: str) -> None:
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "anogan_batch.warehouse", uri, name, *partitions]
+    cmd = [sys.executable, "-m", "anogan_batch.job.warehouse", uri, name, *partitions]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"Delta conversion of '{uri}' failed: {r.stderr.strip()[-2000:]}")
@@ -63,7 +63,7 @@ def _convert_in_child(uri: str, partitions: tuple[str, ...], name: str) -> None:
 def _convert(uri: str, name: str, partitions: list[str]) -> None:
     from deltalake import Field, Schema, convert_to_deltalake
 
-    from anogan_batch.s3 import object_store_options
+    from anogan_batch.io.s3 import object_store_options
 
     convert_to_deltalake(
         uri,

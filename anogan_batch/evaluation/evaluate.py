@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from anogan_batch import storage
 from anogan_batch.errors import InputError
+from anogan_batch.io import storage
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -84,7 +84,7 @@ def read_truth(path: str) -> dict[str, str]:
     """patch_id -> label from a CSV or Parquet file with those two columns."""
     import pyarrow.csv as pacsv
 
-    from anogan_batch.tables import read_columns
+    from anogan_batch.io.tables import read_columns
 
     if path.endswith(".csv"):
         table = pacsv.read_csv(io.BytesIO(storage.read_bytes(path)))
@@ -104,7 +104,7 @@ def evaluate_job(out: str, normal_label: str, truth: str | None = None) -> dict[
     annotations made apart from the archive) where it has the patch. Scan-level metrics use
     `scan_scores.max_score` against the scans' labels.
     """
-    from anogan_batch.tables import read_columns
+    from anogan_batch.io.tables import read_columns
 
     patch_dir = storage.join(out, "patch_scores")
     table = read_columns(patch_dir, ["anomaly_score", "label", "patch_id"])
