@@ -16,7 +16,9 @@ from typing import Annotated
 
 import typer
 
+from anogan_batch.core.configs import SearchConfig, TrainConfig
 from anogan_batch.errors import AnoganError, ConfigError, redact
+from anogan_batch.job.configs import AUTO_RAY_FILES, IngestConfig, ScoreJobConfig
 
 app = typer.Typer(
     name="anogan-batch",
@@ -47,7 +49,7 @@ def ingest(
     ] = False,
     slice_axis: Annotated[
         int, typer.Option("--slice-axis", help="axis of 3-D NPY volumes that indexes slices")
-    ] = 0,
+    ] = IngestConfig.slice_axis,
     window: Annotated[
         str | None,
         typer.Option(
@@ -58,26 +60,25 @@ def ingest(
     min_foreground: Annotated[
         float,
         typer.Option("--min-foreground", help="skip patches with less Otsu foreground (0-1)"),
-    ] = 0.0,
+    ] = IngestConfig.min_foreground,
     engine: Annotated[
-        str, typer.Option(help=f"auto (Ray above {256} files), local, or ray")
-    ] = "auto",
-    rows_per_file: Annotated[int, typer.Option("--rows-per-file")] = 50_000,
+        str, typer.Option(help=f"auto (Ray above {AUTO_RAY_FILES} files), local, or ray")
+    ] = IngestConfig.engine,
+    rows_per_file: Annotated[int, typer.Option("--rows-per-file")] = IngestConfig.rows_per_file,
     max_pixels: Annotated[
         int | None,
         typer.Option(
             "--max-pixels",
             help="values one file may decode to (all slices); larger files are quarantined "
-            "before decoding [default: 2^27]",
-            show_default=False,
+            "before decoding",
         ),
-    ] = None,
+    ] = IngestConfig.max_pixels,
 ) -> None:
     """Cut every scan under SRC into P x P patches and write a patch table to OUT.
 
     Formats: PNG/JPEG (8/16-bit), TIFF (multi-page), NPY (2-D, or 3-D volumes), DICOM.
     """
-    from anogan_batch.job.ingest import IngestConfig
+    from anogan_batch.job.configs import IngestConfig
     from anogan_batch.job.ingest import ingest as run_ingest
 
     cfg = IngestConfig(
@@ -89,7 +90,7 @@ def ingest(
         min_foreground=min_foreground,
         engine=engine,
         rows_per_file=rows_per_file,
-        **({} if max_pixels is None else {"max_pixels": max_pixels}),
+        max_pixels=max_pixels,
     )
     s = run_ingest(src, out, cfg)
     _echo(
@@ -115,19 +116,27 @@ def _parse_window(text: str | None) -> tuple[float, float] | None:
 def train(
     patches: _path("PATCHES", "patch table to train on"),
     model_dir: _path("MODEL_DIR", "where to write the model"),
-    epochs: Annotated[int, typer.Option(help="passes over the normal patches")] = 20,
-    seed: Annotated[int, typer.Option(help="random seed (deterministic on CPU)")] = 0,
+    epochs: Annotated[
+        int, typer.Option(help="passes over the normal patches")
+    ] = TrainConfig.epochs,
+    seed: Annotated[
+        int, typer.Option(help="random seed (deterministic on CPU)")
+    ] = TrainConfig.seed,
     normal_label: Annotated[
         str | None, typer.Option("--normal-label", help="train only on rows with this label")
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
-    lr: Annotated[float, typer.Option(help="Adam learning rate of G and D")] = 2e-4,
-    latent_dim: Annotated[int, typer.Option("--latent-dim")] = 100,
-    g_width: Annotated[int, typer.Option("--g-width", help="generator width")] = 64,
-    d_width: Annotated[int, typer.Option("--d-width", help="discriminator width")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = TrainConfig.batch_size,
+    lr: Annotated[float, typer.Option(help="Adam learning rate of G and D")] = TrainConfig.lr,
+    latent_dim: Annotated[int, typer.Option("--latent-dim")] = TrainConfig.latent_dim,
+    g_width: Annotated[
+        int, typer.Option("--g-width", help="generator width")
+    ] = TrainConfig.g_width,
+    d_width: Annotated[
+        int, typer.Option("--d-width", help="discriminator width")
+    ] = TrainConfig.d_width,
     d_norm: Annotated[
         str, typer.Option("--d-norm", help="discriminator normalisation: batch, spectral, none")
-    ] = "batch",
+    ] = TrainConfig.d_norm,
     max_patches: Annotated[int | None, typer.Option("--max-patches")] = None,
     encoder_epochs: Annotated[
         int,
@@ -135,11 +144,13 @@ def train(
             "--encoder-epochs",
             help="epochs of the encoder (f-AnoGAN izi_f) trained after the GAN; 0 skips it",
         ),
-    ] = 30,
+    ] = TrainConfig.encoder_epochs,
     g_ema: Annotated[
         float, typer.Option("--g-ema", help="decay of the EMA of G's weights that is saved; 0: off")
-    ] = 0.999,
-    kappa: Annotated[float, typer.Option(help="κ, feature weight of the encoder loss")] = 1.0,
+    ] = TrainConfig.g_ema,
+    kappa: Annotated[
+        float, typer.Option(help="κ, feature weight of the encoder loss")
+    ] = TrainConfig.kappa,
     input_norm: Annotated[
         str,
         typer.Option(
@@ -147,7 +158,7 @@ def train(
             help="contrast: normalise each patch's contrast before G/D (docs/quality.md); "
             "none: pixels as stored, for archives where absolute brightness is the signal",
         ),
-    ] = "contrast",
+    ] = TrainConfig.input_norm,
     feature_layer: Annotated[
         int,
         typer.Option(
@@ -155,12 +166,13 @@ def train(
             help="D block whose output is the feature layer f of the search: 0 the first, "
             "-1 the last (docs/quality.md)",
         ),
-    ] = 0,
+    ] = TrainConfig.feature_layer,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Train the GAN on normal patches (only rows whose label is L when given)."""
-    from anogan_batch.core.training import TrainConfig, train_gan
+    from anogan_batch.core.configs import TrainConfig
+    from anogan_batch.core.training import train_gan
 
     cfg = TrainConfig(
         epochs=epochs,
@@ -213,8 +225,12 @@ def score(
             show_default=False,
         ),
     ] = None,
-    lam: Annotated[float, typer.Option("--lambda", help="λ, weight of the feature loss")] = 0.1,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="patches per search")] = 64,
+    lam: Annotated[
+        float, typer.Option("--lambda", help="λ, weight of the feature loss")
+    ] = SearchConfig.lam,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="patches per search")
+    ] = ScoreJobConfig.batch_size,
     actors: Annotated[
         str | None, typer.Option(help="actor pool size K, or MIN-MAX to autoscale")
     ] = None,
@@ -230,7 +246,7 @@ def score(
             show_default=False,
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="seed of the z initialisation")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the z initialisation")] = SearchConfig.seed,
     job_id: Annotated[str | None, typer.Option("--job-id")] = None,
     lr: Annotated[
         float | None,
@@ -248,24 +264,26 @@ def score(
             "over --stop-window steps (default: off, the paper's fixed Γ)",
         ),
     ] = None,
-    stop_window: Annotated[int, typer.Option("--stop-window")] = 10,
-    min_iterations: Annotated[int, typer.Option("--min-iterations")] = 20,
+    stop_window: Annotated[int, typer.Option("--stop-window")] = SearchConfig.stop_window,
+    min_iterations: Annotated[int, typer.Option("--min-iterations")] = SearchConfig.min_iterations,
     slots: Annotated[
         int | None,
         typer.Option(help="patches searched at once; stopped ones are replaced (default: batch)"),
     ] = None,
     precision: Annotated[
         str, typer.Option(help="fp32, or bf16 (autocast during the search; scores in fp32)")
-    ] = "fp32",
+    ] = SearchConfig.precision,
     start: Annotated[
         str,
         typer.Option(
             help="z_0 of the search: encoder (z_0 = E(x)), prior (random), or auto: the "
             "encoder when the model has one"
         ),
-    ] = "auto",
+    ] = SearchConfig.start,
     threshold: Annotated[float | None, typer.Option(help="count patches above it per scan")] = None,
-    target_file_mb: Annotated[float, typer.Option("--target-file-mb")] = 128.0,
+    target_file_mb: Annotated[
+        float, typer.Option("--target-file-mb")
+    ] = ScoreJobConfig.target_file_mb,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ...; default auto")] = None,
     progress: Annotated[bool, typer.Option(help="show live progress")] = True,
     heatmaps: Annotated[
@@ -273,11 +291,11 @@ def score(
     ] = True,
     table_format: Annotated[
         str, typer.Option("--table-format", help="parquet, or delta (Delta Lake, in place)")
-    ] = "parquet",
+    ] = ScoreJobConfig.table_format,
 ) -> None:
     """The distributed scoring job: latent mapping of every patch on Ray actors."""
-    from anogan_batch.core.search import SearchConfig
-    from anogan_batch.job.pipeline import ScoreJobConfig
+    from anogan_batch.core.configs import SearchConfig
+    from anogan_batch.job.configs import ScoreJobConfig
     from anogan_batch.job.runner import run_score_job
 
     cfg = ScoreJobConfig(

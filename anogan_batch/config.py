@@ -18,6 +18,8 @@ T = TypeVar("T")
 # How stored pixels become model input (model.model_input); here so that light modules
 # (training's config, the CLI) can validate it without importing torch.
 INPUT_NORMS = ("none", "contrast")
+# Full scale of each stored pixel dtype: model space is p / PIXEL_MAX * 2 - 1 (docs/schema.md).
+PIXEL_MAX = {"uint8": 255.0, "uint16": 65535.0, "float32": 1.0}
 
 
 def check_int(field: str, value: Any, *, min_value: int | None = None) -> None:

@@ -58,7 +58,7 @@ def main() -> None:
         make_table(path, args.rows, args.files)
 
     from anogan_batch.io.tables import check_patch_ids
-    from anogan_batch.job.pipeline import connect_ray, quiet_ray_data
+    from anogan_batch.job.raykit import connect_ray, job_data_context
 
     result = {"rows": args.rows, "files": args.files}
     t0 = time.time()
@@ -66,13 +66,13 @@ def main() -> None:
     result["driver_s"] = round(time.time() - t0, 2)
     result["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     connect_ray()
-    quiet_ray_data()
-    t0 = time.time()
-    check_patch_ids(path, args.rows, driver_rows=0)
-    result["ray_s"] = round(time.time() - t0, 2)
-    t0 = time.time()
-    check_patch_ids(path, args.rows, driver_rows=0)  # warm: Ray's workers already started
-    result["ray_warm_s"] = round(time.time() - t0, 2)
+    with job_data_context():
+        t0 = time.time()
+        check_patch_ids(path, args.rows, driver_rows=0)
+        result["ray_s"] = round(time.time() - t0, 2)
+        t0 = time.time()
+        check_patch_ids(path, args.rows, driver_rows=0)  # warm: Ray's workers already started
+        result["ray_warm_s"] = round(time.time() - t0, 2)
     print(json.dumps(result))
 
 

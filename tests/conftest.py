@@ -42,7 +42,8 @@ def make_patch_table(path: Path, pixels: np.ndarray, labels=None, *, ids=None, f
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, sample) -> str:
     """A very small GAN trained on 2,048 real zeros (seconds on CPU); BN statistics are real."""
-    from anogan_batch.core.training import TrainConfig, train_gan
+    from anogan_batch.core.configs import TrainConfig
+    from anogan_batch.core.training import train_gan
 
     root = tmp_path_factory.mktemp("tiny")
     table = make_patch_table(root / "train", sample["train_images"][:2048])
@@ -142,7 +143,7 @@ def ray_local(s3_server):
     """
     import ray
 
-    from anogan_batch.job.pipeline import connect_ray
+    from anogan_batch.job.raykit import connect_ray
 
     os.environ.pop("RAY_ADDRESS", None)
     connect_ray()

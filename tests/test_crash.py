@@ -28,7 +28,8 @@ FLAGS = ["--iterations", "10", "--no-progress", "--table-format", "delta", "--jo
 
 def make_scans(root: Path, sample) -> Path:
     """Four 56x56 scans of 2x2 real digits, cut into 28x28 patches with stride 14."""
-    from anogan_batch.job.ingest import IngestConfig, ingest
+    from anogan_batch.job.configs import IngestConfig
+    from anogan_batch.job.ingest import ingest
 
     zeros = iter(sample["test_images"][sample["test_labels"] == 0])
     for s in range(SCANS):
@@ -82,8 +83,8 @@ def one_commit_each(out: Path) -> None:
 def test_sigkill_during_aggregation_and_publishing_then_rerun_gives_the_same_output(
     tmp_path, tiny_model, sample, ray_local
 ):
-    from anogan_batch.core.search import SearchConfig
-    from anogan_batch.job.pipeline import ScoreJobConfig
+    from anogan_batch.core.configs import SearchConfig
+    from anogan_batch.job.configs import ScoreJobConfig
     from anogan_batch.job.runner import run_score_job
 
     (tmp_path / "scans").mkdir()

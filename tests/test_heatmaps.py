@@ -31,9 +31,9 @@ def test_stitch_averages_overlaps():
 @pytest.fixture(scope="module")
 def mosaic_job(ray_local, tiny_model, sample, tmp_path_factory):
     """Four 56x56 scans of 2x2 real digits: two all zeros, two with one non-zero 'lesion'."""
-    from anogan_batch.core.search import SearchConfig
-    from anogan_batch.job.ingest import IngestConfig, ingest
-    from anogan_batch.job.pipeline import ScoreJobConfig
+    from anogan_batch.core.configs import SearchConfig
+    from anogan_batch.job.configs import IngestConfig, ScoreJobConfig
+    from anogan_batch.job.ingest import ingest
     from anogan_batch.job.runner import run_score_job
 
     root = tmp_path_factory.mktemp("mosaic")

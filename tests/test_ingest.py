@@ -10,7 +10,8 @@ from PIL import Image
 
 from anogan_batch.errors import InputError
 from anogan_batch.io.patches import PatchSpec, decode_patches
-from anogan_batch.job.ingest import IngestConfig, grid_positions, ingest
+from anogan_batch.job.configs import IngestConfig
+from anogan_batch.job.ingest import grid_positions, ingest
 
 
 @pytest.fixture

@@ -26,7 +26,9 @@ from anogan_batch.errors import ConfigError
     [(28, 1, 7, 2), (32, 3, 4, 3), (64, 1, 4, 4), (48, 3, 6, 3)],
 )
 def test_shapes(size, channels, base, stages):
-    cfg = ModelConfig(image_size=size, channels=channels, latent_dim=10, g_width=4, d_width=4)
+    cfg = ModelConfig(
+        image_size=size, channels=channels, latent_dim=10, g_width=4, d_width=4, feature_layer=-1
+    )
     assert (cfg.base, cfg.stages) == (base, stages)
     g, d = build_models(cfg)
     freeze(g, d)
@@ -39,7 +41,9 @@ def test_shapes(size, channels, base, stages):
 
 
 def test_spectral_norm_discriminator_builds():
-    cfg = ModelConfig(image_size=28, g_width=4, d_width=4, latent_dim=8, d_norm="spectral")
+    cfg = ModelConfig(
+        image_size=28, g_width=4, d_width=4, latent_dim=8, d_norm="spectral", feature_layer=-1
+    )
     g, d = build_models(cfg)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in d.modules())
     assert d(g(torch.zeros(2, 8)))[1].shape == (2, 8, 7, 7)
@@ -115,7 +119,7 @@ def test_contrast_normalisation_does_not_blow_up_flat_patches():
 
 def test_model_input_maps_the_fitted_range_to_the_tanh_range():
     pixels = torch.randint(0, 256, (4, 28, 28, 1), dtype=torch.uint8)
-    plain = ModelConfig(image_size=28)
+    plain = ModelConfig(image_size=28, input_norm="none")
     torch.testing.assert_close(model_input(pixels, plain), to_model_space(pixels, "uint8"))
     low, high = contrast_range(pixels, "uint8")
     cfg = ModelConfig(image_size=28, input_norm="contrast", norm_low=low, norm_high=high)

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from anogan_batch.core.configs import SearchConfig
 from anogan_batch.core.model import model_input
 from anogan_batch.core.modeldir import load_model, save_model
-from anogan_batch.core.search import SearchConfig, latent_search
+from anogan_batch.core.search import latent_search
 from anogan_batch.errors import ModelError
 
 
@@ -172,7 +173,7 @@ def test_float16_weights_load_as_float32_and_score_alike(tmp_path, loaded_tiny, 
 def test_a_model_readied_for_scoring_scores_alike_and_cannot_be_saved(
     tmp_path, tiny_model, loaded_tiny, sample
 ):
-    ready = load_model(tiny_model).to("cpu")  # BatchNorm folded into G, channels_last
+    ready = load_model(tiny_model).for_scoring("cpu")  # BatchNorm folded into G, channels_last
     m = loaded_tiny
     x = model_input(torch.from_numpy(sample["test_images"][:16, :, :, None].copy()), m.config)
     ids = [str(i) for i in range(16)]

@@ -10,10 +10,11 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
+from anogan_batch.core.configs import POLISH, SearchConfig
 from anogan_batch.core.model import model_input
-from anogan_batch.core.search import POLISH, SearchConfig, latent_search
+from anogan_batch.core.search import latent_search
 from anogan_batch.errors import InputError
-from anogan_batch.job.pipeline import ScoreJobConfig
+from anogan_batch.job.configs import ScoreJobConfig
 from anogan_batch.job.runner import run_score_job
 from tests.conftest import make_patch_table
 
@@ -173,7 +174,8 @@ def test_rerun_with_other_parameters_is_refused(finished_job, tiny_model, test_t
 
 @pytest.fixture(scope="module")
 def float_model(tmp_path_factory, sample):
-    from anogan_batch.core.training import TrainConfig, train_gan
+    from anogan_batch.core.configs import TrainConfig
+    from anogan_batch.core.training import train_gan
 
     root = tmp_path_factory.mktemp("float")
     pixels = sample["train_images"][:256].astype(np.float32) / 255.0
@@ -212,7 +214,8 @@ def test_table_normalised_unlike_the_model_is_refused(tiny_model, sample, tmp_pa
 
     from PIL import Image
 
-    from anogan_batch.job.ingest import IngestConfig, ingest
+    from anogan_batch.job.configs import IngestConfig
+    from anogan_batch.job.ingest import ingest
 
     src = tmp_path / "scans"
     src.mkdir()
@@ -231,13 +234,13 @@ def test_table_normalised_unlike_the_model_is_refused(tiny_model, sample, tmp_pa
         out = str(tmp_path / f"out-{table}")
         return ScoreJobConfig(str(model), str(tmp_path / table), out, search=SEARCH)
 
-    from anogan_batch.job.runner import preflight
+    from anogan_batch.job.runner import prepare
 
-    assert preflight(job(tiny_model, "ok"))[1] == 3
+    assert prepare(job(tiny_model, "ok"))[1] == 3
     with pytest.raises(InputError, match="normalised as .*uint16.*trained on .*uint8"):
-        preflight(job(tiny_model, "ct"))
+        prepare(job(tiny_model, "ct"))
     with pytest.raises(InputError, match=r"window': None.*window': \[100.0, 50.0\]"):
-        preflight(job(windowed, "ok"))
+        prepare(job(windowed, "ok"))
 
 
 def _node(cpus: float, memory_gib: float | None = 64.0, gpus: float = 0.0) -> dict:

@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from anogan_batch.core.search import SearchConfig
-from anogan_batch.job.pipeline import ScoreJobConfig, recover_pending
+from anogan_batch.core.configs import SearchConfig
+from anogan_batch.job.configs import ScoreJobConfig
+from anogan_batch.job.pipeline import recover_pending
 from anogan_batch.job.runner import run_score_job
 from tests.conftest import make_patch_table
 

@@ -133,8 +133,8 @@ def test_large_job_groupby_on_ray_reads_and_writes_s3(bucket, sample, tiny_model
     # Data groupby whose tasks read and write S3 themselves
     import pyarrow.parquet as pq
 
+    from anogan_batch.core.configs import SearchConfig
     from anogan_batch.core.modeldir import load_model
-    from anogan_batch.core.search import SearchConfig
     from anogan_batch.io.tables import open_dataset, write_patch_table
     from anogan_batch.job.aggregate import write_scan_tables
     from anogan_batch.job.scorer import score_table
@@ -144,7 +144,7 @@ def test_large_job_groupby_on_ray_reads_and_writes_s3(bucket, sample, tiny_model
     names = ["../../escape", "/abs/x", "scan2", "..", "a" * 1100]
     scan_ids = [names[i % 5] for i in range(30)]
     write_patch_table(f"{root}/patches", sample["test_images"][:30], scan_ids=scan_ids)
-    model = load_model(tiny_model).to("cpu")
+    model = load_model(tiny_model).for_scoring("cpu")
     rows = open_dataset(f"{root}/patches").to_table()
     scored = score_table(model, rows, SearchConfig(iterations=2), job_id="j", device="cpu")
     fs, inner = storage.filesystem_for(f"{root}/job/patch_scores/part-0.parquet")

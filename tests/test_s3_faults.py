@@ -56,10 +56,10 @@ def assert_same_rows(got: list[dict], want: list[dict], what: str) -> None:
 def test_a_flaky_s3_gives_the_output_of_a_healthy_one(
     bucket, s3_server, sample, tiny_model, ray_local
 ):
-    from anogan_batch.core.search import SearchConfig
+    from anogan_batch.core.configs import SearchConfig
     from anogan_batch.io.plots import png_bytes
-    from anogan_batch.job.ingest import IngestConfig, ingest
-    from anogan_batch.job.pipeline import ScoreJobConfig
+    from anogan_batch.job.configs import IngestConfig, ScoreJobConfig
+    from anogan_batch.job.ingest import ingest
     from anogan_batch.job.runner import run_score_job
 
     s3 = boto3.client("s3")

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from anogan_batch.core.model import ModelConfig, build_models, freeze, to_model_space
-from anogan_batch.core.search import POLISH, SearchConfig, initial_latents, latent_search
+from anogan_batch.core.configs import POLISH, ModelConfig, SearchConfig
+from anogan_batch.core.model import build_models, freeze, to_model_space
+from anogan_batch.core.search import initial_latents, latent_search
 
 CFG = SearchConfig(iterations=40, seed=3)
 

@@ -16,89 +16,17 @@ discrimination loss, never D's sigmoid output.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from itertools import islice
 
 import torch
 from torch import nn
 
-from anogan_batch.config import INPUT_NORMS, check_choice, check_int
-from anogan_batch.errors import ConfigError
+from anogan_batch.config import PIXEL_MAX
+from anogan_batch.core.configs import ModelConfig
 
-# PIXEL_MAX, the largest value of each stored pixel type: stored pixels p in [0, max] map to
-# p/max*2-1 in [-1, 1], the range of G's tanh output. It lives with the patch encoding so that
-# I/O code (ingest, heatmaps) can use it without importing torch.
-from anogan_batch.io.patches import PIXEL_MAX
-
-PRIORS = ("uniform",)
-D_NORMS = ("batch", "spectral", "none")
 # Floor on a patch's mean absolute deviation (model units) in contrast normalisation, so that
 # a flat patch's sensor noise is not blown up to the contrast of a real structure.
 CONTRAST_FLOOR = 0.02
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of a G/D pair; everything needed to rebuild it, nothing else."""
-
-    image_size: int = 64
-    channels: int = 1
-    latent_dim: int = 100
-    g_width: int = 64  # channels of G's last hidden block, doubled per stage towards z
-    d_width: int = 64  # channels of D's first block, doubled per stage
-    d_norm: str = "batch"  # normalisation in D's hidden blocks
-    prior: str = "uniform"  # z ~ U(-1, 1)^latent_dim; the search keeps z in that box
-    pixel_dtype: str = "uint8"  # dtype of the patch table's `image` column this model reads
-    encoder: bool = False  # an encoder E (x -> z, f-AnoGAN's izi_f) is saved with G and D
-    # How stored pixels become G's space (`model_input`): "none" maps [0, max] linearly to
-    # [-1, 1]; "contrast" normalises each patch's contrast, then maps [norm_low, norm_high]
-    # (fitted on the training patches) to [-1, 1]. Values outside are possible for anomalies.
-    input_norm: str = "none"
-    norm_low: float = -1.0
-    norm_high: float = 1.0
-    # The D block whose output is f, Python-style: 0 the first, -1 the last. A model.json
-    # from before this field loads as -1. train's default is 0 (docs/quality.md): the first
-    # block has no BatchNorm, whose running statistics blow the later blocks' feature
-    # distances up ~70x, so that at λ = 0.1 they outweigh the residual and separate worse.
-    feature_layer: int = -1
-
-    def __post_init__(self) -> None:
-        check_int("image_size", self.image_size, min_value=8)
-        check_choice("channels", self.channels, (1, 3))
-        check_int("latent_dim", self.latent_dim, min_value=1)
-        check_int("g_width", self.g_width, min_value=1)
-        check_int("d_width", self.d_width, min_value=1)
-        check_choice("d_norm", self.d_norm, D_NORMS)
-        check_choice("prior", self.prior, PRIORS)
-        check_choice("pixel_dtype", self.pixel_dtype, tuple(PIXEL_MAX))
-        check_choice("input_norm", self.input_norm, INPUT_NORMS)
-        if not self.norm_high > self.norm_low:
-            bound = f"must exceed norm_low ({self.norm_low})"
-            raise ConfigError("norm_high", self.norm_high, bound)
-        if self.stages < 2:
-            raise ConfigError(
-                "image_size", self.image_size, "must be divisible by 4 with a quotient >= 4"
-            )
-        check_int("feature_layer", self.feature_layer, min_value=-self.stages)
-        if self.feature_layer >= self.stages:
-            bound = f"D has {self.stages} blocks: use -{self.stages}..{self.stages - 1}"
-            raise ConfigError("feature_layer", self.feature_layer, bound)
-
-    @property
-    def stages(self) -> int:
-        """Number of stride-2 stages: the most halvings that leave an integer side >= 4."""
-        n, size = 0, self.image_size
-        while size % 2 == 0 and size // 2 >= 4:
-            n, size = n + 1, size // 2
-        return n
-
-    @property
-    def base(self) -> int:
-        """Side of the smallest feature map (4 for 32 and 64, 7 for 28)."""
-        return self.image_size >> self.stages
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Generator(nn.Module):

@@ -26,11 +26,15 @@ from anogan_batch.io.patches import PatchSpec
 if TYPE_CHECKING:
     import torch
 
-    from anogan_batch.core.model import Discriminator, Encoder, Generator, ModelConfig
+    from anogan_batch.core.configs import ModelConfig
+    from anogan_batch.core.model import Discriminator, Encoder, Generator
 
 FORMAT = "anogan-batch/model/1"
 WEIGHTS = "weights.safetensors"
 MODEL_JSON = "model.json"
+# Architecture fields added after the first models were written, with the value those models
+# were trained with (the defaults of ModelConfig are today's recipe, not theirs).
+LEGACY_ARCHITECTURE = {"input_norm": "none", "feature_layer": -1}
 
 
 @dataclass
@@ -48,9 +52,10 @@ class LoadedModel:
     def patch_spec(self) -> PatchSpec:
         return PatchSpec(self.config.image_size, self.config.channels, self.config.pixel_dtype)
 
-    def to(self, device: torch.device | str) -> LoadedModel:
-        """Ready for scoring on `device`: G's BatchNorm folded into its convolutions (the
-        model can no longer be saved) and every network in channels_last."""
+    def for_scoring(self, device: torch.device | str) -> LoadedModel:
+        """Make this model a scoring-only model on `device`, in place: G's BatchNorm folded
+        into its convolutions (after which it can no longer be saved) and every network in
+        channels_last. Scores are those of the unfolded model to float rounding."""
         import torch
 
         from anogan_batch.core.model import fold_batchnorm
@@ -79,7 +84,9 @@ def weights_bytes(
     from safetensors.torch import save
 
     if generator.batchnorm_folded:
-        raise ValueError("a generator with folded BatchNorm (LoadedModel.to) cannot be saved")
+        raise ValueError(
+            "a generator with folded BatchNorm (LoadedModel.for_scoring) cannot be saved"
+        )
     tensors = {f"generator.{k}": v for k, v in generator.state_dict().items()}
     tensors |= {f"discriminator.{k}": v for k, v in discriminator.state_dict().items()}
     if encoder is not None:
@@ -165,73 +172,162 @@ def read_model_json(model_dir: str) -> dict[str, Any]:
     return doc
 
 
-def load_model(model_dir: str, *, expect_model_id: str | None = None) -> LoadedModel:
-    """Rebuild G and D from MODEL_DIR, frozen (eval mode, no gradients) for scoring.
+@dataclass(frozen=True)
+class ModelCard:
+    """model.json, read and checked once: what a job needs to know about a model before (and
+    without) loading its weights. Small and picklable: the driver hands it to the actors."""
+
+    model_dir: str
+    doc: dict[str, Any]
+    config: ModelConfig
+
+    @property
+    def model_id(self) -> str:
+        return self.doc["model_id"]
+
+    @property
+    def patch_spec(self) -> PatchSpec:
+        return PatchSpec(self.config.image_size, self.config.channels, self.config.pixel_dtype)
+
+    @property
+    def normalisation(self) -> dict[str, Any]:
+        return self.doc.get("normalisation", {})
+
+    @property
+    def weights_path(self) -> str:
+        return storage.join(self.model_dir, WEIGHTS)
+
+
+def read_model_card(model_dir: str) -> ModelCard:
+    """model.json of MODEL_DIR as a ModelCard; ModelError naming the file and field at fault."""
+    from anogan_batch.core.configs import ModelConfig
+
+    doc = read_model_json(model_dir)
+    json_path = storage.join(model_dir, MODEL_JSON)
+    architecture = doc.get("architecture")
+    if isinstance(architecture, dict):  # a field a model predates: the value it was built with
+        architecture = {**LEGACY_ARCHITECTURE, **architecture}
+    try:
+        config = from_dict(ModelConfig, architecture, where="architecture")
+    except AnoganError as e:
+        raise ModelError(f"'{json_path}': {e}") from e
+    if not isinstance(doc.get("model_id"), str):
+        raise ModelError(f"'{json_path}' has no model_id")
+    return ModelCard(model_dir, doc, config)
+
+
+def check_weights(card: ModelCard) -> None:
+    """The weights file is the one model.json names (sha256 = model_id) and fits its
+    architecture (tensor names and shapes, from the safetensors header), checked without
+    building the networks' tensors: the driver's fail-fast check before the actors load it."""
+    import json
+    import struct
+
+    import torch
+
+    from anogan_batch.core.model import build_encoder, build_models
+
+    blob = _weights_blob(card)
+    try:
+        (size,) = struct.unpack("<Q", blob[:8])
+        header = json.loads(blob[8 : 8 + size])
+        shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (struct.error, ValueError, TypeError, KeyError) as e:
+        raise ModelError(f"'{card.weights_path}' is not a valid safetensors file: {e}") from e
+    with torch.device("meta"):  # shapes only, no memory
+        generator, discriminator = build_models(card.config)
+        encoder = build_encoder(card.config) if card.config.encoder else None
+    for prefix, module in _parts(generator, discriminator, encoder).items():
+        if module is not None:
+            _check_state(module, _with_prefix(shapes, prefix), card.weights_path, prefix)
+    _check_no_stray(shapes, _parts(generator, discriminator, encoder), card)
+
+
+def load_model(
+    model_dir: str, *, expect_model_id: str | None = None, card: ModelCard | None = None
+) -> LoadedModel:
+    """Rebuild G and D from MODEL_DIR (or from `card`, model.json already read), frozen (eval
+    mode, no gradients) for scoring.
 
     Raises ModelError naming the file and field at fault.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    from anogan_batch.core.model import ModelConfig, build_encoder, build_models, freeze
+    from anogan_batch.core.model import build_encoder, build_models, freeze
 
-    doc = read_model_json(model_dir)
-    json_path = storage.join(model_dir, MODEL_JSON)
-    try:
-        config = from_dict(ModelConfig, doc.get("architecture"), where="architecture")
-    except AnoganError as e:
-        raise ModelError(f"'{json_path}': {e}") from e
-
-    weights_path = storage.join(model_dir, WEIGHTS)
-    if not storage.exists(weights_path):
-        raise ModelError(f"'{weights_path}' is missing")
-    blob = storage.read_bytes(weights_path)
-    model_id = hashlib.sha256(blob).hexdigest()
-    if model_id != doc.get("model_id"):
+    card = card or read_model_card(model_dir)
+    blob = _weights_blob(card)
+    if expect_model_id is not None and card.model_id != expect_model_id:
         raise ModelError(
-            f"'{weights_path}' has sha256 {model_id[:12]}..., but model.json says model_id "
-            f"{str(doc.get('model_id'))[:12]}...: the weights are corrupt or were replaced"
-        )
-    if expect_model_id is not None and model_id != expect_model_id:
-        raise ModelError(
-            f"'{model_dir}' holds model {model_id[:12]}..., expected {expect_model_id[:12]}..."
+            f"'{card.model_dir}' holds model {card.model_id[:12]}..., "
+            f"expected {expect_model_id[:12]}..."
         )
     try:
         tensors = load(blob)
     except (SafetensorError, ValueError) as e:
-        raise ModelError(f"'{weights_path}' is not a valid safetensors file: {e}") from e
+        raise ModelError(f"'{card.weights_path}' is not a valid safetensors file: {e}") from e
 
+    config = card.config
     generator, discriminator = build_models(config)
     encoder = build_encoder(config) if config.encoder else None
-    parts = {"generator.": generator, "discriminator.": discriminator, "encoder.": encoder}
+    parts = _parts(generator, discriminator, encoder)
+    _check_no_stray(tensors, parts, card)
+    for prefix, module in parts.items():
+        if module is not None:
+            state = _with_prefix(tensors, prefix)
+            _check_state(module, {k: tuple(v.shape) for k, v in state.items()},
+                         card.weights_path, prefix)  # fmt: skip
+            module.load_state_dict(state, strict=True)
+    freeze(*(m for m in parts.values() if m is not None))
+    return LoadedModel(config, generator, discriminator, card.model_id, card.doc, encoder)
+
+
+def _weights_blob(card: ModelCard) -> bytes:
+    """The weights file's bytes, checked against model_id."""
+    if not storage.exists(card.weights_path):
+        raise ModelError(f"'{card.weights_path}' is missing")
+    blob = storage.read_bytes(card.weights_path)
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != card.model_id:
+        raise ModelError(
+            f"'{card.weights_path}' has sha256 {digest[:12]}..., but model.json says model_id "
+            f"{card.model_id[:12]}...: the weights are corrupt or were replaced"
+        )
+    return blob
+
+
+def _parts(generator, discriminator, encoder) -> dict[str, Any]:
+    return {"generator.": generator, "discriminator.": discriminator, "encoder.": encoder}
+
+
+def _with_prefix(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _check_no_stray(tensors: dict, parts: dict, card: ModelCard) -> None:
     stray = [k for k in tensors if not any(k.startswith(p) for p, m in parts.items() if m)]
     if stray:
         raise ModelError(
-            f"'{weights_path}' holds tensor {stray[0]}, which the architecture in model.json "
-            f"does not have (encoder: {config.encoder})"
+            f"'{card.weights_path}' holds tensor {stray[0]}, which the architecture in "
+            f"model.json does not have (encoder: {card.config.encoder})"
         )
-    for prefix, module in parts.items():
-        if module is not None:
-            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            _load_state(module, state, weights_path, prefix)
-    freeze(*(m for m in parts.values() if m is not None))
-    return LoadedModel(config, generator, discriminator, model_id, doc, encoder)
 
 
-def _load_state(module: torch.nn.Module, state: dict, path: str, prefix: str) -> None:
+def _check_state(module: torch.nn.Module, shapes: dict, path: str, prefix: str) -> None:
+    """The weights' tensor names and shapes are exactly the module's."""
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         what = f"missing {prefix}{missing[0]}" if missing else f"unexpected {prefix}{unexpected[0]}"
         raise ModelError(
             f"'{path}' does not fit the architecture in model.json ({what}): "
             "the weights belong to another architecture"
         )
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
+    for k, shape in shapes.items():
+        if tuple(shape) != tuple(expected[k].shape):
             raise ModelError(
-                f"'{path}': tensor {prefix}{k} has shape {tuple(v.shape)}, the architecture in "
+                f"'{path}': tensor {prefix}{k} has shape {tuple(shape)}, the architecture in "
                 f"model.json needs {tuple(expected[k].shape)}"
             )
-    module.load_state_dict(state, strict=True)

@@ -40,54 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from anogan_batch.config import check_choice, check_float, check_int
+from anogan_batch.core.configs import PAPER, POLISH, SearchConfig
 from anogan_batch.core.model import Discriminator, Encoder, Generator
-
-STARTS = ("auto", "prior", "encoder")
-# (Γ, Adam step size) by start when not given: the paper's search from the prior, a short
-# polish from E(x) (measured in docs/quality.md)
-PAPER = (500, 0.05)
-POLISH = (10, 0.003)
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Parameters of the latent search.
-
-    From a random start the defaults follow the paper (Γ = 500, λ = 0.1). From the encoder's
-    start, z_0 = E(x) is already the mapping, and the search only polishes it: Γ and the step
-    size default to `POLISH` (docs/quality.md: more steps from E(x) let G fit anomalies too,
-    which lowers the AUROC). `resolve_search` fills the Nones in.
-    """
-
-    iterations: int | None = None  # Γ (the most steps a patch gets when early stopping is on)
-    lam: float = 0.1  # λ, weight of the discrimination (feature) loss
-    lr: float | None = None  # Adam step size on z in [-1, 1]^latent
-    seed: int = 0
-    stop_tol: float | None = None  # relative loss decrease over stop_window that means "done"
-    stop_window: int = 10
-    min_iterations: int = 20
-    slots: int | None = None  # patches searched at once; None: the whole batch
-    precision: str = "fp32"  # "bf16": G and D run under bf16 autocast during the search
-    # z_0: "prior" (a seeded draw per patch), "encoder" (z_0 = E(x)), or "auto": the encoder
-    # when the model has one (see `resolve_search`)
-    start: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.iterations is not None:
-            check_int("iterations", self.iterations, min_value=0)
-        check_float("lambda", self.lam, low=0.0, high=1.0)
-        if self.lr is not None:
-            check_float("lr", self.lr, low=0.0, low_open=True)
-        check_int("seed", self.seed, min_value=0)
-        if self.stop_tol is not None:
-            check_float("stop_tol", self.stop_tol, low=0.0, low_open=True)
-        check_int("stop_window", self.stop_window, min_value=1)
-        check_int("min_iterations", self.min_iterations, min_value=0)
-        if self.slots is not None:
-            check_int("slots", self.slots, min_value=1)
-        check_choice("precision", self.precision, ("fp32", "bf16"))
-        check_choice("start", self.start, STARTS)
 
 
 @dataclass
@@ -170,7 +124,7 @@ def latent_search(
     if len(patch_ids) != x.shape[0]:
         raise ValueError(f"{len(patch_ids)} patch ids for a batch of {x.shape[0]}")
     cfg = resolve_search(cfg, has_encoder=encoder is not None)
-    x = x.contiguous(memory_format=torch.channels_last)  # see LoadedModel.to
+    x = x.contiguous(memory_format=torch.channels_last)  # see LoadedModel.for_scoring
     with torch.no_grad():
         fx = discriminator.feature(x)  # D's features of the patches: once, not per step
         if cfg.start == "encoder":

@@ -22,46 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from anogan_batch.config import INPUT_NORMS, check_choice, check_float, check_int
+from anogan_batch.core.configs import TrainConfig
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training parameters; saved in model.json under "training"."""
-
-    epochs: int = 20  # the quality recipe (docs/quality.md)
-    batch_size: int = 64
-    lr: float = 2e-4
-    beta1: float = 0.5
-    seed: int = 0
-    normal_label: str | None = None
-    latent_dim: int = 100
-    g_width: int = 64
-    d_width: int = 64
-    d_norm: str = "batch"
-    max_patches: int | None = None  # cap on training patches (first by patch_id)
-    g_ema: float = 0.999  # decay of an exponential moving average of G's weights; 0: off
-    encoder_epochs: int = 30  # epochs of the izi_f encoder after the GAN; 0: no encoder
-    kappa: float = 1.0  # κ, weight of the D-feature term in the encoder's loss
-    input_norm: str = "contrast"  # per-patch contrast normalisation (model.model_input); "none"
-    feature_layer: int = 0  # D block whose output is the search's f (ModelConfig.feature_layer)
-    device: str | None = None  # None: CUDA when present, else CPU
-
-    def __post_init__(self) -> None:
-        check_int("epochs", self.epochs, min_value=1)
-        check_int("batch_size", self.batch_size, min_value=2)
-        check_float("lr", self.lr, low=0.0, low_open=True)
-        check_float("beta1", self.beta1, low=0.0, high=1.0)
-        check_int("seed", self.seed, min_value=0)
-        check_float("g_ema", self.g_ema, low=0.0, high=0.9999)
-        check_int("encoder_epochs", self.encoder_epochs, min_value=0)
-        check_float("kappa", self.kappa, low=0.0)
-        check_choice("input_norm", self.input_norm, INPUT_NORMS)
-        check_int("feature_layer", self.feature_layer)  # range: ModelConfig, once S is known
-        if self.max_patches is not None:
-            check_int("max_patches", self.max_patches, min_value=1)
 
 
 @dataclass

@@ -38,11 +38,11 @@ import numpy as np
 def _bench_model(size: int, width: int, seed: int = 0, encoder: bool = False):
     """A DCGAN at its initialisation with BatchNorm statistics from a few train-mode passes,
     and an encoder E when asked (else None): -> cfg, g, d, e. Costs are a trained model's.
-    As saved: `LoadedModel.to` readies them for scoring."""
+    As saved: `LoadedModel.for_scoring` readies them for scoring."""
     import torch
 
-    from anogan_batch.core.model import ModelConfig, build_encoder, build_models, freeze
-    from anogan_batch.core.training import TrainConfig
+    from anogan_batch.core.configs import ModelConfig, TrainConfig
+    from anogan_batch.core.model import build_encoder, build_models, freeze
 
     torch.manual_seed(seed)
     # train's feature layer, so that the search measured is the one a trained model runs
@@ -87,9 +87,10 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
     import ray
     import torch
 
+    from anogan_batch.core.configs import SearchConfig
     from anogan_batch.core.model import to_model_space
     from anogan_batch.core.modeldir import LoadedModel
-    from anogan_batch.core.search import SearchConfig, latent_search
+    from anogan_batch.core.search import latent_search
 
     size, width = (28, 8) if quick else (64, 64)
     iterations = 5 if quick else 100
@@ -102,7 +103,7 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
     cfg, g, d, _ = _bench_model(size, width)
     # G and D as a scorer holds them (BatchNorm folded, channels_last); g itself stays
     # savable for the job
-    scorer = LoadedModel(cfg, copy.deepcopy(g), copy.deepcopy(d), "bench").to("cpu")
+    scorer = LoadedModel(cfg, copy.deepcopy(g), copy.deepcopy(d), "bench").for_scoring("cpu")
     g_search, d_search = scorer.generator, scorer.discriminator
     search = SearchConfig(iterations=iterations)
     pixels = _patches(max(batch, n_job, n_job_default), size)
@@ -201,7 +202,8 @@ def _flop_efficiency(g, d, x, ids, search, batched: float, looped: float) -> dic
 
 def _batch_sweep(g, d, x, ids, sizes: list[int]) -> dict[str, float]:
     """Patches x steps per second of the batched search at several batch sizes."""
-    from anogan_batch.core.search import SearchConfig, latent_search
+    from anogan_batch.core.configs import SearchConfig
+    from anogan_batch.core.search import latent_search
 
     cfg = SearchConfig(iterations=3)
     out = {}
@@ -218,13 +220,14 @@ def _geval_reduction(quick: bool) -> dict[str, Any]:
     """G evaluations per patch: the paper's search vs the cheapest one that keeps its AUROC."""
     import torch
 
+    from anogan_batch.core.configs import SearchConfig
     from anogan_batch.core.model import model_input
     from anogan_batch.core.modeldir import load_model
-    from anogan_batch.core.search import SearchConfig, latent_search, resolve_search
+    from anogan_batch.core.search import latent_search, resolve_search
     from anogan_batch.evaluation.demo import bundled_model_dir, load_sample
     from anogan_batch.evaluation.evaluate import auroc
 
-    model = load_model(bundled_model_dir()).to("cpu")
+    model = load_model(bundled_model_dir()).for_scoring("cpu")
     sample = load_sample()
     n = 40 if quick else len(sample["test_images"])
     x = model_input(torch.from_numpy(sample["test_images"][:n, :, :, None].copy()), model.config)
@@ -320,7 +323,7 @@ def _job_vs_inprocess(cfg, g, d, e, pixels, search, batch) -> dict[str, Any]:
         model_dir = os.path.join(tmp, "model")
         save_model(model_dir, cfg, g, d, {}, encoder=e)
         table = write_patch_table(os.path.join(tmp, "patches"), pixels, files=4)
-        model = load_model(model_dir).to("cpu")
+        model = load_model(model_dir).for_scoring("cpu")
         rows = pads.dataset(table).to_table()
         threads = torch.get_num_threads()
         score_table(model, rows.slice(0, 2), search, job_id="bench", device="cpu")  # warm-up

@@ -96,12 +96,12 @@ def write_mosaic_scans(scans: str, truth: str, *, seed: int = 0) -> tuple[int, i
 
 def run_demo(out: str, *, train: bool = False, iterations: int | None = None) -> dict:
     """Run the demo into `out` (its sub-folders are replaced) and print where things are."""
-    from anogan_batch.core.search import SearchConfig
-    from anogan_batch.core.training import TrainConfig, train_gan
+    from anogan_batch.core.configs import SearchConfig, TrainConfig
+    from anogan_batch.core.training import train_gan
     from anogan_batch.evaluation.evaluate import evaluate_job
     from anogan_batch.evaluation.report import write_report
-    from anogan_batch.job.ingest import IngestConfig, ingest
-    from anogan_batch.job.pipeline import ScoreJobConfig
+    from anogan_batch.job.configs import IngestConfig, ScoreJobConfig
+    from anogan_batch.job.ingest import ingest
     from anogan_batch.job.runner import run_score_job
 
     out = storage.absolute(out)

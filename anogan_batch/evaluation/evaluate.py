@@ -105,8 +105,10 @@ def evaluate_job(out: str, normal_label: str, truth: str | None = None) -> dict[
     `scan_scores.max_score` against the scans' labels.
     """
     from anogan_batch.io.tables import read_columns
+    from anogan_batch.job.layout import JobLayout
 
-    patch_dir = storage.join(out, "patch_scores")
+    layout = JobLayout(out)
+    patch_dir = layout.patch_scores
     table = read_columns(patch_dir, ["anomaly_score", "label", "patch_id"])
     if "label" not in table.column_names and truth is None:
         raise InputError(f"'{patch_dir}' has no 'label' column: nothing to evaluate against")
@@ -125,12 +127,12 @@ def evaluate_job(out: str, normal_label: str, truth: str | None = None) -> dict[
         )
     result["normal_label"] = normal_label
     result["truth"] = truth
-    scan_dir = storage.join(out, "scan_scores")
+    scan_dir = layout.scan_scores
     if storage.exists(scan_dir) or storage.is_dir(scan_dir):
         scans = read_columns(scan_dir, ["max_score", "label"])
         scan_labels = scans.column("label").to_pylist()
         scan_m = metrics(scans.column("max_score").to_numpy(), scan_labels, normal_label)
         if scan_m["n_normal"] and scan_m["n_anomalous"]:
             result["scan"] = {"score": "max_score", **scan_m}
-    storage.write_json(storage.join(out, "metrics.json"), result)
+    storage.write_json(layout.metrics, result)
     return result

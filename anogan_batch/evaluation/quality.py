@@ -65,9 +65,10 @@ def evaluate_class(
     """Train on `digit`, score the test digits; -> AUROC/AUPRC (and those of `variants`)."""
     import torch
 
+    from anogan_batch.core.configs import SearchConfig, TrainConfig
     from anogan_batch.core.model import model_input
-    from anogan_batch.core.search import SearchConfig, latent_search, resolve_search
-    from anogan_batch.core.training import TrainConfig, fit_gan
+    from anogan_batch.core.search import latent_search, resolve_search
+    from anogan_batch.core.training import fit_gan
     from anogan_batch.evaluation.evaluate import auroc, average_precision
 
     started = time.process_time()
@@ -164,7 +165,7 @@ def run_quality(
 
 
 def _train_config(recipe: QualityRecipe):
-    from anogan_batch.core.training import TrainConfig
+    from anogan_batch.core.configs import TrainConfig
 
     return TrainConfig(seed=recipe.seed, **recipe.train)
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
+from anogan_batch.job.layout import JobLayout
 
 TOP_K = 16
 TOP_SCANS = 8
@@ -56,7 +57,7 @@ def top_patches(out: str, k: int = TOP_K) -> list[dict[str, Any]]:
     from anogan_batch.job.manifest import JobManifest
 
     manifest = JobManifest.load(out)
-    scores = open_dataset(storage.join(out, "patch_scores"))
+    scores = open_dataset(JobLayout(out).patch_scores)
     light = scores.to_table(columns=["patch_id", "anomaly_score"])
     if light.num_rows == 0:
         return []
@@ -135,11 +136,12 @@ def write_report(out: str, html_path: str | None = None) -> str:
     manifest = JobManifest.load(out)
     if manifest is None:
         raise InputError(f"'{out}' holds no job.json: not the OUT of a score job")
-    html_path = html_path or storage.join(out, "report.html")
+    layout = JobLayout(out)
+    html_path = html_path or layout.report
     metrics = {}
-    if storage.exists(storage.join(out, "metrics.json")):
-        metrics = storage.read_json(storage.join(out, "metrics.json"))
-    table = read_columns(storage.join(out, "patch_scores"), ["anomaly_score", "label", "patch_id"])
+    if storage.exists(layout.metrics):
+        metrics = storage.read_json(layout.metrics)
+    table = read_columns(layout.patch_scores, ["anomaly_score", "label", "patch_id"])
     scores = table.column("anomaly_score").to_numpy()
     labels = (
         table.column("label").to_pylist() if "label" in table.column_names else [None] * len(scores)
@@ -181,7 +183,7 @@ def write_report(out: str, html_path: str | None = None) -> str:
         for r in top
     )
     scans_html = ""
-    scan_dir = storage.join(out, "scan_scores")
+    scan_dir = layout.scan_scores
     if storage.is_dir(scan_dir) or storage.exists(scan_dir):
         scans = read_columns(
             scan_dir, ["scan_id", "n_patches", "max_score", "mean_score", "p95_score", "label"]

@@ -36,8 +36,6 @@ PATCH_SCHEMA = pa.schema(
 REQUIRED_COLUMNS = ("patch_id", "scan_id", "x", "y", "image")
 SHAPE_COLUMNS = ("height", "width", "channels", "dtype")
 DTYPES = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
-# full scale of each stored dtype: model space is p / PIXEL_MAX * 2 - 1 (docs/schema.md)
-PIXEL_MAX = {"uint8": 255.0, "uint16": 65535.0, "float32": 1.0}
 
 
 @dataclass(frozen=True)

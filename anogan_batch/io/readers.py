@@ -255,7 +255,7 @@ def otsu_threshold(gray: np.ndarray, bins: int = 256) -> float:
 
 def foreground_mask(stored: np.ndarray) -> np.ndarray:
     """(H, W) bool: pixels brighter than the scan's Otsu threshold (of the channel mean)."""
-    from anogan_batch.io.patches import PIXEL_MAX
+    from anogan_batch.config import PIXEL_MAX
 
     scale = PIXEL_MAX.get(stored.dtype.name, 1.0)
     gray = stored.astype(np.float32).mean(axis=2) / scale

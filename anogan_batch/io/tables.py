@@ -211,8 +211,27 @@ def write_patch_table(
     """Write pixels (N, H, W[, C]) as a patch table (all at (0, 0) of their scan) in `files`
     Parquet files. For arrays already in memory: tests, benchmarks, notebooks."""
     import numpy as np
-    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    table = patch_table(pixels, labels, ids=ids, scan_ids=scan_ids)
+    storage.makedirs(path)
+    for k, part in enumerate(np.array_split(np.arange(table.num_rows), files)):
+        fs, inner = storage.filesystem_for(storage.join(path, f"part-{k:05d}.parquet"))
+        with fs.open_output_stream(inner) as f:
+            pq.write_table(table.take(part), f, compression="zstd")
+    return path
+
+
+def patch_table(
+    pixels,
+    labels: list[str | None] | None = None,
+    *,
+    ids: list[str] | None = None,
+    scan_ids: list[str] | None = None,
+) -> pa.Table:
+    """Pixels (N, H, W[, C]) as patch table rows in memory, each at (0, 0) of its own scan."""
+    import numpy as np
+    import pyarrow as pa
 
     from anogan_batch.io.patches import PATCH_SCHEMA, encode_pixels, patch_id_for
 
@@ -221,29 +240,21 @@ def write_patch_table(
     n, h, w, c = pixels.shape
     scan_ids = scan_ids or [f"scan{i:05d}" for i in range(n)]
     ids = ids or [patch_id_for(s, 0, 0, h) for s in scan_ids]
-    labels = labels if labels is not None else [None] * n
-    storage.makedirs(path)
-    for k, part in enumerate(np.array_split(np.arange(n), files)):
-        m = len(part)
-        table = pa.table(
-            {
-                "patch_id": [ids[i] for i in part],
-                "scan_id": [scan_ids[i] for i in part],
-                "x": pa.array(np.zeros(m), pa.int32()),
-                "y": pa.array(np.zeros(m), pa.int32()),
-                "image": [encode_pixels(pixels[i]) for i in part],
-                "height": pa.array([h] * m, pa.int32()),
-                "width": pa.array([w] * m, pa.int32()),
-                "channels": pa.array([c] * m, pa.int32()),
-                "dtype": [pixels.dtype.name] * m,
-                "label": [labels[i] for i in part],
-            },
-            schema=PATCH_SCHEMA,
-        )
-        fs, inner = storage.filesystem_for(storage.join(path, f"part-{k:05d}.parquet"))
-        with fs.open_output_stream(inner) as f:
-            pq.write_table(table, f, compression="zstd")
-    return path
+    return pa.table(
+        {
+            "patch_id": ids,
+            "scan_id": scan_ids,
+            "x": pa.array(np.zeros(n), pa.int32()),
+            "y": pa.array(np.zeros(n), pa.int32()),
+            "image": [encode_pixels(p) for p in pixels],
+            "height": pa.array([h] * n, pa.int32()),
+            "width": pa.array([w] * n, pa.int32()),
+            "channels": pa.array([c] * n, pa.int32()),
+            "dtype": [pixels.dtype.name] * n,
+            "label": labels if labels is not None else [None] * n,
+        },
+        schema=PATCH_SCHEMA,
+    )
 
 
 def table_normalisation(path: str) -> dict | None:

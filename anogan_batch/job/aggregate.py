@@ -17,14 +17,13 @@ most anomalous patch sits), label (the scan's label when all its patches agree, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
+from anogan_batch.config import PIXEL_MAX
 from anogan_batch.io import storage
-from anogan_batch.io.patches import DTYPES, PIXEL_MAX
+from anogan_batch.io.patches import DTYPES
 from anogan_batch.job.heatmaps import MAP_COLUMNS, HeatmapGeometry, render_scan
 from anogan_batch.job.layout import JobLayout
 
@@ -213,23 +212,6 @@ def _partitions(ds) -> int:
     return max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
-@contextmanager
-def task_shuffle() -> Iterator[None]:
-    """Run groupbys inside with a task-based sort shuffle: the hash shuffle's aggregator
-    actors take several seconds to start on a small cluster, longer than the whole
-    aggregation of a typical job."""
-    from ray.data import DataContext
-    from ray.data.context import ShuffleStrategy
-
-    ctx = DataContext.get_current()
-    previous = ctx.shuffle_strategy
-    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    try:
-        yield
-    finally:
-        ctx.shuffle_strategy = previous
-
-
 def shuffle_bytes(rows: int, heatmaps: tuple | None) -> int:
     """A bound on the shuffle's input for a job of `rows` patches, from its geometry alone
     (no metadata reads): the summary columns, plus with heatmaps a float32 residual map and
@@ -330,8 +312,7 @@ def _group_on_ray(inputs, target: str, args: tuple, io_cpus: float) -> None:
         _typed, fn_args=(bool(args[2]),), batch_format="pyarrow", num_cpus=io_cpus
     )
     fs, inner = storage.filesystem_for(target)
-    with task_shuffle():
-        rows.write_parquet(inner, filesystem=fs, ray_remote_args={"num_cpus": io_cpus})
+    rows.write_parquet(inner, filesystem=fs, ray_remote_args={"num_cpus": io_cpus})
 
 
 def _group_in_driver(inputs, args: tuple):

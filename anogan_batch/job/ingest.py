@@ -29,64 +29,18 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from anogan_batch.config import check_choice, check_float, check_int
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
 from anogan_batch.io.patches import PATCH_SCHEMA, encode_pixels, patch_id_for
-from anogan_batch.io.readers import READERS, ReadOptions, foreground_mask, to_stored
+from anogan_batch.io.readers import READERS, foreground_mask, to_stored
 from anogan_batch.io.storage import Listed
+from anogan_batch.job.configs import AUTO_RAY_FILES, IngestConfig
 
-ENGINES = ("auto", "local", "ray")
-AUTO_RAY_FILES = 256  # `auto` uses Ray above this many files (or when RAY_ADDRESS is set)
-# Values decoded from one file at most (all its slices): 512 CT slices of 512 x 512. Sizes come
-# from headers that anyone can write, so they are checked before anything is allocated.
-MAX_PIXELS = 2**27
 VOLUME_SUFFIXES = (".npy", ".tif", ".tiff", ".dcm", ".dicom")  # files whose slices get '@0007'
 SCAN_FIELDS = (
     "path", "scan_id", "label", "height", "width", "channels", "dtype",
     "n_patches", "n_skipped", "normalisation", "reason",
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class IngestConfig:
-    patch_size: int
-    stride: int | None = None  # None: the patch size (non-overlapping grid)
-    label_from_parent: bool = False
-    rows_per_file: int = 50_000  # target rows per output Parquet file
-    slice_axis: int = 0
-    window: tuple[float, float] | None = None  # (center, width), source units
-    min_foreground: float = 0.0  # skip patches with less Otsu foreground than this
-    engine: str = "auto"
-    max_pixels: int = MAX_PIXELS  # per file: a larger one is refused before it is decoded
-
-    def __post_init__(self) -> None:
-        check_int("patch_size", self.patch_size, min_value=4)
-        if self.stride is not None:
-            check_int("stride", self.stride, min_value=1)
-        check_int("rows_per_file", self.rows_per_file, min_value=1)
-        check_choice("slice_axis", self.slice_axis, (-3, -2, -1, 0, 1, 2))
-        check_float("min_foreground", self.min_foreground, low=0.0, high=1.0)
-        check_choice("engine", self.engine, ENGINES)
-        check_int("max_pixels", self.max_pixels, min_value=1)
-        if self.window is not None:
-            check_float("window center", self.window[0])
-            check_float("window width", self.window[1], low=0.0, low_open=True)
-
-    @property
-    def step(self) -> int:
-        return self.stride or self.patch_size
-
-    @property
-    def read_options(self) -> ReadOptions:
-        return ReadOptions(
-            slice_axis=self.slice_axis, window=self.window, max_pixels=self.max_pixels
-        )
-
-    @property
-    def max_file_bytes(self) -> int:
-        """Largest file read: its pixels as float64 plus room for headers and metadata."""
-        return 8 * self.max_pixels + 2**24
 
 
 @dataclass
@@ -333,24 +287,24 @@ def _run_chunks(files: list[Listed], src: str, out: str, cfg: IngestConfig, use_
     import ray
     import ray.data
 
-    from anogan_batch.job.pipeline import connect_ray, quiet_ray_data
+    from anogan_batch.job.raykit import connect_ray, job_data_context
 
     connect_ray()
-    quiet_ray_data()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
     # several chunks per CPU so a slow file does not leave the rest idle
     n_chunks = max(1, min(len(files), 4 * cpus))
     # paths travel as bytes: a local file name need not be UTF-8, and Arrow strings must be
     items = [{"path": os.fsencode(f.path), "name": f.name, "size": f.size} for f in files]
-    ds = ray.data.from_items(items, override_num_blocks=n_chunks)
-    ds = ds.map_batches(
-        _ray_ingest_batch,
-        fn_args=(src, out, cfg),
-        batch_size=math.ceil(len(files) / n_chunks),
-        batch_format="numpy",
-        num_cpus=1,
-    )
-    tables = ray.get(ds.to_arrow_refs())
+    with job_data_context():
+        ds = ray.data.from_items(items, override_num_blocks=n_chunks)
+        ds = ds.map_batches(
+            _ray_ingest_batch,
+            fn_args=(src, out, cfg),
+            batch_size=math.ceil(len(files) / n_chunks),
+            batch_format="numpy",
+            num_cpus=1,
+        )
+        tables = ray.get(ds.to_arrow_refs())
     return pa.concat_tables(tables).to_pylist() if tables else []
 
 

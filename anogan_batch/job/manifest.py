@@ -14,6 +14,7 @@ from typing import Any
 
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
+from anogan_batch.job.layout import JobLayout
 
 # Parameters that change a patch's scores. Batch size, actor count and devices do not.
 IDENTITY_KEYS = (
@@ -47,7 +48,7 @@ class JobManifest:
 
     @staticmethod
     def path(out: str) -> str:
-        return storage.join(out, "job.json")
+        return JobLayout(out).manifest
 
     def save(self, out: str) -> None:
         storage.write_json(self.path(out), asdict(self))

@@ -17,79 +17,24 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import posixpath
-import re
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from anogan_batch.config import check_choice, check_float, check_int
-from anogan_batch.core.search import SearchConfig
-from anogan_batch.errors import ConfigError, InputError
+from anogan_batch.errors import InputError
 from anogan_batch.io import storage
+from anogan_batch.io.patches import PATCH_SCHEMA
+from anogan_batch.job.configs import ScoreJobConfig
+from anogan_batch.job.layout import PARTITION_COLUMN, JobLayout
+from anogan_batch.job.raykit import pending_bases, task_file_base
+
+if TYPE_CHECKING:
+    from anogan_batch.core.modeldir import ModelCard
 
 log = logging.getLogger(__name__)
 
 IO_CPUS = 0.5  # logical CPUs of read/write/aggregate tasks: light work, must never starve
-INPUT_COLUMNS = (
-    "patch_id",
-    "scan_id",
-    "x",
-    "y",
-    "image",
-    "height",
-    "width",
-    "channels",
-    "dtype",
-    "label",
-)
 QUARANTINE_COLUMNS = ("patch_id", "scan_id", "x", "y", "label", "reason", "job_id", "model_id")
-PARTITION_COLUMN = "job_id"
-CHECKPOINT_DIR = "_checkpoint"
-# a job id names a partition folder (patch_scores/job_id=<id>), so it is a safe file name
-JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-
-
-@dataclass(frozen=True)
-class ScoreJobConfig:
-    """Everything `anogan-batch score` takes. Defaults follow the paper and the local machine."""
-
-    model_dir: str
-    patches: str
-    out: str
-    search: SearchConfig = field(default_factory=SearchConfig)
-    batch_size: int = 64
-    actors: tuple[int, int] | None = None  # (min, max) pool size; None: one per node / GPU
-    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    cpus_per_actor: float | None = None  # None: derived from the cluster (see plan_resources)
-    job_id: str | None = None
-    threshold: float | None = None  # counts patches above it in scan_scores
-    target_file_mb: float = 128.0  # approximate size of each output Parquet file
-    device: str | None = None  # None: CUDA when the actor has a GPU, else CPU
-    progress: bool = True
-    heatmaps: bool = True  # stitch per-scan heatmaps and PNG overlays after scoring
-    table_format: str = "parquet"  # or "delta": the output tables committed as Delta Lake
-
-    def __post_init__(self) -> None:
-        check_int("batch_size", self.batch_size, min_value=1)
-        if self.actors is not None:
-            lo, hi = self.actors
-            check_int("actors", lo, min_value=1)
-            check_int("actors", hi, min_value=lo)
-        if self.gpus_per_actor is not None:
-            check_float("gpus_per_actor", self.gpus_per_actor, low=0.0)
-        if self.cpus_per_actor is not None:
-            check_float("cpus_per_actor", self.cpus_per_actor, low=0.0, low_open=True)
-        if self.threshold is not None:
-            check_float("threshold", self.threshold)
-        check_float("target_file_mb", self.target_file_mb, low=0.0, low_open=True)
-        if self.job_id is not None and not JOB_ID.fullmatch(self.job_id):
-            raise ConfigError(
-                "job_id", self.job_id, "use 1-128 letters, digits, '.', '_' or '-', not first '.'"
-            )
-        from anogan_batch.job.warehouse import TABLE_FORMATS
-
-        check_choice("table_format", self.table_format, TABLE_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -171,72 +116,26 @@ def _threads_that_fit(node: dict) -> int:
     return threads
 
 
-def connect_ray() -> None:
-    """Join the cluster at RAY_ADDRESS, or start a local one sized for this machine.
-
-    A local cluster advertises two logical CPUs more than the machine has: the scoring actor
-    holds the real cores, and the light I/O tasks (and Ray Data's checkpoint filter actor,
-    which always asks for one CPU) must still be schedulable, or a 2-core machine hangs.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Token auth stays on (Ray's default); its one-line notice is not news to our users.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
-        logging.ERROR
-    )
-    address = os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        # address="local": always a fresh cluster, never one left running by someone else
-        ray.init(
-            address="local", num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False, **kwargs
-        )
-
-
-def quiet_ray_data() -> None:
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    # Our own progress line replaces Ray Data's per-operator bars and their log spam.
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    # One retry policy for S3, ours (s3.py), not Ray's on top of it: Ray's own I/O retry
-    # (10 tries, backoff to 32 s, on top of the SDK's) would stretch a dead endpoint's
-    # failure to many minutes.
-    ctx.retried_io_errors = []
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-
-
 def make_sink(out: str, rows_per_file: int):
     """A Parquet sink writing scored rows and quarantined rows to their two tables."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
-    from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
     from ray.data.datasource import BlockBasedFileDatasink
-    from ray.data.datasource.filename_provider import _split_base_and_ext
 
     class JobSink(BlockBasedFileDatasink):
         # Subclassing Ray's file sink keeps Ray's two-phase checkpoint commit: the pending
         # checkpoint's name is this task's base file name, which both our tables share.
         def write_block(self, block, block_index, ctx) -> None:
             table = block.to_arrow()
-            name = self.filename_provider.get_filename_for_task(
-                ctx.kwargs[WRITE_UUID_KWARG_NAME], ctx.task_idx
-            )
-            base, _ = _split_base_and_ext(name)
+            base = task_file_base(self, ctx)
             is_bad = pc.is_valid(table.column("reason"))
             scored = table.filter(pc.invert(is_bad)).drop_columns(["reason"])
             bad = table.filter(is_bad).select(list(QUARANTINE_COLUMNS))
             if scored.num_rows:
                 pads.write_dataset(
                     scored,
-                    base_dir=posixpath.join(self.path, "patch_scores"),
+                    base_dir=posixpath.join(self.path, JobLayout.PATCH_SCORES),
                     filesystem=self.filesystem,
                     format="parquet",
                     partitioning=[PARTITION_COLUMN],
@@ -246,7 +145,7 @@ def make_sink(out: str, rows_per_file: int):
                     file_options=pads.ParquetFileFormat().make_write_options(compression="zstd"),
                 )
             if bad.num_rows:
-                qdir = posixpath.join(self.path, "quarantine")
+                qdir = posixpath.join(self.path, JobLayout.QUARANTINE)
                 self.filesystem.create_dir(qdir, recursive=True)
                 with self.filesystem.open_output_stream(f"{qdir}/{base}.parquet") as f:
                     pq.write_table(bad, f, compression="zstd")
@@ -260,25 +159,22 @@ def make_sink(out: str, rows_per_file: int):
 
 def recover_pending(out: str) -> int:
     """Delete data files of uncommitted writes (pending checkpoints); return how many."""
-    ckpt = storage.join(out, CHECKPOINT_DIR)
-    if not storage.exists(ckpt) and not storage.is_dir(ckpt):
-        return 0
-    fs, inner = storage.filesystem_for(ckpt)
     import pyarrow.fs as pafs
 
-    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False, allow_not_found=True))
-    pending = [f for f in infos if f.path.endswith(".pending.parquet")]
+    layout = JobLayout(out)
+    fs, checkpoint = storage.filesystem_for(layout.checkpoint)
+    pending = pending_bases(fs, checkpoint)
     if not pending:
         return 0
-    bases = tuple(posixpath.basename(f.path)[: -len(".pending.parquet")] for f in pending)
-    for table in ("patch_scores", "quarantine"):
-        root = storage.filesystem_for(storage.join(out, table))[1]
+    bases = tuple(base for _, base in pending)
+    for table in (layout.patch_scores, layout.quarantine):
+        root = storage.filesystem_for(table)[1]
         sel = pafs.FileSelector(root, recursive=True, allow_not_found=True)
         for f in fs.get_file_info(sel):
             if f.type == pafs.FileType.File and posixpath.basename(f.path).startswith(bases):
                 fs.delete_file(f.path)
-    for f in pending:
-        fs.delete_file(f.path)
+    for path, _ in pending:
+        fs.delete_file(path)
     return len(pending)
 
 
@@ -286,7 +182,7 @@ def build_pipeline(
     cfg: ScoreJobConfig,
     res: Resources,
     job_id: str,
-    model_id: str,
+    card: ModelCard,
     columns: tuple[str, ...],
     progress=None,
 ):
@@ -301,7 +197,7 @@ def build_pipeline(
     ds = ray.data.read_parquet(
         inner,
         filesystem=fs,
-        columns=[c for c in INPUT_COLUMNS if c in columns],
+        columns=[c for c in PATCH_SCHEMA.names if c in columns],
         num_cpus=IO_CPUS,
         file_extensions=["parquet", "parq", "pq"],
     )
@@ -312,10 +208,9 @@ def build_pipeline(
     return ds.map_batches(
         PatchScorer,
         fn_constructor_kwargs={
-            "model_dir": cfg.model_dir,
+            "model": card,
             "search": cfg.search,
             "job_id": job_id,
-            "model_id": model_id,
             "device": cfg.device,
             "threads": res.threads,
             "progress": progress,

@@ -1,47 +1,56 @@
-"""`run_score_job`: checks, the job manifest, the Ray run, aggregation and final counts.
+"""`run_score_job`: a scoring job as a short list of phases.
+
+    prepare   model.json and the patch table checked (exit 2 before anything is written)
+    open      job.json created `running`, or the crashed run's manifest taken up
+    connect   Ray joined or started; Ray Data's context set for the job (and put back after)
+    check_ids patch_id unique and non-null, at any scale
+    resume    uncommitted files of a crashed run removed, finished rows counted
+    score     the checkpointed pipeline: every unfinished row scored or quarantined, once
+    scans     scan_scores (and heatmaps, overlays) rewritten whole from patch_scores
+    publish   the tables committed as Delta, when asked
+    account   every input row in patch_scores or quarantine, then `succeeded`
 
 Order matters for crash safety: job.json says `running` before any row is written; rows are
-written exactly once through the checkpointed pipeline; scan_scores is derived afterwards and
-rewritten on every run; `succeeded` is written last, only when every input row is accounted
-for in patch_scores or quarantine.
+written exactly once through the checkpointed pipeline; the scan tables are derived afterwards
+and rewritten on every run; `succeeded` is written last, only when every input row is accounted
+for. Each phase's wall time lands in the run's `phase_seconds`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import sys
-import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from anogan_batch.core.search import SearchConfig
+from anogan_batch.core.configs import SearchConfig
 from anogan_batch.errors import InputError, redact
 from anogan_batch.io import storage
+from anogan_batch.job.configs import ScoreJobConfig
+from anogan_batch.job.layout import JobLayout
 from anogan_batch.job.manifest import JobManifest, check_rerun, new_job_id, now
 from anogan_batch.job.pipeline import (
-    CHECKPOINT_DIR,
     IO_CPUS,
     Resources,
-    ScoreJobConfig,
     build_pipeline,
-    connect_ray,
     make_sink,
     plan_resources,
-    quiet_ray_data,
     recover_pending,
 )
 from anogan_batch.job.scorer import peak_rss_mb
 
+if TYPE_CHECKING:
+    from anogan_batch.core.modeldir import ModelCard
+
 log = logging.getLogger(__name__)
 
 
-def output_rows(out: str, table: str) -> int:
-    """Rows in OUT/<table> from Parquet footers (0 when the table does not exist yet)."""
+def output_rows(path: str) -> int:
+    """Rows in the output table at `path` from Parquet footers (0 when it does not exist yet)."""
     from anogan_batch.io.tables import count_rows, open_dataset
 
-    path = storage.join(out, table)
     if not storage.is_dir(path) and not storage.exists(path):
         return 0
     if not storage.list_files(path, suffixes=(".parquet",)):
@@ -53,21 +62,26 @@ def first_quarantine_reason(out: str) -> str | None:
     """The reason of one quarantined row (for messages), or None."""
     from anogan_batch.io.tables import open_dataset
 
-    if not output_rows(out, "quarantine"):
+    quarantine = JobLayout(out).quarantine
+    if not output_rows(quarantine):
         return None
-    return open_dataset(storage.join(out, "quarantine")).head(1, columns=["reason"])[0][0].as_py()
+    return open_dataset(quarantine).head(1, columns=["reason"])[0][0].as_py()
 
 
 class Preflight(NamedTuple):
-    model_id: str
+    card: ModelCard  # model.json, read once for the whole job
     rows: int
     search: SearchConfig  # its start resolved against the model
     columns: tuple[str, ...]  # of the patch table, over all its files
 
+    @property
+    def model_id(self) -> str:
+        return self.card.model_id
 
-def preflight(cfg: ScoreJobConfig) -> Preflight:
+
+def prepare(cfg: ScoreJobConfig) -> Preflight:
     """Fail fast (exit 2) on a bad model or a table that cannot fit it."""
-    from anogan_batch.core.modeldir import load_model, read_model_json
+    from anogan_batch.core.modeldir import check_weights, read_model_card
     from anogan_batch.core.search import resolve_search
     from anogan_batch.io.patches import row_problem
     from anogan_batch.io.tables import (
@@ -78,14 +92,15 @@ def preflight(cfg: ScoreJobConfig) -> Preflight:
         table_normalisation,
     )
 
-    model = load_model(cfg.model_dir)
-    search = resolve_search(cfg.search, has_encoder=model.encoder is not None)
+    card = read_model_card(cfg.model_dir)
+    check_weights(card)
+    search = resolve_search(cfg.search, has_encoder=card.config.encoder)
     ds = open_patch_table(cfg.patches)
-    model_norm = read_model_json(cfg.model_dir).get("normalisation", {})
-    check_normalisation(table_normalisation(cfg.patches), model_norm, cfg.patches, cfg.model_dir)
+    check_normalisation(
+        table_normalisation(cfg.patches), card.normalisation, cfg.patches, cfg.model_dir
+    )
     table = inspect_patch_table(cfg.patches)
-    rows = table.rows
-    if rows == 0:
+    if table.rows == 0:
         raise InputError(f"patch table '{cfg.patches}' is empty: nothing to score")
     sample = first_rows(ds, ["patch_id", "image", "height", "width", "channels", "dtype"])
     cols = sample.column_names
@@ -96,13 +111,13 @@ def preflight(cfg: ScoreJobConfig) -> Preflight:
             int(sample.column(c)[0].as_py() or 0) for c in ("height", "width", "channels")
         )
     dtype = sample.column("dtype")[0].as_py() if "dtype" in cols else None
-    problem = row_problem(model.patch_spec, None if image is None else len(image), shape, dtype)
+    problem = row_problem(card.patch_spec, None if image is None else len(image), shape, dtype)
     if problem is not None:
         raise InputError(
             f"patch table '{cfg.patches}' does not fit model '{cfg.model_dir}': first row "
             f"{sample.column('patch_id')[0].as_py()!r}: {problem}"
         )
-    return Preflight(model.model_id, rows, search, table.columns)
+    return Preflight(card, table.rows, search, table.columns)
 
 
 def identity(cfg: ScoreJobConfig, model_id: str) -> dict[str, Any]:
@@ -122,99 +137,9 @@ def identity(cfg: ScoreJobConfig, model_id: str) -> dict[str, Any]:
     }
 
 
-class _Progress:
-    """A Ray actor counts rows the scorers finished; a driver thread prints rate and ETA."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        import ray
-
-        @ray.remote(num_cpus=0)
-        class Counter:
-            def __init__(self) -> None:
-                self.n = 0
-                self.busy = 0.0  # seconds the scorers spent inside their batches
-                self.peak_rss: dict[int, float] = {}  # scorer pid -> peak RSS (MiB)
-
-            def add(self, k: int, pid: int = 0, rss_mb: float = 0.0, busy: float = 0.0) -> None:
-                self.n += k
-                self.busy += busy
-                self.peak_rss[pid] = max(rss_mb, self.peak_rss.get(pid, 0.0))
-
-            def get(self) -> int:
-                return self.n
-
-            def telemetry(self) -> tuple[float, float]:
-                return max(self.peak_rss.values(), default=0.0), self.busy
-
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        # On the driver's node: a counter on a worker node would die with that node, and the
-        # job must survive node failures (the driver's own node is one it cannot survive).
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.actor = Counter.options(scheduling_strategy=here).remote()
-        self.total, self.enabled = total, enabled
-        self.started = time.time()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def telemetry(self) -> dict[str, float | None]:
-        """Largest peak RSS any scorer reported and the seconds they spent scoring; None if
-        the counter is gone (it is only telemetry and must never fail a job)."""
-        import ray
-
-        try:
-            rss, busy = ray.get(self.actor.telemetry.remote(), timeout=30)
-            return {"actor_peak_rss_mb": round(rss, 1), "actor_busy_seconds": round(busy, 2)}
-        except Exception:
-            log.warning("could not read the scorers' telemetry", exc_info=True)
-            return {"actor_peak_rss_mb": None, "actor_busy_seconds": None}
-
-    def done(self) -> int:
-        import ray
-
-        return int(ray.get(self.actor.get.remote()))
-
-    def line(self) -> str:
-        n = self.done()
-        elapsed = max(1e-9, time.time() - self.started)
-        rate = n / elapsed
-        eta = (self.total - n) / rate if rate > 0 else float("nan")
-        eta_s = "?" if eta != eta else f"{int(eta // 60)}m{int(eta % 60):02d}s"
-        return f"scored {n:,}/{self.total:,} patches | {rate:.1f} patches/s | ETA {eta_s}"
-
-    def _run(self) -> None:
-        tty = sys.stderr.isatty()
-        interval = 1.0 if tty else 15.0
-        while not self._stop.wait(interval):
-            try:
-                text = self.line()
-            except Exception:  # the cluster is going away; the job itself reports errors
-                return
-            sys.stderr.write(("\r" + text) if tty else (text + "\n"))
-            sys.stderr.flush()
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=2)
-            if exc[0] is None:  # the final count, also where no line was due yet
-                with contextlib.suppress(Exception):
-                    sys.stderr.write(("\r" if sys.stderr.isatty() else "") + self.line())
-            sys.stderr.write("\n")
-
-
 def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
     """Score every row of cfg.patches into cfg.out (resuming a crashed run). -> manifest."""
-    import ray
-
-    from anogan_batch.io.tables import check_patch_ids
-    from anogan_batch.job.aggregate import write_scan_tables
-    from anogan_batch.job.warehouse import publish
+    from anogan_batch.job.raykit import connect_ray, job_data_context
 
     cfg = replace(
         cfg,
@@ -222,11 +147,41 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
         patches=storage.absolute(cfg.patches),
         out=storage.absolute(cfg.out),
     )
-    t0 = time.time()
-    model_id, input_rows, search, columns = preflight(cfg)
-    cfg = replace(cfg, search=search)
-    preflight_s = time.time() - t0
-    ident = identity(cfg, model_id)
+    started = time.time()
+    prep = prepare(cfg)
+    cfg = replace(cfg, search=prep.search)
+    manifest = open_manifest(cfg, prep)
+    if manifest.status == "succeeded":
+        return manifest
+    run = Run(manifest, cfg.out, preflight_s=time.time() - started)
+    try:
+        with run.phase("connect"):
+            connect_ray()
+        with job_data_context():
+            with run.phase("check_ids"):
+                run.record["ids_checked_in"] = _check_ids(cfg, prep)
+            with run.phase("resume"):
+                done_before = resume(cfg, run)
+            with run.phase("score"):
+                score(cfg, prep, manifest, todo=prep.rows - done_before)
+            count_outputs(manifest, cfg.out)
+            with run.phase("scans_and_heatmaps" if cfg.heatmaps else "scans"):
+                write_scans(cfg, prep, manifest, run)
+            if cfg.table_format != "parquet":
+                with run.phase("publish"):
+                    run.record["published"] = publish_tables(cfg)
+        account(manifest, run, prep.rows, done_before)
+        storage.delete(JobLayout(cfg.out).checkpoint)
+        return manifest
+    except BaseException as e:
+        run.fail(e)
+        raise
+
+
+def open_manifest(cfg: ScoreJobConfig, prep: Preflight) -> JobManifest:
+    """job.json for this run: the crashed or failed run's to resume (same job only), the
+    succeeded one to report, or a new one; a new job needs an OUT without scores."""
+    ident = identity(cfg, prep.model_id)
     existing = JobManifest.load(cfg.out)
     if existing is not None:
         check_rerun(existing, ident, cfg.job_id, cfg.out)
@@ -236,137 +191,173 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
         manifest = existing
         manifest.status, manifest.error, manifest.finished_at = "running", None, None
     else:
-        if output_rows(cfg.out, "patch_scores") or output_rows(cfg.out, "quarantine"):
+        layout = JobLayout(cfg.out)
+        if output_rows(layout.patch_scores) or output_rows(layout.quarantine):
             raise InputError(f"'{cfg.out}' already holds scores but no job.json: use an empty OUT")
         manifest = JobManifest(
             job_id=cfg.job_id or new_job_id(),
             status="running",
-            model_id=model_id,
+            model_id=prep.model_id,
             params={
                 **ident,
                 "model_dir": cfg.model_dir,
                 "batch_size": cfg.batch_size,
                 "threshold": cfg.threshold,
             },
-            input_rows=input_rows,
+            input_rows=prep.rows,
         )
-    manifest.input_rows = input_rows
-    run: dict[str, Any] = {"started_at": now(), "phase_seconds": {"preflight": preflight_s}}
-    phases = run["phase_seconds"]
-    manifest.runs.append(run)
-    manifest.save(cfg.out)
+    manifest.input_rows = prep.rows
+    return manifest
 
-    try:
-        t0 = time.time()
-        connect_ray()
-        quiet_ray_data()
-        phases["connect"] = time.time() - t0
-        t0 = time.time()
-        run["ids_checked_in"] = check_patch_ids(cfg.patches, input_rows, io_cpus=IO_CPUS)
-        phases["check_ids"] = time.time() - t0
-        run["recovered_pending_writes"] = recover_pending(cfg.out)
-        before = output_rows(cfg.out, "patch_scores") + output_rows(cfg.out, "quarantine")
-        todo = input_rows - before
-        nodes = [n for n in ray.nodes() if n["Alive"]]
-        res = plan_resources(cfg, ray.cluster_resources(), nodes, todo_rows=todo)
-        run["resources"] = asdict(res)
-        manifest.save(cfg.out)
+
+class Run:
+    """This run's entry in job.json: phase timings, facts for the record, and the failure."""
+
+    def __init__(self, manifest: JobManifest, out: str, preflight_s: float) -> None:
+        self.manifest, self.out = manifest, out
+        self.record: dict[str, Any] = {
+            "started_at": now(),
+            "phase_seconds": {"preflight": round(preflight_s, 2)},
+        }
+        manifest.runs.append(self.record)
+        manifest.save(out)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
         started = time.time()
-        _execute(cfg, res, manifest, model_id, todo, columns)
-        elapsed = time.time() - started
-        phases["score"] = elapsed
-        manifest.scored_rows = output_rows(cfg.out, "patch_scores")
-        manifest.quarantined_rows = output_rows(cfg.out, "quarantine")
-        t0 = time.time()
-        if manifest.scored_rows:
-            run["scans_grouped_in"] = write_scan_tables(
-                cfg.out,
-                cfg.patches,
-                threshold=cfg.threshold,
-                heatmaps=_heatmap_geometry(cfg) if cfg.heatmaps else None,
-                io_cpus=IO_CPUS,
-                rows=input_rows,
-            )
-        phases["scans_and_heatmaps" if cfg.heatmaps else "scans"] = time.time() - t0
-        if cfg.table_format != "parquet":
-            t0 = time.time()
-            run["published"] = publish(cfg.out, cfg.table_format)
-            phases["publish"] = time.time() - t0
-        run["driver_peak_rss_mb"] = round(peak_rss_mb(), 1)
-        run["phase_seconds"] = {k: round(v, 2) for k, v in phases.items()}
-        done_now = manifest.scored_rows + manifest.quarantined_rows - before
-        run.update(finished_at=now(), rows=done_now, seconds=round(elapsed, 2))
-        manifest.patches_per_second = round(done_now / elapsed, 3) if elapsed > 0 else None
-        if manifest.scored_rows + manifest.quarantined_rows != input_rows:
-            raise RuntimeError(
-                f"row accounting failed: {input_rows} input rows, {manifest.scored_rows} scored, "
-                f"{manifest.quarantined_rows} quarantined"
-            )
-        manifest.status, manifest.finished_at = "succeeded", now()
-        manifest.save(cfg.out)
-        storage.delete(storage.join(cfg.out, CHECKPOINT_DIR))
-        return manifest
-    except BaseException as e:
-        manifest.status, manifest.finished_at = "failed", now()
-        manifest.error = redact(f"{type(e).__name__}: {e}")
-        run["finished_at"] = now()
         try:
-            manifest.save(cfg.out)
+            yield
+        finally:
+            self.record["phase_seconds"][name] = round(time.time() - started, 2)
+
+    def fail(self, e: BaseException) -> None:
+        m = self.manifest
+        m.status, m.finished_at = "failed", now()
+        m.error = redact(f"{type(e).__name__}: {e}")
+        self.record["finished_at"] = now()
+        try:
+            m.save(self.out)
         except Exception:  # keep the original error
             log.exception("could not record the failure in job.json")
-        raise
 
 
-def _heatmap_geometry(cfg: ScoreJobConfig):
-    from anogan_batch.core.modeldir import read_model_json
+def _check_ids(cfg: ScoreJobConfig, prep: Preflight) -> str:
+    from anogan_batch.io.tables import check_patch_ids
+
+    return check_patch_ids(cfg.patches, prep.rows, io_cpus=IO_CPUS)
+
+
+def resume(cfg: ScoreJobConfig, run: Run) -> int:
+    """Remove what a crashed run wrote but did not commit; -> rows already finished."""
+    layout = JobLayout(cfg.out)
+    run.record["recovered_pending_writes"] = recover_pending(cfg.out)
+    return output_rows(layout.patch_scores) + output_rows(layout.quarantine)
+
+
+def score(cfg: ScoreJobConfig, prep: Preflight, manifest: JobManifest, todo: int) -> None:
+    """Every unfinished row through the checkpointed pipeline on a planned actor pool."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    res = plan_resources(cfg, ray.cluster_resources(), nodes, todo_rows=todo)
+    run = manifest.runs[-1]
+    run["resources"] = asdict(res)
+    manifest.save(cfg.out)
+    started = time.time()
+    _execute(cfg, res, manifest, prep, todo)
+    run["seconds"] = round(time.time() - started, 2)
+
+
+def count_outputs(manifest: JobManifest, out: str) -> None:
+    layout = JobLayout(out)
+    manifest.scored_rows = output_rows(layout.patch_scores)
+    manifest.quarantined_rows = output_rows(layout.quarantine)
+
+
+def write_scans(cfg: ScoreJobConfig, prep: Preflight, manifest: JobManifest, run: Run) -> None:
+    """scan_scores (and heatmaps and overlays), rewritten whole on every run."""
+    from anogan_batch.job.aggregate import write_scan_tables
+
+    if not manifest.scored_rows:
+        return
+    run.record["scans_grouped_in"] = write_scan_tables(
+        cfg.out,
+        cfg.patches,
+        threshold=cfg.threshold,
+        heatmaps=_heatmap_geometry(prep) if cfg.heatmaps else None,
+        io_cpus=IO_CPUS,
+        rows=prep.rows,
+    )
+
+
+def publish_tables(cfg: ScoreJobConfig) -> dict[str, str]:
+    from anogan_batch.job.warehouse import publish
+
+    return publish(cfg.out, cfg.table_format)
+
+
+def account(manifest: JobManifest, run: Run, input_rows: int, done_before: int) -> None:
+    """Check that every input row is scored or quarantined, then record `succeeded`."""
+    record = run.record
+    record["driver_peak_rss_mb"] = round(peak_rss_mb(), 1)
+    done_now = manifest.scored_rows + manifest.quarantined_rows - done_before
+    seconds = record.get("seconds") or 0.0
+    record.update(finished_at=now(), rows=done_now)
+    manifest.patches_per_second = round(done_now / seconds, 3) if seconds > 0 else None
+    if manifest.scored_rows + manifest.quarantined_rows != input_rows:
+        raise RuntimeError(
+            f"row accounting failed: {input_rows} input rows, {manifest.scored_rows} scored, "
+            f"{manifest.quarantined_rows} quarantined"
+        )
+    manifest.status, manifest.finished_at = "succeeded", now()
+    manifest.save(run.out)
+
+
+def _heatmap_geometry(prep: Preflight):
     from anogan_batch.job.heatmaps import HeatmapGeometry
 
-    doc = read_model_json(cfg.model_dir)
-    patch, norm = doc["patch"], doc.get("normalisation", {})
-    return HeatmapGeometry(patch["size"], patch["channels"], norm.get("pixel_dtype", "uint8"))
+    config = prep.card.config
+    return HeatmapGeometry(config.image_size, config.channels, config.pixel_dtype)
 
 
 def _execute(
-    cfg: ScoreJobConfig,
-    res: Resources,
-    manifest: JobManifest,
-    model_id: str,
-    todo: int,
-    columns: tuple[str, ...],
+    cfg: ScoreJobConfig, res: Resources, manifest: JobManifest, prep: Preflight, todo: int
 ) -> None:
     from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig
 
+    from anogan_batch.job.progress import Progress
+
     ctx = DataContext.get_current()
-    fs, _ = storage.filesystem_for(storage.join(cfg.out, CHECKPOINT_DIR))
+    checkpoint = JobLayout(cfg.out).checkpoint
+    fs, _ = storage.filesystem_for(checkpoint)
+    previous = ctx.checkpoint_config
     ctx.checkpoint_config = CheckpointConfig(
         id_column="patch_id",
-        checkpoint_path=storage.join(cfg.out, CHECKPOINT_DIR),
+        checkpoint_path=checkpoint,
         override_filesystem=fs,
         # job.json, not Ray, decides when a job is over: a checkpoint deleted before
         # job.json says "succeeded" would make a rerun score everything again.
         delete_checkpoint_on_success=False,
     )
     try:
-        with _Progress(todo, cfg.progress) as progress:
+        with Progress(todo, cfg.progress) as progress:
             ds = build_pipeline(
-                cfg, res, manifest.job_id, model_id, columns, progress=progress.actor
+                cfg, res, manifest.job_id, prep.card, prep.columns, progress=progress.actor
             )
             ds.write_datasink(
-                make_sink(cfg.out, _rows_per_file(cfg)),
+                make_sink(cfg.out, _rows_per_file(cfg, prep)),
                 ray_remote_args={"num_cpus": IO_CPUS},
             )
             # memory and busy time for the bench (flat memory, job overhead) and for capacity
             # planning: busy / (score seconds x actors) is how well the actors were fed
             manifest.runs[-1].update(progress.telemetry())
     finally:
-        ctx.checkpoint_config = None
+        ctx.checkpoint_config = previous
 
 
-def _rows_per_file(cfg: ScoreJobConfig) -> int:
+def _rows_per_file(cfg: ScoreJobConfig, prep: Preflight) -> int:
     """Rows per output file for --target-file-mb (of uncompressed row bytes)."""
-    from anogan_batch.core.modeldir import read_model_json
-
-    arch = read_model_json(cfg.model_dir)["architecture"]
-    row_bytes = arch["image_size"] ** 2 * arch["channels"] * 4 + arch["latent_dim"] * 4 + 256
+    c = prep.card.config
+    row_bytes = c.image_size**2 * c.channels * 4 + c.latent_dim * 4 + 256
     return max(1, int(cfg.target_file_mb * 2**20 / row_bytes))

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from anogan_batch.core.search import SearchConfig
+from anogan_batch.core.configs import SearchConfig
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from anogan_batch.core.modeldir import LoadedModel
+    from anogan_batch.core.modeldir import LoadedModel, ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -156,22 +156,25 @@ class PatchScorer:
 
     def __init__(
         self,
-        model_dir: str,
+        model: str | ModelCard,
         search: SearchConfig,
         job_id: str,
-        model_id: str | None = None,
         device: str | None = None,
         threads: int | None = None,
         progress=None,
     ) -> None:
+        """`model`: a MODEL_DIR, or the job's ModelCard (model.json already read and checked
+        by the driver; the weights are checked against its model_id as they load)."""
         import torch
 
-        from anogan_batch.core.modeldir import load_model
+        from anogan_batch.core.modeldir import ModelCard, load_model
 
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
-        self.model = load_model(model_dir, expect_model_id=model_id).to(self.device)
+        card = model if isinstance(model, ModelCard) else None
+        loaded = load_model(card.model_dir if card else str(model), card=card)
+        self.model = loaded.for_scoring(self.device)
         self.search = search
         self.job_id = job_id
         self.progress = progress  # optional Ray actor counting rows done, for the driver's bar

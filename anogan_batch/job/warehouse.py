@@ -18,10 +18,16 @@ import os
 
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
+from anogan_batch.job.configs import TABLE_FORMATS
+from anogan_batch.job.layout import PARTITION_COLUMN, JobLayout
 
-TABLE_FORMATS = ("parquet", "delta")
 # table -> hive partition columns of its directory layout
-TABLES = {"patch_scores": ("job_id",), "scan_scores": (), "quarantine": (), "heatmaps": ()}
+TABLES = {
+    JobLayout.PATCH_SCORES: (PARTITION_COLUMN,),
+    JobLayout.SCAN_SCORES: (),
+    JobLayout.QUARANTINE: (),
+    JobLayout.HEATMAPS: (),
+}
 
 
 def publish(out: str, table_format: str) -> dict[str, str]:

@@ -1,0 +1,113 @@
+"""The typed configs of the two Ray jobs, `ingest` and `score`: the one owner of their
+defaults (the CLI, the Python API, the bench and the demo take them from here).
+
+Light on purpose (no torch, numpy, pyarrow or Ray): the CLI reads these defaults for `--help`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from anogan_batch.config import check_choice, check_float, check_int
+from anogan_batch.core.configs import SearchConfig
+from anogan_batch.errors import ConfigError
+
+if TYPE_CHECKING:
+    from anogan_batch.io.readers import ReadOptions
+
+TABLE_FORMATS = ("parquet", "delta")  # how `score` leaves its tables (job/warehouse.py)
+
+ENGINES = ("auto", "local", "ray")
+AUTO_RAY_FILES = 256  # `auto` uses Ray above this many files (or when RAY_ADDRESS is set)
+# Values decoded from one file at most (all its slices): 512 CT slices of 512 x 512. Sizes come
+# from headers that anyone can write, so they are checked before anything is allocated.
+MAX_PIXELS = 2**27
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    patch_size: int
+    stride: int | None = None  # None: the patch size (non-overlapping grid)
+    label_from_parent: bool = False
+    rows_per_file: int = 50_000  # target rows per output Parquet file
+    slice_axis: int = 0
+    window: tuple[float, float] | None = None  # (center, width), source units
+    min_foreground: float = 0.0  # skip patches with less Otsu foreground than this
+    engine: str = "auto"
+    max_pixels: int = MAX_PIXELS  # per file: a larger one is refused before it is decoded
+
+    def __post_init__(self) -> None:
+        check_int("patch_size", self.patch_size, min_value=4)
+        if self.stride is not None:
+            check_int("stride", self.stride, min_value=1)
+        check_int("rows_per_file", self.rows_per_file, min_value=1)
+        check_choice("slice_axis", self.slice_axis, (-3, -2, -1, 0, 1, 2))
+        check_float("min_foreground", self.min_foreground, low=0.0, high=1.0)
+        check_choice("engine", self.engine, ENGINES)
+        check_int("max_pixels", self.max_pixels, min_value=1)
+        if self.window is not None:
+            check_float("window center", self.window[0])
+            check_float("window width", self.window[1], low=0.0, low_open=True)
+
+    @property
+    def step(self) -> int:
+        return self.stride or self.patch_size
+
+    @property
+    def read_options(self) -> ReadOptions:
+        from anogan_batch.io.readers import ReadOptions
+
+        return ReadOptions(
+            slice_axis=self.slice_axis, window=self.window, max_pixels=self.max_pixels
+        )
+
+    @property
+    def max_file_bytes(self) -> int:
+        """Largest file read: its pixels as float64 plus room for headers and metadata."""
+        return 8 * self.max_pixels + 2**24
+
+
+# a job id names a partition folder (patch_scores/job_id=<id>), so it is a safe file name
+JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class ScoreJobConfig:
+    """Everything `anogan-batch score` takes. Defaults follow the paper and the local machine."""
+
+    model_dir: str
+    patches: str
+    out: str
+    search: SearchConfig = field(default_factory=SearchConfig)
+    batch_size: int = 64
+    actors: tuple[int, int] | None = None  # (min, max) pool size; None: one per node / GPU
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float | None = None  # None: derived from the cluster (see plan_resources)
+    job_id: str | None = None
+    threshold: float | None = None  # counts patches above it in scan_scores
+    target_file_mb: float = 128.0  # approximate size of each output Parquet file
+    device: str | None = None  # None: CUDA when the actor has a GPU, else CPU
+    progress: bool = True
+    heatmaps: bool = True  # stitch per-scan heatmaps and PNG overlays after scoring
+    table_format: str = "parquet"  # or "delta": the output tables committed as Delta Lake
+
+    def __post_init__(self) -> None:
+        check_int("batch_size", self.batch_size, min_value=1)
+        if self.actors is not None:
+            lo, hi = self.actors
+            check_int("actors", lo, min_value=1)
+            check_int("actors", hi, min_value=lo)
+        if self.gpus_per_actor is not None:
+            check_float("gpus_per_actor", self.gpus_per_actor, low=0.0)
+        if self.cpus_per_actor is not None:
+            check_float("cpus_per_actor", self.cpus_per_actor, low=0.0, low_open=True)
+        if self.threshold is not None:
+            check_float("threshold", self.threshold)
+        check_float("target_file_mb", self.target_file_mb, low=0.0, low_open=True)
+        if self.job_id is not None and not JOB_ID.fullmatch(self.job_id):
+            raise ConfigError(
+                "job_id", self.job_id, "use 1-128 letters, digits, '.', '_' or '-', not first '.'"
+            )
+        check_choice("table_format", self.table_format, TABLE_FORMATS)
