@@ -22,10 +22,16 @@ def test_a_detector_scores_like_the_job(tmp_path, tiny_model, sample, ray_local)
     ids = [f"digit-{i}" for i in range(12)]
     table = make_patch_table(tmp_path / "patches", images, ids=ids)
     search = SearchConfig(iterations=8, start="prior")  # the prior start is seeded by patch_id
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = (ctx.enable_progress_bars, ctx.checkpoint_config)
     run_score_job(
         ScoreJobConfig(tiny_model, str(table), str(tmp_path / "job"), search=search,
                        progress=False, heatmaps=False)
     )  # fmt: skip
+    # the process-wide DataContext is the caller's again (a notebook keeps its settings)
+    assert (ctx.enable_progress_bars, ctx.checkpoint_config) == before
     job = pads.dataset(tmp_path / "job" / "patch_scores", partitioning="hive").to_table()
     job = job.sort_by("patch_id").to_pylist()
 

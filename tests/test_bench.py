@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import run_cli
 
 KEYS = {
@@ -34,6 +36,7 @@ KEYS = {
 }
 
 
+@pytest.mark.slow  # four jobs, each its own process and local Ray: over a minute
 def test_quick_bench_writes_every_key(tmp_path):
     out = tmp_path / "bench.json"
     r = run_cli("bench", "--quick", "--json", str(out))

@@ -138,6 +138,12 @@ def ray_head():
             "--block",
             f"--port={port}",
             f"--dashboard-port={dash}",
+            # ports of its own: the suite's local Ray (ray_local) already holds the agent's
+            # default ports, and a head whose agent cannot bind answers "No available agent"
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
             "--include-dashboard=true",
             "--num-cpus=4",
             "--disable-usage-stats",

@@ -20,7 +20,7 @@ from anogan_batch.job.pipeline import recover_pending
 from anogan_batch.job.runner import run_score_job
 from tests.conftest import make_patch_table
 
-ITER = 20
+ITER = 10
 
 
 def written_files(out) -> list:

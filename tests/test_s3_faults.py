@@ -21,6 +21,8 @@ from tests.s3_faults import FaultProxy, FaultRates
 
 pytestmark = pytest.mark.s3
 SEARCH = ("--iterations", "5", "--batch-size", "8", "--no-progress")
+SCANS = 12  # scans of the flaky run (one 28x28 patch each)
+ROWS = 96  # patches of the outage run
 
 
 def keys(bucket: str, prefix: str) -> list[str]:
@@ -63,7 +65,7 @@ def test_a_flaky_s3_gives_the_output_of_a_healthy_one(
     from anogan_batch.job.runner import run_score_job
 
     s3 = boto3.client("s3")
-    for i in range(24):
+    for i in range(SCANS):
         key = f"scans/{sample['test_labels'][i]}/{sample['test_index'][i]:05d}.png"
         s3.put_object(Bucket=bucket, Key=key, Body=png_bytes(sample["test_images"][i]))
     root = f"s3://{bucket}"
@@ -74,7 +76,10 @@ def test_a_flaky_s3_gives_the_output_of_a_healthy_one(
                        search=SearchConfig(iterations=5), progress=False)
     )  # fmt: skip
     # the flaky run: the commands as users run them, through the fault proxy
-    proxy = FaultProxy(s3_server, FaultRates(), seed=7).start()
+    # about 1 request in 12 fails or stalls: every kind strikes several times in a job of
+    # ~400 requests, and each costs a backoff, so the rates stay low to keep the test short
+    rates = FaultRates(slow_down=0.04, internal=0.02, reset=0.02, delay=0.05)
+    proxy = FaultProxy(s3_server, rates, seed=7).start()
     env = {"AWS_ENDPOINT_URL_S3": proxy.url}
     r = run_cli("ingest", f"{root}/scans", f"{root}/flaky/patches", "--patch-size", "28",
                 "--label-from-parent", env=env)  # fmt: skip
@@ -88,19 +93,19 @@ def test_a_flaky_s3_gives_the_output_of_a_healthy_one(
     clean, flaky = runs["clean"], runs["flaky"]
     want = read(clean.patch_scores, "patch_id")
     got = read(flaky.patch_scores, "patch_id")
-    assert len({r["patch_id"] for r in got}) == len(got) == 24  # nothing lost, nothing twice
+    assert len({r["patch_id"] for r in got}) == len(got) == SCANS  # nothing lost, nothing twice
     assert_same_rows(got, want, "patch_scores")
     assert_same_rows(read(flaky.heatmaps, "scan_id"), read(clean.heatmaps, "scan_id"), "heatmaps")
     assert_same_rows(read(flaky.scan_scores, "scan_id"), read(clean.scan_scores, "scan_id"), "s")
     for layout in (clean, flaky):
         prefix = layout.overlays.removeprefix(root + "/") + "/"
         overlays = {k.rsplit("/", 1)[1] for k in keys(bucket, prefix)}
-        assert len(overlays) == 24
+        assert len(overlays) == SCANS
     assert {k.rsplit("/", 1)[1] for k in keys(bucket, "flaky/job/overlays/")} == {
         k.rsplit("/", 1)[1] for k in keys(bucket, "clean/job/overlays/")
     }
     job = storage.read_json(flaky.manifest)
-    assert job["status"] == "succeeded" and job["input_rows"] == job["scored_rows"] == 24
+    assert job["status"] == "succeeded" and job["input_rows"] == job["scored_rows"] == SCANS
     assert keys(bucket, "flaky/job/patch_scores/_delta_log/")
 
 
@@ -108,7 +113,7 @@ def test_s3_gone_for_good_fails_clearly_and_a_rerun_resumes(bucket, s3_server, s
     from anogan_batch.io.tables import write_patch_table
 
     root = f"s3://{bucket}"
-    write_patch_table(f"{root}/patches", sample["test_images"][:160], files=4)
+    write_patch_table(f"{root}/patches", sample["test_images"][:ROWS], files=4)
     proxy = FaultProxy(s3_server, FaultRates(0, 0, 0, 0)).start()
     port = proxy.server.server_address[1]
     env = {"AWS_ENDPOINT_URL_S3": proxy.url, "ANOGAN_S3_MAX_ATTEMPTS": "2"}
@@ -137,7 +142,7 @@ def test_s3_gone_for_good_fails_clearly_and_a_rerun_resumes(bucket, s3_server, s
     job = json.loads(
         boto3.client("s3").get_object(Bucket=bucket, Key="job/job.json")["Body"].read()
     )
-    assert job["status"] == "succeeded" and job["input_rows"] == job["scored_rows"] == 160
-    assert job["runs"][-1]["rows"] < 160  # resumed: rows written before the outage stayed
+    assert job["status"] == "succeeded" and job["input_rows"] == job["scored_rows"] == ROWS
+    assert job["runs"][-1]["rows"] < ROWS  # resumed: rows written before the outage stayed
     ids = [r["patch_id"] for r in read(JobLayout(f"{root}/job").patch_scores, "patch_id")]
-    assert len(ids) == len(set(ids)) == 160
+    assert len(ids) == len(set(ids)) == ROWS

@@ -53,7 +53,6 @@ class SearchResult:
     discrimination_score: np.ndarray  # (B,) float64, Σ|f(x) - f(G(z))| over D's feature layer
     residual_map: np.ndarray  # (B, C, S, S) float32, |x - G(z)|; sums to residual_score
     z: np.ndarray  # (B, latent) float32, the final latent
-    generated: np.ndarray  # (B, C, S, S) float32, G(z) in model space
     steps: np.ndarray  # (B,) int32, search steps taken (G evaluations = steps + 1)
 
 
@@ -149,7 +148,6 @@ def latent_search(
         discrimination_score=discrimination.cpu().numpy(),
         residual_map=residual_map.float().cpu().numpy(),
         z=z.detach().cpu().numpy(),
-        generated=gz.float().cpu().numpy(),
         steps=steps.cpu().numpy().astype(np.int32),
     )
 

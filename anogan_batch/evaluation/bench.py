@@ -96,9 +96,8 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
     iterations = 5 if quick else 100
     batch = 16 if quick else 64
     n_loop = 2 if quick else 4
-    # the job's fixed start-up (actor start, model load, pipeline start: ~7 s on 2 cores) is
-    # paid once per job; 8 batches of the Γ = 100 search (~160 s) or 32 of score's default
-    # search (~70 s) amortise it as a real archive would, more than fully
+    # the job's fixed start-up (actor start, model load, pipeline start) is paid once per job:
+    # enough batches amortise it as a real archive would (docs/performance.md)
     n_job, n_job_default = (32, 32) if quick else (512, 2048)
     cfg, g, d, _ = _bench_model(size, width)
     # G and D as a scorer holds them (BatchNorm folded, channels_last); g itself stays

@@ -5,7 +5,7 @@ digit-c images of our training split; score a stratified sample of the held-out 
 digits, c normal, the rest anomalous) with the product's batched latent search; report AUROC
 and AUPRC. The split is `datasets.one_class_split(seed=0)`: 80 % of each digit to train, 20 %
 held out, from the MNIST training set (the only MNIST data this project has; the official test
-set is not used, so the figures are on our own held-out split, as the issue asks).
+set is not used, so the figures are on our own held-out split, never on data tuned on).
 
 Writes OUT/quality.json and OUT/quality.md (a per-class table next to the published AnoGAN
 numbers) and prints the table.

@@ -34,7 +34,6 @@ PATCH_SCHEMA = pa.schema(
     ]
 )
 REQUIRED_COLUMNS = ("patch_id", "scan_id", "x", "y", "image")
-SHAPE_COLUMNS = ("height", "width", "channels", "dtype")
 DTYPES = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
 
 

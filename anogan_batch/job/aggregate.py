@@ -34,8 +34,7 @@ SUMMARY_COLUMNS = (
 # what each input contributes to the shuffle ("kind" tells them apart)
 SCORE, IMAGE, SIZE = "score", "image", "size"
 # Jobs up to these sizes are grouped in the driver: its memory holds about twice the bytes,
-# and its one core spends ~0.1 ms per scan (so at most ~5 s), where the shuffle's start-up
-# alone takes 7-20 s on any cluster.
+# and one core groups them faster than a Ray shuffle starts (docs/performance.md).
 LOCAL_BYTES = 128 * 2**20
 LOCAL_ROWS = 50_000
 

@@ -36,7 +36,7 @@ from anogan_batch.io import storage
 HEAT_FLOOR = 0.1  # smoothed residual per pixel below which nothing is drawn
 HEAT_SCALE = 0.35  # smoothed residual shown at full colour (model space spans 0..2)
 # Largest scan (height x width) that gets a heatmap: its stitching holds a few float64 copies
-# of it, about 1 GiB at this size.
+# of it, so this bounds the memory one scan may ask for.
 MAX_HEATMAP_PIXELS = 2**25
 MAP_COLUMNS = (
     "height", "width", "heatmap", "max_heat", "mean_heat", "overlay", "heatmap_skipped",

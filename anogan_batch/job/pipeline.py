@@ -47,8 +47,8 @@ class Resources:
 
 
 IO_RESERVE_CPUS = 2.0  # per node, left to reads, writes and Ray Data's checkpoint filter actor
-# Sizing estimate for CPU actors: an actor scoring the default 64x64 model at batch 64 peaks
-# at 0.8 GiB RSS (torch, Ray Data and the search's activations; `anogan-batch bench`).
+# Sizing estimate for CPU actors: above the peak RSS `anogan-batch bench` measures for an
+# actor scoring the default 64x64 model at batch 64 (docs/performance.md).
 ACTOR_MEMORY_BYTES = 2**30
 
 
@@ -61,7 +61,7 @@ def plan_resources(
     """Actor pool sizing. GPU clusters: one actor per `gpus_per_actor` GPUs. CPU clusters: every
     core but two per node (left to the I/O tasks) scores, one single-threaded actor per core,
     or fewer actors with more threads each where the node's memory cannot hold one per core:
-    on 2 cores, two 1-thread actors score 7-20 % more patches/s than one 2-thread actor
+    one-thread actors score more patches/s than fewer multi-thread ones
     (docs/performance.md). Explicit flags always win; `--actors K` alone splits each node's
     cores between its share of the K actors. A pool never outnumbers the job's batches
     (`todo_rows`): an actor without a batch would only cost its start-up."""
