@@ -31,6 +31,7 @@ class Scores(NamedTuple):
     discrimination_score: np.ndarray  # (N,) float64, Σ|f(x) - f(G(z))|
     residual_map: np.ndarray  # (N, S, S, C) float32, |x - G(z)|; NaN where not scored
     reason: list[str | None]  # why a patch was not scored (as in the job's quarantine)
+    p_value: np.ndarray  # (N,) conformal p-value; NaN without a calibration for the search
 
 
 class Detector:
@@ -47,6 +48,7 @@ class Detector:
             search or SearchConfig(), has_encoder=model.encoder is not None
         )
         self.device = pick_device(device)
+        self.model_dir: str | None = None  # where it was loaded from (its calibrations)
         self._scoring: LoadedModel | None = None  # folded copy on the device, made once
 
     @classmethod
@@ -56,7 +58,17 @@ class Detector:
         """The model `anogan-batch train` (or `Detector.save`) wrote to MODEL_DIR."""
         from anogan_batch.core.modeldir import load_model
 
-        return cls(load_model(model_dir), search, device)
+        detector = cls(load_model(model_dir), search, device)
+        detector.model_dir = model_dir
+        return detector
+
+    def calibration(self) -> np.ndarray | None:
+        """The model's calibration scores for this detector's search (sorted), or None."""
+        from anogan_batch.core.modeldir import read_calibration, read_model_card
+
+        if self.model_dir is None:
+            return None
+        return read_calibration(read_model_card(self.model_dir), self.search)[0]
 
     @classmethod
     def fit(
@@ -107,7 +119,12 @@ class Detector:
         ids = ids if ids is not None else [str(i) for i in range(len(patches))]
         table = patch_table(patches, ids=ids, scan_ids=ids)
         out = score_table(
-            self._scoring_model(), table, self.search, job_id="notebook", device=self.device
+            self._scoring_model(),
+            table,
+            self.search,
+            job_id="notebook",
+            device=self.device,
+            calibration=self.calibration(),
         )
         size, channels = self.model.config.image_size, self.model.config.channels
         maps = np.full((len(ids), size, size, channels), np.nan, np.float32)
@@ -124,6 +141,7 @@ class Detector:
             column("discrimination_score"),
             maps,
             out.column("reason").to_pylist(),
+            column("p_value"),
         )
 
     def decision_function(self, patches: np.ndarray) -> np.ndarray:

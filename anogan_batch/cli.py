@@ -167,10 +167,19 @@ def train(
             "-1 the last (docs/quality.md)",
         ),
     ] = TrainConfig.feature_layer,
+    calibration_fraction: Annotated[
+        float,
+        typer.Option(
+            "--calibration-fraction",
+            help="share of the normal scans held out of training and scored for calibrated "
+            "p-values (whole scans; 0: none; docs/calibration.md)",
+        ),
+    ] = TrainConfig.calibration_fraction,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
-    """Train the GAN on normal patches (only rows whose label is L when given)."""
+    """Train the GAN on normal patches (only rows whose label is L when given), then score
+    the held-out normal scans as the model's calibration."""
     from anogan_batch.core.configs import TrainConfig
     from anogan_batch.core.training import train_gan
 
@@ -190,10 +199,41 @@ def train(
         g_ema=g_ema,
         input_norm=input_norm,
         feature_layer=feature_layer,
+        calibration_fraction=calibration_fraction,
         device=device,
     )
     model_id = train_gan(patches, model_dir, cfg, progress=progress)
     _echo(f"model {model_id} written to {model_dir}")
+
+
+@app.command()
+def calibrate(
+    model_dir: _path("MODEL_DIR", "trained model to (re)calibrate"),
+    patches: _path("PATCHES", "patch table of this site's normal patches"),
+    normal_label: Annotated[
+        str | None, typer.Option("--normal-label", help="use only rows with this label")
+    ] = None,
+    iterations: Annotated[
+        int | None, typer.Option(help="Γ of the search to calibrate [default: score's]")
+    ] = None,
+    lam: Annotated[float, typer.Option("--lambda", help="λ of that search")] = SearchConfig.lam,
+    lr: Annotated[float | None, typer.Option(help="its step size [default: score's]")] = None,
+    seed: Annotated[int, typer.Option(help="its seed")] = SearchConfig.seed,
+    start: Annotated[
+        str, typer.Option(help="its start: auto, encoder, prior")
+    ] = SearchConfig.start,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ...; default auto")] = None,
+) -> None:
+    """Score a site's normal patches and store them as the model's calibration for one
+    search (score's default unless flags say otherwise): the weights and model_id stay."""
+    from anogan_batch.core.training import calibrate as run_calibrate
+
+    search = SearchConfig(iterations=iterations, lam=lam, lr=lr, seed=seed, start=start)
+    r = run_calibrate(model_dir, patches, normal_label=normal_label, search=search, device=device)
+    _echo(
+        f"calibration {r['calibration_id']} of model {model_dir}: {r['n']} normal patches "
+        f"for search {r['search_key']}"
+    )
 
 
 def parse_actors(value: str | None) -> tuple[int, int] | None:
@@ -281,6 +321,20 @@ def score(
         ),
     ] = SearchConfig.start,
     threshold: Annotated[float | None, typer.Option(help="count patches above it per scan")] = None,
+    fpr: Annotated[
+        float | None,
+        typer.Option(
+            help="flag patches with p_value <= FPR: the false-positive rate on normal "
+            "patches (needs a calibrated model)"
+        ),
+    ] = None,
+    fdr: Annotated[
+        float | None,
+        typer.Option(
+            help="flag scans by Benjamini-Hochberg: expected share of normal scans "
+            "among the flagged <= FDR (needs a calibrated model)"
+        ),
+    ] = None,
     target_file_mb: Annotated[
         float, typer.Option("--target-file-mb")
     ] = ScoreJobConfig.target_file_mb,
@@ -320,6 +374,8 @@ def score(
         cpus_per_actor=cpus_per_actor,
         job_id=job_id,
         threshold=threshold,
+        fpr=fpr,
+        fdr=fdr,
         target_file_mb=target_file_mb,
         device=device,
         progress=progress,

@@ -147,6 +147,9 @@ class TrainConfig:
     kappa: float = 1.0  # κ, weight of the D-feature term in the encoder's loss
     input_norm: str = ModelConfig.input_norm  # how pixels become model input (model_input)
     feature_layer: int = ModelConfig.feature_layer  # D block whose output is the search's f
+    # share of the normal scans held out of training and scored for calibrated p-values
+    # (core/calibration.py); whole scans, so a scan's patches stay on one side; 0: none
+    calibration_fraction: float = 0.1
     device: str | None = None  # None: CUDA when present, else CPU
 
     def __post_init__(self) -> None:
@@ -160,5 +163,6 @@ class TrainConfig:
         check_float("kappa", self.kappa, low=0.0)
         check_choice("input_norm", self.input_norm, INPUT_NORMS)
         check_int("feature_layer", self.feature_layer)  # range: ModelConfig, once S is known
+        check_float("calibration_fraction", self.calibration_fraction, low=0.0, high=0.5)
         if self.max_patches is not None:
             check_int("max_patches", self.max_patches, min_value=1)

@@ -15,8 +15,11 @@ never unpickles: safetensors holds raw tensors, model.json is JSON.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from anogan_batch.config import from_dict
 from anogan_batch.errors import AnoganError, ModelError
@@ -26,7 +29,7 @@ from anogan_batch.io.patches import PatchSpec
 if TYPE_CHECKING:
     import torch
 
-    from anogan_batch.core.configs import ModelConfig
+    from anogan_batch.core.configs import ModelConfig, SearchConfig
     from anogan_batch.core.model import Discriminator, Encoder, Generator
 
 FORMAT = "anogan-batch/model/1"
@@ -331,3 +334,62 @@ def _check_state(module: torch.nn.Module, shapes: dict, path: str, prefix: str) 
                 f"'{path}': tensor {prefix}{k} has shape {tuple(shape)}, the architecture in "
                 f"model.json needs {tuple(expected[k].shape)}"
             )
+
+
+CALIBRATION_DIR = "calibration"  # <search_key>.parquet: the calibration scores of one search
+
+
+def write_calibration(
+    model_dir: str, search: SearchConfig, scores: np.ndarray, data: dict[str, Any]
+) -> str:
+    """Store the anomaly scores of held-out normal patches for `search` (resolved) in MODEL_DIR
+    and record them in model.json (which data, when). The weights and model_id are untouched.
+    -> the calibration_id."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from anogan_batch.core.calibration import search_key
+
+    key = search_key(search)
+    values = np.sort(np.asarray(scores, dtype=np.float64))
+    calibration_id = hashlib.sha256(key.encode() + values.tobytes()).hexdigest()[:16]
+    path = storage.join(model_dir, CALIBRATION_DIR, f"{key}.parquet")
+    fs, inner = storage.filesystem_for(path)
+    storage.makedirs(storage.join(model_dir, CALIBRATION_DIR))
+    with fs.open_output_stream(inner) as f:
+        pq.write_table(pa.table({"anomaly_score": values}), f)
+    doc = read_model_json(model_dir)
+    doc.setdefault("calibration", {})[key] = {
+        "calibration_id": calibration_id,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "n": len(values),
+        "search": asdict(search),
+        "file": f"{CALIBRATION_DIR}/{key}.parquet",
+        "data": data,
+    }
+    storage.write_json(storage.join(model_dir, MODEL_JSON), doc)
+    return calibration_id
+
+
+def read_calibration(card: ModelCard, search: SearchConfig) -> tuple[np.ndarray | None, dict]:
+    """(sorted calibration scores, their record) for `search`, or (None, {"missing": why})."""
+    import pyarrow.parquet as pq
+
+    from anogan_batch.core.calibration import search_key
+
+    key = search_key(search)
+    records = card.doc.get("calibration") or {}
+    if key not in records:
+        have = ", ".join(f"{r['search'].get('start')}/Γ={r['search'].get('iterations')}"
+                         for r in records.values()) or "none"  # fmt: skip
+        why = (
+            f"the model has no calibration for this search (key {key}; calibrated: {have}); "
+            "run `anogan-batch calibrate` with the same search flags"
+        )
+        return None, {"missing": why, "search_key": key}
+    record = records[key]
+    path = storage.join(card.model_dir, record["file"])
+    fs, inner = storage.filesystem_for(path)
+    with fs.open_input_file(inner) as f:
+        scores = pq.read_table(f).column("anomaly_score").to_numpy()
+    return np.sort(scores), {"search_key": key, **record}

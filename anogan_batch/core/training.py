@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from anogan_batch.core.configs import TrainConfig
+from anogan_batch.core.configs import SearchConfig, TrainConfig
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
 
@@ -33,6 +33,8 @@ class TrainingData:
     dtype: str
     fingerprint: str  # sha256 over (patch_id, image bytes) in patch_id order
     skipped: int  # rows not readable as the first row's shape/dtype
+    patch_ids: list[str] = field(default_factory=list)  # of `pixels`, row for row
+    scan_ids: list[str] = field(default_factory=list)  # (the patch_id where there is none)
 
 
 def load_training_patches(path: str, cfg: TrainConfig) -> TrainingData:
@@ -52,7 +54,7 @@ def load_training_patches(path: str, cfg: TrainConfig) -> TrainingData:
         filt = pads.field("label") == cfg.normal_label
     cols = [
         c
-        for c in ("patch_id", "image", "height", "width", "channels", "dtype")
+        for c in ("patch_id", "scan_id", "image", "height", "width", "channels", "dtype")
         if c in ds.schema.names
     ]
     table = ds.to_table(columns=cols, filter=filt)
@@ -70,9 +72,18 @@ def load_training_patches(path: str, cfg: TrainConfig) -> TrainingData:
         raise InputError(f"patch table '{path}': no readable rows; first problem: {reasons[0]}")
     digest = hashlib.sha256()
     ids = table.column("patch_id").to_pylist()
+    scans = table.column("scan_id").to_pylist() if "scan_id" in table.column_names else ids
     for i in np.flatnonzero(ok):
         digest.update(ids[i].encode() + b"\0" + pixels[i].tobytes())
-    return TrainingData(pixels[ok], spec.dtype, digest.hexdigest(), int((~ok).sum()))
+    kept = np.flatnonzero(ok)
+    return TrainingData(
+        pixels[ok],
+        spec.dtype,
+        digest.hexdigest(),
+        int((~ok).sum()),
+        [ids[i] for i in kept],
+        [scans[i] if scans[i] is not None else ids[i] for i in kept],
+    )
 
 
 def _spec_of_first_row(table, path: str):
@@ -307,7 +318,8 @@ def train_gan(patches: str, model_dir: str, cfg: TrainConfig, *, progress: bool 
     data = load_training_patches(patches, cfg)
     if norm is not None and norm["dtype"] != data.dtype:
         raise InputError(f"patch table '{patches}' records {norm} but holds {data.dtype} pixels")
-    fit = fit_gan(data.pixels, data.dtype, cfg, progress=progress)
+    held_out = calibration_split(data, cfg)
+    fit = fit_gan(data.pixels[~held_out], data.dtype, cfg, progress=progress)
     history = fit.history
     meta = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -322,7 +334,8 @@ def train_gan(patches: str, model_dir: str, cfg: TrainConfig, *, progress: bool 
         },
         "data": {
             "source": patches,
-            "n_patches": len(data.pixels),
+            "n_patches": int((~held_out).sum()),
+            "n_calibration_patches": int(held_out.sum()),
             "skipped_rows": data.skipped,
             "fingerprint_sha256": data.fingerprint,
         },
@@ -341,7 +354,35 @@ def train_gan(patches: str, model_dir: str, cfg: TrainConfig, *, progress: bool 
         model_dir, fit.config, fit.generator, fit.discriminator, meta, encoder=fit.encoder
     )
     _write_artefacts(model_dir, fit.generator, fit.config, history, cfg.seed)
+    if held_out.any():
+        calibrate_arrays(
+            model_dir,
+            data.pixels[held_out],
+            [data.patch_ids[i] for i in np.flatnonzero(held_out)],
+            data={
+                "source": patches,
+                "held_out_by": "train",
+                "fraction": cfg.calibration_fraction,
+                "scans": len({data.scan_ids[i] for i in np.flatnonzero(held_out)}),
+            },
+            device=cfg.device,
+        )
     return model_id
+
+
+def calibration_split(data: TrainingData, cfg: TrainConfig) -> np.ndarray:
+    """True for the patches held out for calibration: whole scans, about
+    `calibration_fraction` of them; none when that leaves fewer than MIN_CALIBRATION patches
+    (too few for a p-value to decide with) or too few to train on."""
+    from anogan_batch.core.calibration import MIN_CALIBRATION, split_by_scan
+
+    none = np.zeros(len(data.pixels), dtype=bool)
+    if cfg.calibration_fraction == 0:
+        return none
+    held_out = split_by_scan(data.scan_ids, cfg.calibration_fraction, cfg.seed)
+    if held_out.sum() < MIN_CALIBRATION or (~held_out).sum() < 2 * cfg.batch_size:
+        return none
+    return held_out
 
 
 def _versions() -> dict[str, Any]:
@@ -378,3 +419,78 @@ def _write_artefacts(model_dir, g, model_cfg, history, seed: int) -> None:
         ylabel="BCE loss",
     )
     storage.write_bytes(storage.join(model_dir, "loss_curve.svg"), svg.encode())
+
+
+def calibrate(
+    model_dir: str,
+    patches: str,
+    *,
+    normal_label: str | None = None,
+    search: SearchConfig | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """(Re)calibrate a trained model on a site's own normal patches (a patch table), without
+    retraining: the weights and model_id stay, the calibration for `search` is replaced."""
+    from datetime import UTC, datetime
+
+    from anogan_batch.core.modeldir import read_model_card
+
+    card = read_model_card(model_dir)
+    data = load_training_patches(patches, TrainConfig(normal_label=normal_label))
+    spec = card.patch_spec
+    if data.pixels.shape[1:] != (spec.size, spec.size, spec.channels) or data.dtype != spec.dtype:
+        raise InputError(
+            f"patch table '{patches}' holds {data.pixels.shape[1:]} {data.dtype} patches; "
+            f"model '{model_dir}' reads {(spec.size, spec.size, spec.channels)} {spec.dtype}"
+        )
+    record = {
+        "source": patches,
+        "normal_label": normal_label,
+        "held_out_by": "calibrate",
+        "fingerprint_sha256": data.fingerprint,
+        "calibrated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    return calibrate_arrays(
+        model_dir, data.pixels, data.patch_ids, data=record, search=search, device=device
+    )
+
+
+def calibrate_arrays(
+    model_dir: str,
+    pixels: np.ndarray,
+    patch_ids: list[str],
+    *,
+    data: dict[str, Any],
+    search: SearchConfig | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Score normal patches (N, S, S, C) with `search` (default: score's default search for
+    this model), the way a job scores them, and store the scores as the model's calibration
+    for that search. -> {calibration_id, n, search_key}."""
+    import torch
+
+    from anogan_batch.core.calibration import MIN_CALIBRATION, search_key
+    from anogan_batch.core.model import model_input
+    from anogan_batch.core.modeldir import load_model, write_calibration
+    from anogan_batch.core.search import latent_search, resolve_search
+
+    if len(pixels) < MIN_CALIBRATION:
+        raise InputError(
+            f"{len(pixels)} normal patches to calibrate with; a calibration needs at least "
+            f"{MIN_CALIBRATION} (the smallest p-value is 1/(n+1))"
+        )
+    model = load_model(model_dir)
+    search = resolve_search(search or SearchConfig(), has_encoder=model.encoder is not None)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.for_scoring(device)
+    scores = []
+    for lo in range(0, len(pixels), batch_size):
+        x = model_input(torch.from_numpy(pixels[lo : lo + batch_size]), model.config).to(device)
+        ids = patch_ids[lo : lo + batch_size]
+        result = latent_search(model.generator, model.discriminator, x, ids, search, model.encoder)
+        scores.append(result.anomaly_score)
+    values = np.concatenate(scores)
+    values = values[np.isfinite(values)]
+    calibration_id = write_calibration(model_dir, search, values, data)
+    return {"calibration_id": calibration_id, "n": len(values), "search_key": search_key(search)}

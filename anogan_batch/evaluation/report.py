@@ -128,9 +128,11 @@ def _model_dir(manifest) -> str:
 
 def write_report(out: str, html_path: str | None = None) -> str:
     """Write the report of job OUT to `html_path` (default OUT/report.html); return the path."""
+    import pyarrow.compute as pc
+
     from anogan_batch.evaluation.evaluate import roc_curve
     from anogan_batch.io.plots import histogram_svg, line_chart_svg
-    from anogan_batch.io.tables import read_columns
+    from anogan_batch.io.tables import read_columns, table_columns
     from anogan_batch.job.manifest import JobManifest
 
     manifest = JobManifest.load(out)
@@ -155,10 +157,13 @@ def write_report(out: str, html_path: str | None = None) -> str:
     groups: dict[str, list[float]] = {}
     for s, lab in zip(scores, labels, strict=True):
         groups.setdefault("(none)" if lab is None else lab, []).append(float(s))
+    decisions = manifest.decisions or {}
+    threshold = decisions.get("patch_score_threshold")
     hist = histogram_svg(
         {k: np.array(v) for k, v in sorted(groups.items())},
         title="anomaly score by label",
         xlabel="anomaly_score",
+        marker=None if threshold is None else (f"p ≤ {decisions['fpr']} (--fpr)", threshold),
     )
     roc = ""
     if metrics.get("normal_label") is not None:
@@ -185,13 +190,15 @@ def write_report(out: str, html_path: str | None = None) -> str:
     scans_html = ""
     scan_dir = layout.scan_scores
     if storage.is_dir(scan_dir) or storage.exists(scan_dir):
-        scans = read_columns(
-            scan_dir, ["scan_id", "n_patches", "max_score", "mean_score", "p95_score", "label"]
-        )
-        scans = scans.sort_by([("max_score", "descending")]).slice(0, 20).to_pylist()
-        scans_html = _table(
-            scans, ["scan_id", "label", "n_patches", "max_score", "mean_score", "p95_score"]
-        )
+        columns = ["scan_id", "label", "n_patches", "max_score", "mean_score", "p95_score"]
+        decided = [c for c in ("p_value", "flagged") if c in table_columns(scan_dir)]
+        scans = read_columns(scan_dir, columns + decided)
+        order = [("max_score", "descending")]
+        if "flagged" in decided:  # flagged scans first (--fdr), then by score
+            scans = scans.append_column("_flag", pc.fill_null(scans.column("flagged"), False))
+            order = [("_flag", "descending"), *order]
+        scans = scans.sort_by(order).slice(0, 20).to_pylist()
+        scans_html = _table(scans, columns + decided)
         scans_html = _overlays(out, [r["scan_id"] for r in scans[:TOP_SCANS]]) + scans_html
     job_rows = [
         {"key": k, "value": v}
@@ -206,6 +213,8 @@ def write_report(out: str, html_path: str | None = None) -> str:
             ("started / finished", f"{manifest.started_at} / {manifest.finished_at}"),
             ("patches per second", manifest.patches_per_second),
             *((f"param {k}", v) for k, v in manifest.params.items()),
+            *((f"decision {k}", v) for k, v in decisions.items()),
+            *((f"drift {k}", v) for k, v in (manifest.drift or {}).items()),
             *((f"metric {k}", v) for k, v in metrics.items() if not isinstance(v, dict)),
             *((f"scan metric {k}", v) for k, v in metrics.get("scan", {}).items()),
         )

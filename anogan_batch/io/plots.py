@@ -106,8 +106,16 @@ def line_chart_svg(
     return "\n".join(parts)
 
 
-def histogram_svg(groups: dict[str, np.ndarray], *, title: str, xlabel: str, bins: int = 40) -> str:
-    """Overlaid step histograms (densities) of several groups, e.g. scores by label."""
+def histogram_svg(
+    groups: dict[str, np.ndarray],
+    *,
+    title: str,
+    xlabel: str,
+    bins: int = 40,
+    marker: tuple[str, float] | None = None,
+) -> str:
+    """Overlaid step histograms (densities) of several groups, e.g. scores by label;
+    `marker` (name, x) draws a vertical line, e.g. a decision threshold."""
     values = [np.asarray(v, dtype=np.float64) for v in groups.values() if len(v)]
     if not values:
         return line_chart_svg({}, title=title, xlabel=xlabel, ylabel="density")
@@ -122,4 +130,7 @@ def histogram_svg(groups: dict[str, np.ndarray], *, title: str, xlabel: str, bin
         xs = np.repeat(edges, 2)[1:-1]
         ys = np.repeat(counts, 2)
         series[f"{name} (n={len(v)})"] = (xs.tolist(), ys.tolist())
+    if marker is not None and series:
+        top = max(max(ys) for _, ys in series.values())
+        series[marker[0]] = ([marker[1], marker[1]], [0.0, top])
     return line_chart_svg(series, title=title, xlabel=xlabel, ylabel="density")

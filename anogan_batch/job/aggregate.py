@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from anogan_batch.config import PIXEL_MAX
+from anogan_batch.core.calibration import bonferroni
 from anogan_batch.io import storage
 from anogan_batch.io.patches import DTYPES
 from anogan_batch.job.heatmaps import MAP_COLUMNS, HeatmapGeometry, render_scan
@@ -29,7 +30,7 @@ from anogan_batch.job.layout import JobLayout
 
 SUMMARY_COLUMNS = (
     "scan_id", "n_patches", "max_score", "mean_score", "p95_score", "min_score", "std_score",
-    "n_above_threshold", "max_patch_id", "max_x", "max_y", "label",
+    "n_above_threshold", "max_patch_id", "max_x", "max_y", "label", "p_value",
 )  # fmt: skip
 # what each input contributes to the shuffle ("kind" tells them apart)
 SCORE, IMAGE, SIZE = "score", "image", "size"
@@ -46,6 +47,7 @@ def scan_summary(group: dict[str, np.ndarray], threshold: float | None) -> dict[
     labels = {v for v in group["label"].tolist() if v is not None}
     label = labels.pop() if len(labels) == 1 else ("mixed" if labels else None)
     above = None if threshold is None else int((scores > threshold).sum())
+    p_value = _scan_p_value(group.get("p_value"))
     return {
         "scan_id": [group["scan_id"][0]],
         "n_patches": np.array([len(scores)], dtype=np.int64),
@@ -59,7 +61,18 @@ def scan_summary(group: dict[str, np.ndarray], threshold: float | None) -> dict[
         "max_x": np.array([group["x"][top]], dtype=np.int32),
         "max_y": np.array([group["y"][top]], dtype=np.int32),
         "label": [label],
+        "p_value": [p_value],
     }
+
+
+def _scan_p_value(p_values) -> float | None:
+    """The scan's p-value (Bonferroni over its patches, core/calibration.py), or None when
+    its patches have none (the model has no calibration for the job's search)."""
+    if p_values is None:
+        return None
+    p = np.array([np.nan if v is None else v for v in p_values.tolist()], dtype=np.float64)
+    value = bonferroni(p)
+    return None if np.isnan(value) else value
 
 
 def scan_schema(heatmaps: bool):
@@ -76,6 +89,7 @@ def scan_schema(heatmaps: bool):
         ("max_x", pa.int32()),
         ("max_y", pa.int32()),
         ("label", pa.string()),
+        ("p_value", pa.float64()),
     ]
     maps = [
         ("height", pa.int32()),
@@ -106,6 +120,7 @@ def _union_schema():
             ("anomaly_score", pa.float64()),
             ("patch_id", pa.string()),
             ("label", pa.string()),
+            ("p_value", pa.float64()),
             ("data", pa.binary()),  # residual map (float32) or pixels (of `dtype`)
             ("dtype", pa.string()),
         ]
@@ -123,7 +138,7 @@ def to_union_rows(batch, kind: str):
     else:
         cols |= {"x": batch.column("x"), "y": batch.column("y")}
     if kind == SCORE:
-        for name in ("anomaly_score", "patch_id", "label"):
+        for name in ("anomaly_score", "patch_id", "label", "p_value"):
             if name in batch.column_names:
                 cols[name] = batch.column(name)
         if "residual_map" in batch.column_names:
@@ -276,13 +291,15 @@ def write_scan_tables(
 
 def _inputs(out: str, patches: str, heatmaps: tuple | None) -> list[tuple[str, list[str], str]]:
     """(path, columns, kind) of each table the groupby brings together."""
+    from anogan_batch.io.tables import table_columns
+
     score_cols = ["scan_id", "x", "y", "anomaly_score", "patch_id", "label"]
+    if "p_value" in table_columns(JobLayout(out).patch_scores):
+        score_cols.append("p_value")
     if heatmaps:
         score_cols.append("residual_map")
     inputs = [(JobLayout(out).patch_scores, score_cols, SCORE)]
     if heatmaps:
-        from anogan_batch.io.tables import table_columns
-
         names = table_columns(patches)
         cols = [c for c in ("scan_id", "x", "y", "image", "dtype") if c in names]
         inputs.append((patches, cols, IMAGE))

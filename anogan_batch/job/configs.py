@@ -92,6 +92,10 @@ class ScoreJobConfig:
     progress: bool = True
     heatmaps: bool = True  # stitch per-scan heatmaps and PNG overlays after scoring
     table_format: str = "parquet"  # or "delta": the output tables committed as Delta Lake
+    # calibrated decisions (core/calibration.py): patches flagged at p_value <= fpr (the
+    # false-positive rate on normal patches), scans by Benjamini-Hochberg at FDR fdr
+    fpr: float | None = None
+    fdr: float | None = None
 
     def __post_init__(self) -> None:
         check_int("batch_size", self.batch_size, min_value=1)
@@ -105,6 +109,9 @@ class ScoreJobConfig:
             check_float("cpus_per_actor", self.cpus_per_actor, low=0.0, low_open=True)
         if self.threshold is not None:
             check_float("threshold", self.threshold)
+        for name in ("fpr", "fdr"):
+            if getattr(self, name) is not None:
+                check_float(name, getattr(self, name), low=0.0, high=1.0, low_open=True)
         check_float("target_file_mb", self.target_file_mb, low=0.0, low_open=True)
         if self.job_id is not None and not JOB_ID.fullmatch(self.job_id):
             raise ConfigError(

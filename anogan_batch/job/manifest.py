@@ -20,6 +20,8 @@ from anogan_batch.job.layout import JobLayout
 IDENTITY_KEYS = (
     "model_id", "patches", "iterations", "lambda", "lr", "seed",
     "stop_tol", "stop_window", "min_iterations", "precision", "start",
+    # p_value and flagged are written with the patch rows: a rerun must use the same ones
+    "calibration_id", "fpr",
 )  # fmt: skip
 
 
@@ -44,6 +46,9 @@ class JobManifest:
     finished_at: str | None = None
     patches_per_second: float | None = None
     runs: list[dict[str, Any]] = field(default_factory=list)  # one entry per (re)run
+    calibration: dict[str, Any] | None = None  # which calibration gave p_value, or why none
+    decisions: dict[str, Any] | None = None  # --fpr / --fdr and how many were flagged
+    drift: dict[str, Any] | None = None  # the job's p-values against Uniform(0, 1)
     error: str | None = None
 
     @staticmethod

@@ -185,9 +185,11 @@ def build_pipeline(
     card: ModelCard,
     columns: tuple[str, ...],
     progress=None,
+    calibration=None,
 ):
     """read_parquet -> map_batches(PatchScorer) on an actor pool; the caller writes it.
-    `columns`: the patch table's, over all its files (a file without one reads it as null)."""
+    `columns`: the patch table's, over all its files (a file without one reads it as null).
+    `calibration`: the model's calibration scores for the job's search, or None."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -214,6 +216,8 @@ def build_pipeline(
             "device": cfg.device,
             "threads": res.threads,
             "progress": progress,
+            "calibration": calibration,
+            "fpr": cfg.fpr,
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",

@@ -7,6 +7,7 @@
     resume    uncommitted files of a crashed run removed, finished rows counted
     score     the checkpointed pipeline: every unfinished row scored or quarantined, once
     scans     scan_scores (and heatmaps, overlays) rewritten whole from patch_scores
+    decide    scans flagged under --fdr, flag counts and drift in job.json
     publish   the tables committed as Delta, when asked
     account   every input row in patch_scores or quarantine, then `succeeded`
 
@@ -73,6 +74,8 @@ class Preflight(NamedTuple):
     rows: int
     search: SearchConfig  # its start resolved against the model
     columns: tuple[str, ...]  # of the patch table, over all its files
+    calibration: Any  # sorted calibration scores (numpy) for `search`, or None
+    calibration_info: dict[str, Any]  # its record in model.json, or {"missing": why}
 
     @property
     def model_id(self) -> str:
@@ -81,7 +84,7 @@ class Preflight(NamedTuple):
 
 def prepare(cfg: ScoreJobConfig) -> Preflight:
     """Fail fast (exit 2) on a bad model or a table that cannot fit it."""
-    from anogan_batch.core.modeldir import check_weights, read_model_card
+    from anogan_batch.core.modeldir import check_weights, read_calibration, read_model_card
     from anogan_batch.core.search import resolve_search
     from anogan_batch.io.patches import row_problem
     from anogan_batch.io.tables import (
@@ -117,12 +120,15 @@ def prepare(cfg: ScoreJobConfig) -> Preflight:
             f"patch table '{cfg.patches}' does not fit model '{cfg.model_dir}': first row "
             f"{sample.column('patch_id')[0].as_py()!r}: {problem}"
         )
-    return Preflight(card, table.rows, search, table.columns)
+    calibration, info = read_calibration(card, search)
+    return Preflight(card, table.rows, search, table.columns, calibration, info)
 
 
-def identity(cfg: ScoreJobConfig, model_id: str) -> dict[str, Any]:
+def identity(cfg: ScoreJobConfig, prep: Preflight) -> dict[str, Any]:
     return {
-        "model_id": model_id,
+        "model_id": prep.model_id,
+        "calibration_id": prep.calibration_info.get("calibration_id"),
+        "fpr": cfg.fpr,
         "patches": cfg.patches,
         "iterations": cfg.search.iterations,
         "lambda": cfg.search.lam,
@@ -167,6 +173,8 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
             count_outputs(manifest, cfg.out)
             with run.phase("scans_and_heatmaps" if cfg.heatmaps else "scans"):
                 write_scans(cfg, prep, manifest, run)
+            with run.phase("decide"):
+                decide(cfg, prep, manifest)
             if cfg.table_format != "parquet":
                 with run.phase("publish"):
                     run.record["published"] = publish_tables(cfg)
@@ -181,7 +189,7 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
 def open_manifest(cfg: ScoreJobConfig, prep: Preflight) -> JobManifest:
     """job.json for this run: the crashed or failed run's to resume (same job only), the
     succeeded one to report, or a new one; a new job needs an OUT without scores."""
-    ident = identity(cfg, prep.model_id)
+    ident = identity(cfg, prep)
     existing = JobManifest.load(cfg.out)
     if existing is not None:
         check_rerun(existing, ident, cfg.job_id, cfg.out)
@@ -203,10 +211,12 @@ def open_manifest(cfg: ScoreJobConfig, prep: Preflight) -> JobManifest:
                 "model_dir": cfg.model_dir,
                 "batch_size": cfg.batch_size,
                 "threshold": cfg.threshold,
+                "fdr": cfg.fdr,
             },
             input_rows=prep.rows,
         )
     manifest.input_rows = prep.rows
+    manifest.calibration = {k: v for k, v in prep.calibration_info.items() if k != "search"}
     return manifest
 
 
@@ -290,6 +300,32 @@ def write_scans(cfg: ScoreJobConfig, prep: Preflight, manifest: JobManifest, run
     )
 
 
+def decide(cfg: ScoreJobConfig, prep: Preflight, manifest: JobManifest) -> None:
+    """Scans flagged by Benjamini-Hochberg under --fdr (scan_scores rewritten with `flagged`),
+    how many patches --fpr flagged, and the drift of the job's p-values, into job.json."""
+    from anogan_batch.core.calibration import score_threshold
+    from anogan_batch.job.decisions import flag_scans, patch_p_values
+
+    if prep.calibration is None:
+        flag_scans(cfg.out, None)  # the column exists in every job's scan_scores
+        manifest.decisions = {"p_values": False, "why": prep.calibration_info.get("missing")}
+        manifest.drift = None
+        return
+    patches, manifest.drift = patch_p_values(cfg.out, len(prep.calibration))
+    scans = flag_scans(cfg.out, cfg.fdr)
+    manifest.decisions = {
+        "p_values": True,
+        "scan_p_value": "bonferroni",
+        "fpr": cfg.fpr,
+        "patches_flagged": patches if cfg.fpr is not None else None,
+        "patch_score_threshold": (
+            score_threshold(prep.calibration, cfg.fpr) if cfg.fpr is not None else None
+        ),
+        "fdr": cfg.fdr,
+        **scans,
+    }
+
+
 def publish_tables(cfg: ScoreJobConfig) -> dict[str, str]:
     from anogan_batch.job.warehouse import publish
 
@@ -343,7 +379,13 @@ def _execute(
     try:
         with Progress(todo, cfg.progress) as progress:
             ds = build_pipeline(
-                cfg, res, manifest.job_id, prep.card, prep.columns, progress=progress.actor
+                cfg,
+                res,
+                manifest.job_id,
+                prep.card,
+                prep.columns,
+                progress=progress.actor,
+                calibration=prep.calibration,
             )
             ds.write_datasink(
                 make_sink(cfg.out, _rows_per_file(cfg, prep)),

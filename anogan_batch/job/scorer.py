@@ -43,6 +43,8 @@ def output_schema() -> pa.Schema:
             ("residual_map", pa.binary()),  # float32 LE, (height, width, channels)
             ("latent", pa.binary()),  # float32 LE, the final z (latent_dim,)
             ("search_steps", pa.int32()),  # steps the search took (fewer with early stopping)
+            ("p_value", pa.float64()),  # conformal p-value; null without a calibration
+            ("flagged", pa.bool_()),  # p_value <= --fpr; null without --fpr or a calibration
             ("height", pa.int32()),
             ("width", pa.int32()),
             ("channels", pa.int32()),
@@ -69,9 +71,17 @@ def pick_device(requested: str | None = None) -> str:
 
 
 def score_table(
-    model: LoadedModel, table: pa.Table, cfg: SearchConfig, *, job_id: str, device: str
+    model: LoadedModel,
+    table: pa.Table,
+    cfg: SearchConfig,
+    *,
+    job_id: str,
+    device: str,
+    calibration: np.ndarray | None = None,
+    fpr: float | None = None,
 ) -> pa.Table:
-    """Score one batch of patch rows in process; returns rows of `output_schema()`."""
+    """Score one batch of patch rows in process; returns rows of `output_schema()`.
+    `calibration`: the model's calibration scores for `cfg` (p-values; flags under `fpr`)."""
     import pyarrow as pa
     import torch
 
@@ -116,6 +126,7 @@ def score_table(
 
     scored = np.array([r is None for r in reasons], dtype=bool)
     nulls = ~scored
+    p_values, flagged = _decisions(anomaly, nulls, calibration, fpr)
 
     def col(name: str, typ: pa.DataType) -> pa.Array:
         if name in table.column_names:
@@ -140,6 +151,8 @@ def score_table(
                 [z if k else None for z, k in zip(latents, scored, strict=True)], pa.binary()
             ),
             "search_steps": pa.array(steps, pa.int32(), mask=nulls),
+            "p_value": p_values,
+            "flagged": flagged,
             "height": pa.array(np.full(n, s, np.int32), pa.int32()),
             "width": pa.array(np.full(n, s, np.int32), pa.int32()),
             "channels": pa.array(np.full(n, spec.channels, np.int32), pa.int32()),
@@ -149,6 +162,22 @@ def score_table(
         },
         schema=output_schema(),
     )
+
+
+def _decisions(anomaly, nulls, calibration, fpr) -> tuple[pa.Array, pa.Array]:
+    """(p_value, flagged) columns: conformal p-values against the calibration, and p <= fpr."""
+    import pyarrow as pa
+
+    from anogan_batch.core.calibration import conformal_p_values
+
+    n = len(anomaly)
+    if calibration is None:
+        return pa.nulls(n, pa.float64()), pa.nulls(n, pa.bool_())
+    p = conformal_p_values(anomaly, calibration)
+    p_values = pa.array(p, pa.float64(), mask=nulls)
+    if fpr is None:
+        return p_values, pa.nulls(n, pa.bool_())
+    return p_values, pa.array(p <= fpr, pa.bool_(), mask=nulls)
 
 
 class PatchScorer:
@@ -162,6 +191,8 @@ class PatchScorer:
         device: str | None = None,
         threads: int | None = None,
         progress=None,
+        calibration: np.ndarray | None = None,
+        fpr: float | None = None,
     ) -> None:
         """`model`: a MODEL_DIR, or the job's ModelCard (model.json already read and checked
         by the driver; the weights are checked against its model_id as they load)."""
@@ -177,6 +208,7 @@ class PatchScorer:
         self.model = loaded.for_scoring(self.device)
         self.search = search
         self.job_id = job_id
+        self.calibration, self.fpr = calibration, fpr
         self.progress = progress  # optional Ray actor counting rows done, for the driver's bar
         log.info(
             "scorer on pid %d: model %s on %s", os.getpid(), self.model.model_id[:12], self.device
@@ -184,7 +216,15 @@ class PatchScorer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
-        out = score_table(self.model, batch, self.search, job_id=self.job_id, device=self.device)
+        out = score_table(
+            self.model,
+            batch,
+            self.search,
+            job_id=self.job_id,
+            device=self.device,
+            calibration=self.calibration,
+            fpr=self.fpr,
+        )
         if self.progress is not None:
             busy = time.perf_counter() - started
             self.progress.add.remote(out.num_rows, os.getpid(), peak_rss_mb(), busy)
