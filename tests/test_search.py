@@ -137,23 +137,28 @@ def test_written_out_adam_matches_torch_adam(loaded_tiny, batch):
 
     g, d = loaded_tiny.generator, loaded_tiny.discriminator
     x, ids = batch
-    x, ids = x[:6], ids[:6]
-    cfg = SearchConfig(iterations=25, seed=1, lr=0.05)
+    # The search's own memory layout, so both sides run the same convolutions. Few steps: the
+    # two updates round differently in the last bit, and Adam's step is about lr * sign(grad)
+    # for a near-zero gradient, so over many steps one such bit can grow into a visible
+    # difference (seen at step 20 of 25 on one patch). A wrong beta, bias correction or
+    # shared state differs by a good part of lr within the first steps.
+    x, ids = x[:6].contiguous(memory_format=torch.channels_last), ids[:6]
+    cfg = SearchConfig(iterations=10, seed=1, lr=0.05, start="prior")
     z = initial_latents(ids, cfg.seed, g.latent_dim).requires_grad_(True)
     opt = torch.optim.Adam([z], lr=cfg.lr)
     with torch.no_grad():
-        fx = d(x)[1]
+        fx = d.feature(x)
     for _ in range(cfg.iterations):
         opt.zero_grad()
         gz = g(z)
-        r, f = _per_patch_losses(x, fx, gz, d(gz)[1])
+        r, f = _per_patch_losses(x, fx, gz, d.feature(gz))
         ((1 - cfg.lam) * r + cfg.lam * f).sum().backward()
         opt.step()
         with torch.no_grad():
             z.clamp_(-1, 1)
     ours = latent_search(g, d, x, ids, cfg)
-    np.testing.assert_allclose(ours.z, z.detach().numpy(), atol=2e-5)
-    assert (ours.steps == 25).all()
+    np.testing.assert_allclose(ours.z, z.detach().numpy(), atol=1e-5)
+    assert (ours.steps == 10).all()
 
 
 EARLY = SearchConfig(iterations=200, seed=3, stop_tol=0.01, stop_window=5, min_iterations=10)

@@ -6,8 +6,11 @@ specific small columns (eval reads `label` and `anomaly_score`).
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
@@ -127,6 +130,7 @@ def _file_columns(ds: pads.Dataset) -> set[str]:
 # ~100 bytes of memory a row); larger ones by a Ray Data groupby across the cluster.
 ID_CHECK_DRIVER_ROWS = 2_000_000
 SHOWN_IDS = 5
+ID_ROWS_PER_PARTITION = 2_000_000  # ids per hash partition of the Ray check (~100 MB of ids)
 
 
 def check_patch_ids(
@@ -137,7 +141,7 @@ def check_patch_ids(
     bounded at any size: above `driver_rows` the count runs on Ray. -> "driver" or "ray"."""
     where = "driver" if rows <= driver_rows else "ray"
     count = _id_counts_in_driver if where == "driver" else _id_counts_on_ray
-    nulls, repeated, examples = count(path, io_cpus)
+    nulls, repeated, examples = count(path, io_cpus, rows)
     if nulls:
         raise InputError(
             f"patch table '{path}': {nulls:,} row(s) have a null patch_id; every row needs "
@@ -152,7 +156,7 @@ def check_patch_ids(
     return where
 
 
-def _id_counts_in_driver(path: str, io_cpus: float) -> tuple[int, int, list]:
+def _id_counts_in_driver(path: str, io_cpus: float, rows: int) -> tuple[int, int, list]:
     """(null ids, repeated ids, first few repeated (id, count)) by pyarrow in this process."""
     import pyarrow.compute as pc
 
@@ -164,18 +168,20 @@ def _id_counts_in_driver(path: str, io_cpus: float) -> tuple[int, int, list]:
     return nulls, repeated.num_rows, [(r["patch_id"], r["patch_id_count"]) for r in first]
 
 
-def _id_counts_on_ray(path: str, io_cpus: float) -> tuple[int, int, list]:
+def _id_counts_on_ray(path: str, io_cpus: float, rows: int) -> tuple[int, int, list]:
     """The same counts by a Ray Data groupby: each node holds only its share of the ids."""
-    import ray.data
+    from ray.data.expressions import col
 
-    fs, inner = storage.filesystem_for(path)
-    ds = ray.data.read_parquet(
-        inner, filesystem=fs, num_cpus=io_cpus, file_extensions=["parquet", "parq", "pq"]
+    ds = ray_read_parquet(
+        path, num_cpus=io_cpus, file_extensions=["parquet", "parq", "pq"]
     ).select_columns(["patch_id"])
+    # One hash partition (and aggregator actor) per ID_ROWS_PER_PARTITION ids: Ray's default
+    # of 200 starts actors by the dozen for any table, which a small node pays for in seconds.
+    partitions = max(1, -(-rows // ID_ROWS_PER_PARTITION))
     flagged = (
-        ds.groupby("patch_id")
+        ds.groupby("patch_id", num_partitions=partitions)
         .count()
-        .filter(lambda r: r["patch_id"] is None or r["count()"] > 1)
+        .filter(expr=col("patch_id").is_null() | (col("count()") > 1))
         .materialize()
     )
     rows = flagged.take_all() if flagged.count() <= 10_000 else flagged.take(10_000)
@@ -184,6 +190,39 @@ def _id_counts_on_ray(path: str, io_cpus: float) -> tuple[int, int, list]:
     n_repeated = flagged.count() - (1 if nulls else 0)
     first = sorted((r["patch_id"], r["count()"]) for r in repeated)[:SHOWN_IDS]
     return nulls, n_repeated, first
+
+
+# Ray 2.60's Parquet reader reads file footers on this many actors, 32 by default whatever the
+# table: on a small node their start-up costs seconds a read (docs/performance.md). We size
+# the pool to the table (one actor per FOOTERS_PER_ACTOR files) unless the user set it.
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FOOTERS_PER_ACTOR, MAX_FOOTER_ACTORS = 10, 32
+
+
+def ray_read_parquet(path: str, **kwargs: Any) -> Any:
+    """ray.data.read_parquet of the dataset at `path` (local or S3, our filesystem and retry
+    policy), its footer readers sized to the number of files."""
+    import ray.data
+
+    fs, inner = storage.filesystem_for(path)
+    files = len(parquet_files(path)) if storage.is_dir(path) else 1
+    actors = -(-files // FOOTERS_PER_ACTOR)
+    with _env_default(FOOTER_ACTORS_ENV, str(max(1, min(MAX_FOOTER_ACTORS, actors)))):
+        # Ray reads the setting when read_parquet builds the reader, here in this process
+        return ray.data.read_parquet(inner, filesystem=fs, **kwargs)
+
+
+@contextlib.contextmanager
+def _env_default(name: str, value: str) -> Iterator[None]:
+    """os.environ[name] = value for the block, unless it is set already."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def first_rows(ds: pads.Dataset, columns: list[str], n: int = 1) -> pa.Table:

@@ -312,9 +312,10 @@ def _inputs(out: str, patches: str, heatmaps: tuple | None) -> list[tuple[str, l
 def _group_on_ray(inputs, target: str, args: tuple, io_cpus: float) -> None:
     import ray.data
 
+    from anogan_batch.io.tables import ray_read_parquet
+
     def read(path: str, columns: list[str], kind: str) -> ray.data.Dataset:
-        fs, inner = storage.filesystem_for(path)
-        ds = ray.data.read_parquet(inner, filesystem=fs, num_cpus=io_cpus, partitioning=None)
+        ds = ray_read_parquet(path, num_cpus=io_cpus, partitioning=None)
         return ds.select_columns(columns).map_batches(
             to_union_rows, fn_args=(kind,), batch_format="pyarrow", num_cpus=io_cpus
         )

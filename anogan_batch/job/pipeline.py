@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
 from anogan_batch.io.patches import PATCH_SCHEMA
+from anogan_batch.io.tables import ray_read_parquet
 from anogan_batch.job.configs import ScoreJobConfig
 from anogan_batch.job.layout import PARTITION_COLUMN, JobLayout
 from anogan_batch.job.raykit import pending_bases, task_file_base
@@ -190,15 +191,12 @@ def build_pipeline(
     """read_parquet -> map_batches(PatchScorer) on an actor pool; the caller writes it.
     `columns`: the patch table's, over all its files (a file without one reads it as null).
     `calibration`: the model's calibration scores for the job's search, or None."""
-    import ray.data
     from ray.data import ActorPoolStrategy
 
     from anogan_batch.job.scorer import PatchScorer
 
-    fs, inner = storage.filesystem_for(cfg.patches)
-    ds = ray.data.read_parquet(
-        inner,
-        filesystem=fs,
+    ds = ray_read_parquet(
+        cfg.patches,
         columns=[c for c in PATCH_SCHEMA.names if c in columns],
         num_cpus=IO_CPUS,
         file_extensions=["parquet", "parq", "pq"],
