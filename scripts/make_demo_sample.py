@@ -4,8 +4,9 @@
 
 The sample: 4,000 training images of the normal digit (0) from the training half of a seeded
 80/20 per-digit split, and from the held-out half: 300 test images (150 zeros, 150 of the other
-nine digits) and, for the demo's mosaic scans, 400 more zeros (the tissue) and 40 other digits
-(the lesions). Deterministic: rerunning writes the same arrays.
+nine digits), for the demo's mosaic scans 400 more zeros (the tissue) and 40 other digits (the
+lesions), and 500 more zeros that the bundled model's calibration is made of (never trained
+on, never in a scan). Deterministic: rerunning writes the same arrays.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from anogan_batch.evaluation.datasets import load_mnist, one_class_split
 
 NORMAL_DIGIT = 0
 N_TRAIN, N_TEST_NORMAL, N_TEST_ANOMALOUS = 4000, 150, 150
-N_TILES, N_LESIONS = 400, 40
+N_TILES, N_LESIONS, N_CALIBRATION = 400, 40, 500
 OUT = os.path.join(os.path.dirname(__file__), "..", "anogan_batch", "data", "mnist_sample.npz")
 
 
@@ -37,6 +38,8 @@ def main() -> None:
     rest = np.setdiff1d(held_out, test)
     tiles = rng.choice(rest[labels[rest] == NORMAL_DIGIT], N_TILES, replace=False)
     lesions = rng.choice(rest[labels[rest] != NORMAL_DIGIT], N_LESIONS, replace=False)
+    rest = np.setdiff1d(rest, tiles)
+    calibration = np.sort(rng.choice(rest[labels[rest] == NORMAL_DIGIT], N_CALIBRATION, False))
     np.savez_compressed(
         OUT,
         train_images=images[train_normal],
@@ -48,6 +51,9 @@ def main() -> None:
         tile_images=images[tiles],
         lesion_images=images[lesions],
         lesion_labels=labels[lesions],
+        calibration_images=images[calibration],
+        calibration_labels=labels[calibration],
+        calibration_index=calibration.astype(np.int32),
         normal_digit=np.int32(NORMAL_DIGIT),
     )
     print(

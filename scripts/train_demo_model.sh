@@ -12,6 +12,12 @@ anogan-batch ingest "$work/scans" "$work/patches" --patch-size 28 --label-from-p
 rm -rf anogan_batch/data/model
 anogan-batch train "$work/patches" anogan_batch/data/model \
   --normal-label 0 --epochs 20 --g-width 64 --d-width 64 --seed 0 --input-norm none \
-  --feature-layer -1 --no-progress
+  --feature-layer -1 --calibration-fraction 0.0 --no-progress
 # float16 weights: half the bytes in the package (a test bounds the score change)
 python -c "from anogan_batch.core.modeldir import compact_model; compact_model('anogan_batch/data/model')"
+# Calibration on 500 held-out zeros that the model never saw and no demo scan holds (the
+# sample's calibration split): train's own held-out share would come from the 4,000 above.
+python -m anogan_batch.evaluation.demo "$work/calibration_scans" calibration
+anogan-batch ingest "$work/calibration_scans" "$work/calibration_patches" --patch-size 28 \
+  --label-from-parent
+anogan-batch calibrate anogan_batch/data/model "$work/calibration_patches" --normal-label 0

@@ -47,6 +47,7 @@ def test_demo_runs_and_finds_the_lesions(tmp_path, capsys):
     assert metrics["auroc"] >= 0.95 and metrics["scan"]["auroc"] >= 0.8
     out = capsys.readouterr().out
     assert "patch AUROC" in out and "scan  AUROC" in out
+    assert "scans flagged at FDR 0.1" in out  # the bundled calibration gives p-values
     assert len(list((tmp_path / "job" / "overlays").rglob("*.png"))) == 24
 
 
@@ -63,3 +64,20 @@ def test_bundled_model_and_its_retrain_script_follow_train_args():
         recorded = getattr(cfg, key) if hasattr(cfg, key) else training[key]
         assert recorded == value, key
         assert f"--{key.replace('_', '-')} {value}" in flags, key
+
+
+def test_the_bundled_calibration_is_held_out_zeros_for_score_s_default_search():
+    from anogan_batch.core.configs import SearchConfig
+    from anogan_batch.core.modeldir import read_calibration, read_model_card
+    from anogan_batch.core.search import resolve_search
+
+    card = read_model_card(bundled_model_dir())
+    scores, record = read_calibration(card, resolve_search(SearchConfig(), has_encoder=True))
+    assert scores is not None and len(scores) == record["n"] == 500
+    sample = load_sample()
+    held_out = set(sample["calibration_index"].tolist())
+    assert not held_out & set(sample["train_index"].tolist())  # never trained on
+    assert not held_out & set(sample["test_index"].tolist())
+    tiles = {t.tobytes() for t in sample["tile_images"]}  # never in a demo scan
+    assert not any(img.tobytes() in tiles for img in sample["calibration_images"])
+    assert set(sample["calibration_labels"].tolist()) == {0}

@@ -35,7 +35,11 @@ TRAIN_ARGS = {
     "seed": 0,
     "input_norm": "none",
     "feature_layer": -1,
+    # all 4,000 zeros train: the calibration is the sample's own held-out zeros (below)
+    "calibration_fraction": 0.0,
 }
+# The demo's decisions: patches flagged at p <= FPR, scans by Benjamini-Hochberg at FDR
+DEMO_FPR, DEMO_FDR = 0.01, 0.1
 
 
 def data_path(*parts: str) -> str:
@@ -52,7 +56,8 @@ def load_sample() -> dict[str, np.ndarray]:
 
 
 def write_sample_scans(scans: str, *, split: str) -> int:
-    """Write the sample's `split` ('train' or 'test') digits as PNGs in one folder per digit."""
+    """Write the sample's `split` ('train', 'test' or 'calibration') digits as PNGs in one
+    folder per digit."""
     from anogan_batch.io.plots import png_bytes
 
     sample = load_sample()
@@ -97,7 +102,7 @@ def write_mosaic_scans(scans: str, truth: str, *, seed: int = 0) -> tuple[int, i
 def run_demo(out: str, *, train: bool = False, iterations: int | None = None) -> dict:
     """Run the demo into `out` (its sub-folders are replaced) and print where things are."""
     from anogan_batch.core.configs import SearchConfig, TrainConfig
-    from anogan_batch.core.training import train_gan
+    from anogan_batch.core.training import calibrate, train_gan
     from anogan_batch.evaluation.evaluate import evaluate_job
     from anogan_batch.evaluation.report import write_report
     from anogan_batch.job.configs import IngestConfig, ScoreJobConfig
@@ -105,7 +110,9 @@ def run_demo(out: str, *, train: bool = False, iterations: int | None = None) ->
     from anogan_batch.job.runner import run_score_job
 
     out = storage.absolute(out)
-    for sub in ("scans", "truth.csv", "patches", "train_scans", "train_patches", "model", "job"):
+    subs = ("scans", "truth.csv", "patches", "train_scans", "train_patches", "calibration_scans",
+            "calibration_patches", "model", "job")  # fmt: skip
+    for sub in subs:
         storage.delete(storage.join(out, sub))
     started = time.time()
     say = print
@@ -129,6 +136,11 @@ def run_demo(out: str, *, train: bool = False, iterations: int | None = None) ->
             model_dir,
             TrainConfig(normal_label=NORMAL_LABEL, **TRAIN_ARGS),
         )
+        write_sample_scans(storage.join(out, "calibration_scans"), split="calibration")
+        ingest(
+            storage.join(out, "calibration_scans"), storage.join(out, "calibration_patches"), icfg
+        )
+        calibrate(model_dir, storage.join(out, "calibration_patches"), normal_label=NORMAL_LABEL)
     else:
         model_dir = bundled_model_dir()
         say(f"[2/5] using the bundled model in {model_dir} (retrain with --train)")
@@ -143,6 +155,8 @@ def run_demo(out: str, *, train: bool = False, iterations: int | None = None) ->
             patches=storage.join(out, "patches"),
             out=job,
             search=SearchConfig(iterations=iterations),
+            fpr=DEMO_FPR,
+            fdr=DEMO_FDR,
         )
     )
     say("[4/5] evaluating against the lesion truth ...")
@@ -167,7 +181,24 @@ def run_demo(out: str, *, train: bool = False, iterations: int | None = None) ->
             f"scan  AUROC {scan['auroc']:.4f}  AUPRC {scan['auprc']:.4f}  "
             f"({scan['n_normal']} normal, {scan['n_anomalous']} lesion scans)"
         )
+    say(decisions_line(manifest.decisions or {}, job))
     return metrics
+
+
+def decisions_line(decisions: dict, job: str) -> str:
+    """The demo's decisions against its truth (a scan is a lesion scan by its folder)."""
+    if not decisions.get("p_values"):
+        return f"decisions: no p-values ({decisions.get('why')})"
+    from anogan_batch.io.tables import read_columns
+    from anogan_batch.job.layout import JobLayout
+
+    scans = read_columns(JobLayout(job).scan_scores, ["scan_id", "flagged"]).to_pylist()
+    flagged = [r["scan_id"] for r in scans if r["flagged"]]
+    false = sum(not s.startswith("lesion/") for s in flagged)
+    return (
+        f"decisions: {decisions['patches_flagged']} patches flagged at p <= {DEMO_FPR}; "
+        f"{len(flagged)} scans flagged at FDR {DEMO_FDR}, {false} of them normal"
+    )
 
 
 if __name__ == "__main__":  # used by scripts/train_demo_model.sh
