@@ -1,6 +1,7 @@
 """Measure the calibrated decisions on the one-class MNIST protocol (docs/calibration.md).
 
     python scripts/measure_calibration.py [--digits 0-9] [--epochs 5] [--width 32] [--out DIR]
+    python scripts/measure_calibration.py --table DIR/calibration.json   # the tables again
 
 For each digit c: train on the normal digits of our own 80 % split (`train`'s calibration
 holds 10 % of them out, default), score the held-out 20 % (c normal, 2,000 other digits
@@ -30,6 +31,64 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
+
+
+def conformal_range(n: int, m: int, alpha: float, draws: int = 200_000) -> tuple[float, float]:
+    """95 % range of the FPR observed on m normal patches with a calibration of n, when the
+    p-values are exactly as valid as conformal ones are: given the calibration set, a normal
+    patch has p <= alpha with probability Beta(k, n + 1 - k), k = floor(alpha (n + 1)) (the
+    calibration's own luck), then the m test patches add binomial noise. The Wilson interval
+    covers only the second part."""
+    k = int(np.floor(alpha * (n + 1)))
+    if k == 0:
+        return 0.0, 0.0
+    rng = np.random.default_rng(0)
+    rate = rng.binomial(m, rng.beta(k, n + 1 - k, draws)) / m
+    return float(np.quantile(rate, 0.025)), float(np.quantile(rate, 0.975))
+
+
+def markdown(rows: list[dict]) -> str:
+    """The tables of docs/calibration.md from the measured rows."""
+    lines = [
+        "| digit | n cal | n normal | "
+        + " | ".join(f"FPR@{a} (Wilson 95 %) [conformal 95 % range] | TPR@{a}" for a in ALPHAS)
+        + " |"
+    ]
+    lines.append("|---" * (3 + 2 * len(ALPHAS)) + "|")
+    for r in rows:
+        cells = [str(r["digit"]), str(r["n_calibration"]), str(r["n_normal"])]
+        for a in ALPHAS:
+            lo, hi = r[f"fpr@{a}_ci"]
+            clo, chi = conformal_range(r["n_calibration"], r["n_normal"], a)
+            cells.append(f"{r[f'fpr@{a}']:.4f} ({lo:.4f}-{hi:.4f}) [{clo:.4f}-{chi:.4f}]")
+            cells.append(f"{r[f'tpr@{a}']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    cells = [
+        "all",
+        str(sum(r["n_calibration"] for r in rows)),
+        str(sum(r["n_normal"] for r in rows)),
+    ]
+    for a in ALPHAS:
+        k = sum(round(r[f"fpr@{a}"] * r["n_normal"]) for r in rows)
+        m = sum(r["n_normal"] for r in rows)
+        lo, hi = wilson(k, m)
+        cells.append(f"{k / m:.4f} ({lo:.4f}-{hi:.4f})")
+        cells.append(f"{np.mean([r[f'tpr@{a}'] for r in rows]):.3f}")
+    lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| digit | " + " | ".join(f"FDR at Q={q} (power)" for q in QS) + " |",
+        "|---" * (1 + len(QS)) + "|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['digit']} | "
+            + " | ".join(
+                f"{s['fdr']:.3f} ± {s['fdr_se']:.3f} ({s['power']:.2f})" for s in r["scan"]
+            )
+            + " |"
+        )
+    return "\n".join(lines)  # fmt: skip
 
 
 def mosaic_fdr(p_normal, p_anomal, q, rng, scans=200, reps=200, tiles=16) -> dict:
@@ -107,7 +166,12 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--anomalies", type=int, default=2000)
     ap.add_argument("--out", default="/tmp/calibration-measure")
+    ap.add_argument("--table", help="print the tables of a calibration.json and stop")
     args = ap.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            print(markdown(json.load(f)["rows"]))
+        return
     lo, _, hi = args.digits.partition("-")
     digits = range(int(lo), int(hi or lo) + 1)
 
@@ -121,6 +185,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     with open(os.path.join(args.out, "calibration.json"), "w") as f:
         json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    print(markdown(rows))
 
 
 if __name__ == "__main__":
