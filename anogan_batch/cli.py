@@ -18,7 +18,7 @@ import typer
 
 from anogan_batch.core.configs import SearchConfig, TrainConfig
 from anogan_batch.errors import AnoganError, ConfigError, redact
-from anogan_batch.job.configs import AUTO_RAY_FILES, IngestConfig, ScoreJobConfig
+from anogan_batch.job.configs import AUTO_RAY_FILES, IcebergTarget, IngestConfig, ScoreJobConfig
 
 app = typer.Typer(
     name="anogan-batch",
@@ -32,6 +32,22 @@ app = typer.Typer(
 
 def _path(metavar: str, what: str = "local path or s3://bucket/prefix"):
     return Annotated[str, typer.Argument(metavar=metavar, help=what, show_default=False)]
+
+
+# Iceberg options, shared by `score --table-format iceberg` and `publish` (job/iceberg.py)
+_Catalog = Annotated[
+    str,
+    typer.Option(help="pyiceberg catalog name (~/.pyiceberg.yaml or PYICEBERG_CATALOG__* vars)"),
+]
+_Namespace = Annotated[str, typer.Option(help="Iceberg namespace of the tables")]
+_Warehouse = Annotated[
+    str | None,
+    typer.Option(help="zero-configuration catalog: warehouse folder, local or s3://"),
+]
+_CatalogDb = Annotated[
+    str | None,
+    typer.Option("--catalog-db", help="its SQLite file [default: WAREHOUSE/catalog.sqlite]"),
+]
 
 
 def _echo(msg: str) -> None:
@@ -344,8 +360,17 @@ def score(
         bool, typer.Option(help="stitch per-scan heatmaps and PNG overlays after scoring")
     ] = True,
     table_format: Annotated[
-        str, typer.Option("--table-format", help="parquet, or delta (Delta Lake, in place)")
+        str,
+        typer.Option(
+            "--table-format",
+            help="parquet; delta (Delta Lake, in place); iceberg (appended to the catalog's "
+            "long-lived tables, exactly once)",
+        ),
     ] = ScoreJobConfig.table_format,
+    catalog: _Catalog = IcebergTarget.catalog,
+    namespace: _Namespace = IcebergTarget.namespace,
+    warehouse: _Warehouse = None,
+    catalog_db: _CatalogDb = None,
 ) -> None:
     """The distributed scoring job: latent mapping of every patch on Ray actors."""
     from anogan_batch.core.configs import SearchConfig
@@ -381,6 +406,7 @@ def score(
         progress=progress,
         heatmaps=heatmaps,
         table_format=table_format,
+        iceberg=IcebergTarget(catalog, namespace, warehouse, catalog_db),
     )
     m = run_score_job(cfg)
     _echo(
@@ -394,6 +420,23 @@ def score(
             f"no row of '{patches}' could be scored: all {m.quarantined_rows} rows are in "
             f"{out}/quarantine; first reason: {first_quarantine_reason(out)}"
         )
+
+
+@app.command()
+def publish(
+    out: _path("OUT", "a finished job's output folder"),
+    catalog: _Catalog = IcebergTarget.catalog,
+    namespace: _Namespace = IcebergTarget.namespace,
+    warehouse: _Warehouse = None,
+    catalog_db: _CatalogDb = None,
+) -> None:
+    """Append a finished job to the catalog's Iceberg tables (patch_scores, scan_scores,
+    quarantine, jobs); a job already there is not added again."""
+    from anogan_batch.job.iceberg import publish as run_publish
+
+    target = IcebergTarget(catalog, namespace, warehouse, catalog_db)
+    for table, rows in run_publish(out, target).items():
+        _echo(f"{namespace}.{table}: {rows if isinstance(rows, str) else f'{rows} rows appended'}")
 
 
 @app.command("eval")

@@ -17,7 +17,28 @@ from anogan_batch.errors import ConfigError
 if TYPE_CHECKING:
     from anogan_batch.io.readers import ReadOptions
 
-TABLE_FORMATS = ("parquet", "delta")  # how `score` leaves its tables (job/warehouse.py)
+# how `score` leaves its tables: its own Parquet, Delta in place (job/warehouse.py), or appended
+# to long-lived Iceberg tables (job/iceberg.py)
+TABLE_FORMATS = ("parquet", "delta", "iceberg")
+
+
+@dataclass(frozen=True)
+class IcebergTarget:
+    """Where Iceberg publishing writes: a pyiceberg catalog by name and a namespace; for the
+    zero-configuration SQLite catalog (used when pyiceberg has no configuration for the
+    name), the warehouse folder and the SQLite file."""
+
+    catalog: str = "anogan"
+    namespace: str = "anogan"
+    warehouse: str | None = None  # local folder or s3:// prefix
+    catalog_db: str | None = None  # SQLite file; default <warehouse>/catalog.sqlite (local)
+
+    def __post_init__(self) -> None:
+        for name in ("catalog", "namespace"):
+            value = getattr(self, name)
+            if not value or not all(c.isalnum() or c in "_-" for c in value):
+                raise ConfigError(name, value, "use letters, digits, '_' and '-'")
+
 
 ENGINES = ("auto", "local", "ray")
 AUTO_RAY_FILES = 256  # `auto` uses Ray above this many files (or when RAY_ADDRESS is set)
@@ -96,6 +117,7 @@ class ScoreJobConfig:
     # false-positive rate on normal patches), scans by Benjamini-Hochberg at FDR fdr
     fpr: float | None = None
     fdr: float | None = None
+    iceberg: IcebergTarget = field(default_factory=IcebergTarget)  # --table-format iceberg
 
     def __post_init__(self) -> None:
         check_int("batch_size", self.batch_size, min_value=1)

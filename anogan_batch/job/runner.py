@@ -95,6 +95,10 @@ def prepare(cfg: ScoreJobConfig) -> Preflight:
         table_normalisation,
     )
 
+    if cfg.table_format == "iceberg":  # a catalog that cannot be opened fails now, not after
+        from anogan_batch.job.iceberg import load_catalog
+
+        load_catalog(cfg.iceberg)
     card = read_model_card(cfg.model_dir)
     check_weights(card)
     search = resolve_search(cfg.search, has_encoder=card.config.encoder)
@@ -158,6 +162,8 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
     cfg = replace(cfg, search=prep.search)
     manifest = open_manifest(cfg, prep)
     if manifest.status == "succeeded":
+        # a rerun after a crash between the job's end and the warehouse's commit
+        publish_to_iceberg(cfg)
         return manifest
     run = Run(manifest, cfg.out, preflight_s=time.time() - started)
     try:
@@ -175,15 +181,16 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
                 write_scans(cfg, prep, manifest, run)
             with run.phase("decide"):
                 decide(cfg, prep, manifest)
-            if cfg.table_format != "parquet":
+            if cfg.table_format == "delta":
                 with run.phase("publish"):
                     run.record["published"] = publish_tables(cfg)
         account(manifest, run, prep.rows, done_before)
         storage.delete(JobLayout(cfg.out).checkpoint)
-        return manifest
     except BaseException as e:
         run.fail(e)
         raise
+    publish_to_iceberg(cfg)  # only a succeeded job is published
+    return manifest
 
 
 def open_manifest(cfg: ScoreJobConfig, prep: Preflight) -> JobManifest:
@@ -324,6 +331,16 @@ def decide(cfg: ScoreJobConfig, prep: Preflight, manifest: JobManifest) -> None:
         "fdr": cfg.fdr,
         **scans,
     }
+
+
+def publish_to_iceberg(cfg: ScoreJobConfig) -> None:
+    """Append the finished job to the Iceberg tables (exactly once: see job/iceberg.py)."""
+    if cfg.table_format != "iceberg":
+        return
+    from anogan_batch.job.iceberg import publish
+
+    for table, rows in publish(cfg.out, cfg.iceberg).items():
+        log.info("iceberg %s.%s: %s", cfg.iceberg.namespace, table, rows)
 
 
 def publish_tables(cfg: ScoreJobConfig) -> dict[str, str]:

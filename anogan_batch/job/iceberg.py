@@ -1,0 +1,268 @@
+"""Publishing finished jobs into long-lived Apache Iceberg tables (docs/warehouse.md).
+
+Every job appends to the same four tables of one namespace: `patch_scores`, `scan_scores`,
+`quarantine` and `jobs` (one row per job: its lineage). The catalog is any catalog pyiceberg
+supports, configured the pyiceberg way (`~/.pyiceberg.yaml` or `PYICEBERG_CATALOG__<NAME>__*`
+variables) and named by `catalog`; when no such configuration exists, a zero-configuration SQL
+catalog on a local SQLite file with a warehouse folder (local or `s3://`).
+
+Exactly once: each append carries the job's id in its snapshot summary (`anogan.job_id`), and
+a table whose history already holds that id is skipped, so publishing a job again (a rerun
+after a crash between two tables, a second `publish`) adds nothing. Iceberg commits one table
+at a time, so the order is fixed: `patch_scores`, `scan_scores`, `quarantine`, then `jobs`; a
+job is complete in the warehouse once its `jobs` row exists, and readers that must never see
+half a job join on it. A commit that loses a race with another job's is retried on the
+refreshed table. Columns a newer version adds are added to the table schema (old rows read
+null); columns a table has and a job lacks are written as null.
+
+The big payloads stay out of these tables: `residual_map` and `latent` (several KB a patch)
+remain in the job's own Parquet files under `jobs.out`, keyed by `patch_id`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+from anogan_batch.errors import ConfigError, InputError
+from anogan_batch.io import storage
+from anogan_batch.job.configs import IcebergTarget
+from anogan_batch.job.layout import JobLayout
+from anogan_batch.job.manifest import JobManifest
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+JOB_ID_PROPERTY = "anogan.job_id"  # in each append's snapshot summary: the exactly-once key
+# Published in this order; `jobs` last marks the job complete in the warehouse.
+TABLE_ORDER = ("patch_scores", "scan_scores", "quarantine", "jobs")
+# Per patch, several KB: they stay in the job's Parquet files (docs/warehouse.md).
+LEFT_IN_OUT = ("residual_map", "latent")
+COMMIT_ATTEMPTS = 8
+
+
+def load_catalog(target: IcebergTarget) -> Any:
+    """The pyiceberg catalog `target.catalog`: configured, or the zero-configuration one."""
+    try:
+        from pyiceberg.catalog import load_catalog as pyiceberg_load
+        from pyiceberg.utils.config import Config
+    except ImportError:
+        raise InputError(
+            "Iceberg needs the pyiceberg package: pip install 'anogan-batch[warehouse]'"
+        ) from None
+    if Config().get_catalog_config(target.catalog):
+        return pyiceberg_load(target.catalog)
+    if target.warehouse is None:
+        raise ConfigError(
+            "--warehouse",
+            None,
+            f"catalog {target.catalog!r} is not configured for pyiceberg (~/.pyiceberg.yaml or "
+            f"PYICEBERG_CATALOG__{target.catalog.upper()}__URI); give --warehouse for the "
+            "zero-configuration SQLite catalog",
+        )
+    return pyiceberg_load(target.catalog, **_sqlite_properties(target))
+
+
+def _sqlite_properties(target: IcebergTarget) -> dict[str, str]:
+    import os
+
+    from anogan_batch.io.s3 import is_s3, s3_endpoint, s3_region
+
+    warehouse = target.warehouse.rstrip("/")
+    db = target.catalog_db
+    if db is None:
+        if is_s3(warehouse):
+            raise ConfigError("--catalog-db", None, "a local SQLite file for an s3:// warehouse")
+        db = os.path.join(warehouse, "catalog.sqlite")
+    db = os.path.abspath(db)
+    os.makedirs(os.path.dirname(db), exist_ok=True)
+    props = {"type": "sql", "uri": f"sqlite:///{db}", "init_catalog_tables": "true"}
+    if is_s3(warehouse):
+        props["warehouse"] = warehouse
+        props["s3.region"] = s3_region()
+        if s3_endpoint():
+            props["s3.endpoint"] = s3_endpoint()
+    else:
+        os.makedirs(warehouse, exist_ok=True)
+        props["warehouse"] = "file://" + os.path.abspath(warehouse)
+    return props
+
+
+def publish(out: str, target: IcebergTarget) -> dict[str, Any]:
+    """Append the finished job in OUT to the Iceberg tables of `target`, exactly once.
+    -> {table: rows appended, or "already published"}."""
+    manifest = _finished_job(out)
+    catalog = load_catalog(target)
+    catalog.create_namespace_if_not_exists(target.namespace)
+    done: dict[str, Any] = {}
+    for name in TABLE_ORDER:
+        rows = _job_rows(out, manifest, name)
+        if rows is None:
+            continue
+        done[name] = _append_once(catalog, f"{target.namespace}.{name}", rows, manifest.job_id)
+    return done
+
+
+def _finished_job(out: str) -> JobManifest:
+    manifest = JobManifest.load(out)
+    if manifest is None:
+        raise InputError(f"'{out}' holds no job (no job.json)")
+    if manifest.status != "succeeded":
+        raise InputError(
+            f"job {manifest.job_id} in '{out}' is {manifest.status}, not succeeded: rerun "
+            "`score` with the same command first"
+        )
+    return manifest
+
+
+def _job_rows(out: str, manifest: JobManifest, name: str) -> pa.Table | None:
+    """The rows the job adds to table `name`, with the lineage columns; None when none."""
+    import pyarrow as pa
+
+    started = _timestamp(manifest.started_at)
+    utc = pa.timestamp("us", tz="UTC")
+    if name == "jobs":
+        row = {
+            "job_id": manifest.job_id, "status": manifest.status,
+            "started_at": started, "finished_at": _timestamp(manifest.finished_at),
+            "model_id": manifest.model_id,
+            "calibration_id": (manifest.calibration or {}).get("calibration_id"),
+            "input_rows": manifest.input_rows, "scored_rows": manifest.scored_rows,
+            "quarantined_rows": manifest.quarantined_rows,
+            "patches_per_second": manifest.patches_per_second,
+            "params": json.dumps(manifest.params, sort_keys=True),
+            "out": storage.absolute(out),
+            "manifest": json.dumps(manifest.__dict__, sort_keys=True, default=str),
+        }  # fmt: skip
+        return pa.Table.from_pylist([row], schema=jobs_schema())
+    path = getattr(JobLayout(out), name)
+    if not storage.list_files(path, suffixes=(".parquet",)):
+        return None
+    from anogan_batch.io.tables import open_dataset
+
+    ds = open_dataset(path)
+    table = ds.to_table(columns=[c for c in ds.schema.names if c not in LEFT_IN_OUT])
+    if table.num_rows == 0:
+        return None
+    for column, value in (("job_id", manifest.job_id), ("model_id", manifest.model_id)):
+        if column not in table.column_names:
+            table = table.append_column(column, pa.array([value] * table.num_rows, pa.string()))
+    stamps = pa.array([started] * table.num_rows, utc)
+    return _plain_types(table.append_column("job_started_at", stamps))
+
+
+def jobs_schema() -> pa.Schema:
+    """The `jobs` table: one row per published job, its lineage (job.json in full too)."""
+    import pyarrow as pa
+
+    utc = pa.timestamp("us", tz="UTC")
+    return pa.schema([
+        ("job_id", pa.string()), ("status", pa.string()),
+        ("started_at", utc), ("finished_at", utc),
+        ("model_id", pa.string()), ("calibration_id", pa.string()),
+        ("input_rows", pa.int64()), ("scored_rows", pa.int64()),
+        ("quarantined_rows", pa.int64()), ("patches_per_second", pa.float64()),
+        ("params", pa.string()), ("out", pa.string()), ("manifest", pa.string()),
+    ])  # fmt: skip
+
+
+def _timestamp(text: str | None):
+    from datetime import datetime
+
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def _plain_types(table: pa.Table) -> pa.Table:
+    """Hive partition columns come back dictionary-encoded; Iceberg wants plain strings."""
+    import pyarrow as pa
+
+    fields = [
+        pa.field(f.name, f.type.value_type) if pa.types.is_dictionary(f.type) else f
+        for f in table.schema
+    ]
+    return table.cast(pa.schema(fields))
+
+
+def _append_once(catalog: Any, identifier: str, rows: pa.Table, job_id: str) -> Any:
+    """Append `rows` to the table (created when missing) unless the job is in its history;
+    a commit that lost a race is retried on the refreshed table."""
+    from pyiceberg.exceptions import CommitFailedException
+
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        table = _table_for(catalog, identifier, rows.schema)
+        if _published(table, job_id):
+            return "already published"
+        try:
+            table.append(_conform(rows, table), snapshot_properties={JOB_ID_PROPERTY: job_id})
+            return rows.num_rows
+        except CommitFailedException as e:
+            if attempt == COMMIT_ATTEMPTS:
+                raise
+            log.info("%s: commit conflict, retrying (%d): %s", identifier, attempt, e)
+            time.sleep(random.uniform(0, 0.1 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def _table_for(catalog: Any, identifier: str, schema: pa.Schema) -> Any:
+    """The table, created with `schema` (and its partitioning) when missing, its schema grown
+    by any column of `schema` it lacks."""
+    from pyiceberg.exceptions import CommitFailedException
+
+    table = catalog.create_table_if_not_exists(identifier, schema=schema)
+    if not table.spec().fields:
+        _partition(table)
+        table = catalog.load_table(identifier)
+    missing = [f for f in schema if f.name not in {c.name for c in table.schema().fields}]
+    if missing:
+        try:
+            with table.update_schema() as update:
+                update.union_by_name(schema)
+        except CommitFailedException:
+            pass  # another writer grew it first: the reload below sees its schema
+        table = catalog.load_table(identifier)
+    return table
+
+
+def _partition(table: Any) -> None:
+    """By day of the job and by model: the two axes of the questions users ask."""
+    from pyiceberg.exceptions import CommitFailedException
+    from pyiceberg.transforms import DayTransform, IdentityTransform
+
+    names = {f.name for f in table.schema().fields}
+    axes = (("job_started_at", DayTransform()), ("model_id", IdentityTransform()))
+    wanted = [(column, transform) for column, transform in axes if column in names]
+    if not wanted:
+        return
+    try:
+        with table.update_spec() as spec:
+            for column, transform in wanted:
+                spec.add_field(column, transform, f"{column}_{transform}".replace("()", ""))
+    except (CommitFailedException, ValueError):
+        pass  # another writer partitioned it first
+
+
+def _published(table: Any, job_id: str) -> bool:
+    for snapshot in table.metadata.snapshots:
+        summary = snapshot.summary
+        if summary is not None and summary.additional_properties.get(JOB_ID_PROPERTY) == job_id:
+            return True
+    return False
+
+
+def _conform(rows: pa.Table, table: Any) -> pa.Table:
+    """`rows` in the table's columns and types: a column the table has and the job lacks
+    (written by a newer version) is null."""
+    import pyarrow as pa
+
+    target = table.schema().as_arrow()
+    columns = [
+        rows.column(f.name).cast(f.type) if f.name in rows.column_names
+        else pa.nulls(rows.num_rows, f.type)
+        for f in target
+    ]  # fmt: skip
+    return pa.Table.from_arrays(columns, schema=target)
