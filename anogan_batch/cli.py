@@ -425,17 +425,31 @@ def score(
 @app.command()
 def publish(
     out: _path("OUT", "a finished job's output folder"),
+    to: Annotated[str, typer.Option(help="iceberg, or delta (tables under --warehouse)")] = (
+        "iceberg"
+    ),
     catalog: _Catalog = IcebergTarget.catalog,
     namespace: _Namespace = IcebergTarget.namespace,
     warehouse: _Warehouse = None,
     catalog_db: _CatalogDb = None,
 ) -> None:
-    """Append a finished job to the catalog's Iceberg tables (patch_scores, scan_scores,
-    quarantine, jobs); a job already there is not added again."""
-    from anogan_batch.job.iceberg import publish as run_publish
-
+    """Append a finished job to long-lived warehouse tables (patch_scores, scan_scores,
+    quarantine, jobs): Iceberg in a catalog, or Delta under WAREHOUSE; a job already there is
+    not added again."""
     target = IcebergTarget(catalog, namespace, warehouse, catalog_db)
-    for table, rows in run_publish(out, target).items():
+    if to == "delta":
+        from anogan_batch.job.delta_tables import publish_delta
+
+        if warehouse is None:
+            raise ConfigError("--warehouse", None, "the folder or s3:// prefix of the tables")
+        done = publish_delta(out, warehouse, namespace)
+    elif to == "iceberg":
+        from anogan_batch.job.iceberg import publish as publish_iceberg
+
+        done = publish_iceberg(out, target)
+    else:
+        raise ConfigError("--to", to, "iceberg or delta")
+    for table, rows in done.items():
         _echo(f"{namespace}.{table}: {rows if isinstance(rows, str) else f'{rows} rows appended'}")
 
 

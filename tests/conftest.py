@@ -70,6 +70,36 @@ def test_table(tmp_path_factory, sample) -> str:
     )
 
 
+@pytest.fixture(scope="session")
+def finished_jobs(ray_local, tiny_model, sample, tmp_path_factory) -> dict[str, str]:
+    """Two finished jobs over different patches (OUT folders by name 'a', 'b') for the
+    warehouse tests: 24 and 16 patches, 6 and 4 scans, calibrated p-values, BH flags."""
+    from anogan_batch.core.configs import SearchConfig
+    from anogan_batch.job.configs import ScoreJobConfig
+    from anogan_batch.job.runner import run_score_job
+
+    root = tmp_path_factory.mktemp("iceberg-jobs")
+    images = sample["test_images"]
+    outs = {}
+    for name, lo, hi in (("a", 0, 24), ("b", 24, 40)):
+        ids = [patch_id_for(f"{name}/scan{i // 4}", 28 * (i % 4), 0, 28) for i in range(lo, hi)]
+        table = make_patch_table(root / f"patches-{name}", images[lo:hi], ids=ids, files=2)
+        out = str(root / f"job-{name}")
+        run_score_job(
+            ScoreJobConfig(
+                tiny_model,
+                str(table),
+                out,
+                search=SearchConfig(),  # the calibrated one: p-values
+                progress=False,
+                heatmaps=False,
+                fdr=0.1,
+            )
+        )
+        outs[name] = out
+    return outs
+
+
 # A distinctive secret: tests assert it never shows up in output, logs or written files.
 S3_SECRET = "tEsT-sEcReT-4f1c9e2b7a"
 

@@ -14,38 +14,9 @@ import pytest
 
 from anogan_batch.errors import ConfigError, InputError
 from anogan_batch.job.configs import IcebergTarget
-from tests.conftest import make_patch_table, patch_id_for, run_cli
+from tests.conftest import make_patch_table, run_cli
 
 pytest.importorskip("pyiceberg")
-
-
-@pytest.fixture(scope="module")
-def jobs(ray_local, tiny_model, sample, tmp_path_factory) -> dict[str, str]:
-    """Two finished jobs over different patches (OUT folders, by name)."""
-    from anogan_batch.core.configs import SearchConfig
-    from anogan_batch.job.configs import ScoreJobConfig
-    from anogan_batch.job.runner import run_score_job
-
-    root = tmp_path_factory.mktemp("iceberg-jobs")
-    images = sample["test_images"]
-    outs = {}
-    for name, lo, hi in (("a", 0, 24), ("b", 24, 40)):
-        ids = [patch_id_for(f"{name}/scan{i // 4}", 28 * (i % 4), 0, 28) for i in range(lo, hi)]
-        table = make_patch_table(root / f"patches-{name}", images[lo:hi], ids=ids, files=2)
-        out = str(root / f"job-{name}")
-        run_score_job(
-            ScoreJobConfig(
-                tiny_model,
-                str(table),
-                out,
-                search=SearchConfig(),  # the calibrated one: p-values
-                progress=False,
-                heatmaps=False,
-                fdr=0.1,
-            )
-        )
-        outs[name] = out
-    return outs
 
 
 def read(target: IcebergTarget, table: str):
@@ -54,16 +25,16 @@ def read(target: IcebergTarget, table: str):
     return load_catalog(target).load_table(f"{target.namespace}.{table}").scan().to_arrow()
 
 
-def test_jobs_append_exactly_once_and_duckdb_reads_them(jobs, tmp_path):
+def test_jobs_append_exactly_once_and_duckdb_reads_them(finished_jobs, tmp_path):
     import duckdb
 
     from anogan_batch.job.iceberg import publish
 
     target = IcebergTarget(warehouse=str(tmp_path / "wh"))
-    first = publish(jobs["a"], target)
+    first = publish(finished_jobs["a"], target)
     assert first == {"patch_scores": 24, "scan_scores": 6, "jobs": 1}  # no quarantine
-    assert set(publish(jobs["a"], target).values()) == {"already published"}
-    publish(jobs["b"], target)
+    assert set(publish(finished_jobs["a"], target).values()) == {"already published"}
+    publish(finished_jobs["b"], target)
 
     patch_scores = read(target, "patch_scores")  # DuckDB reads it by name
     job_rows = read(target, "jobs")  # noqa: F841
@@ -74,11 +45,11 @@ def test_jobs_append_exactly_once_and_duckdb_reads_them(jobs, tmp_path):
     assert [r[1:] for r in rows] == [(16, 16, 16), (24, 24, 24)]
     assert "residual_map" not in patch_scores.column_names  # stays in the job's own files
     lineage = read(target, "jobs").to_pylist()
-    assert {r["out"] for r in lineage} == {os.path.abspath(p) for p in jobs.values()}
+    assert {r["out"] for r in lineage} == {os.path.abspath(p) for p in finished_jobs.values()}
     assert all(json.loads(r["params"])["fdr"] == 0.1 for r in lineage)
 
 
-def test_the_sql_of_docs_warehouse_runs_on_a_multi_job_table(jobs, tmp_path):
+def test_the_sql_of_docs_warehouse_runs_on_a_multi_job_table(finished_jobs, tmp_path):
     import re
 
     import duckdb
@@ -87,7 +58,7 @@ def test_the_sql_of_docs_warehouse_runs_on_a_multi_job_table(jobs, tmp_path):
     from anogan_batch.job.iceberg import publish
 
     target = IcebergTarget(warehouse=str(tmp_path / "wh"))
-    for out in jobs.values():
+    for out in finished_jobs.values():
         publish(out, target)
     con = duckdb.connect()
     for name in ("patch_scores", "scan_scores", "jobs"):
@@ -95,7 +66,7 @@ def test_the_sql_of_docs_warehouse_runs_on_a_multi_job_table(jobs, tmp_path):
     doc = (Path(__file__).parents[1] / "docs" / "warehouse.md").read_text()
     complete, flagged, by_model = re.findall(r"```sql\n(.*?)```", doc, re.S)
     assert len(con.sql(complete).fetchall()) == 40
-    own = [pads.dataset(Path(out) / "scan_scores").to_table() for out in jobs.values()]
+    own = [pads.dataset(Path(out) / "scan_scores").to_table() for out in finished_jobs.values()]
     expected = sorted(r["scan_id"] for t in own for r in t.to_pylist() if r["flagged"])
     assert expected  # job b's scans hold mostly non-zero digits: BH flags them
     assert sorted(r[0] for r in con.sql(flagged).fetchall()) == expected
@@ -103,11 +74,31 @@ def test_the_sql_of_docs_warehouse_runs_on_a_multi_job_table(jobs, tmp_path):
     assert row[2] == 40 and 0 <= row[5] <= 1 and row[3] <= row[4]
 
 
-def test_a_column_added_by_a_newer_version_appends_without_rewriting(jobs, tmp_path, monkeypatch):
+@pytest.mark.s3
+def test_a_warehouse_on_s3(finished_jobs, bucket, tmp_path):
+    import boto3
+
+    from anogan_batch.job.iceberg import publish
+
+    target = IcebergTarget(warehouse=f"s3://{bucket}/wh", catalog_db=str(tmp_path / "c.sqlite"))
+    assert publish(finished_jobs["a"], target)["patch_scores"] == 24
+    assert set(publish(finished_jobs["a"], target).values()) == {"already published"}
+    assert read(target, "patch_scores").num_rows == 24
+    listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="wh/")["Contents"]
+    keys = [o["Key"] for o in listed]
+    assert any(k.endswith(".parquet") and "patch_scores" in k for k in keys)
+    assert any(k.endswith(".metadata.json") for k in keys)
+    with pytest.raises(ConfigError, match="--catalog-db"):
+        publish(finished_jobs["a"], IcebergTarget(warehouse=f"s3://{bucket}/wh"))
+
+
+def test_a_column_added_by_a_newer_version_appends_without_rewriting(
+    finished_jobs, tmp_path, monkeypatch
+):
     from anogan_batch.job import iceberg
 
     target = IcebergTarget(warehouse=str(tmp_path / "wh"))
-    rows_of = iceberg._job_rows
+    rows_of = iceberg.job_rows
 
     def older_version(out, manifest, name):  # a version that wrote no p-values yet
         rows = rows_of(out, manifest, name)
@@ -115,10 +106,10 @@ def test_a_column_added_by_a_newer_version_appends_without_rewriting(jobs, tmp_p
             return rows
         return rows.select([c for c in rows.column_names if c not in ("p_value", "flagged")])
 
-    monkeypatch.setattr(iceberg, "_job_rows", older_version)
-    iceberg.publish(jobs["a"], target)
-    monkeypatch.setattr(iceberg, "_job_rows", rows_of)
-    iceberg.publish(jobs["b"], target)
+    monkeypatch.setattr(iceberg, "job_rows", older_version)
+    iceberg.publish(finished_jobs["a"], target)
+    monkeypatch.setattr(iceberg, "job_rows", rows_of)
+    iceberg.publish(finished_jobs["b"], target)
     got = read(target, "patch_scores").to_pylist()
     by_job = {}
     for r in got:
@@ -128,7 +119,7 @@ def test_a_column_added_by_a_newer_version_appends_without_rewriting(jobs, tmp_p
     assert nulls == [0, 24]  # the older job's rows read null, the newer one's have values
 
 
-def test_a_failed_commit_then_rerun_leaves_one_copy(jobs, tmp_path, monkeypatch):
+def test_a_failed_commit_then_rerun_leaves_one_copy(finished_jobs, tmp_path, monkeypatch):
     """The data files are written, the commit fails (a crash would stop there too): the rerun
     writes them again and commits once; the first try's files are never referenced."""
     from pyiceberg.table import Transaction
@@ -148,24 +139,24 @@ def test_a_failed_commit_then_rerun_leaves_one_copy(jobs, tmp_path, monkeypatch)
 
     monkeypatch.setattr(Transaction, "commit_transaction", crash_in_scan_scores_append)
     with pytest.raises(RuntimeError, match="before the commit"):
-        publish(jobs["a"], target)
+        publish(finished_jobs["a"], target)
     monkeypatch.setattr(Transaction, "commit_transaction", commit)
-    again = publish(jobs["a"], target)
+    again = publish(finished_jobs["a"], target)
     assert again["patch_scores"] == "already published" and again["scan_scores"] == 6
     assert read(target, "patch_scores").num_rows == 24
     assert read(target, "scan_scores").num_rows == 6
 
 
-def test_sigkill_between_tables_then_rerun_converges(jobs, tmp_path):
+def test_sigkill_between_tables_then_rerun_converges(finished_jobs, tmp_path):
     repo = Path(__file__).parents[1]
     wh = str(tmp_path / "wh")
     env = {
         "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests" / "fault_site")]),
         "ANOGAN_TEST_KILL": "anogan_batch.job.iceberg:_append_once:2",
     }
-    killed = run_cli("publish", jobs["b"], "--warehouse", wh, env=env)
+    killed = run_cli("publish", finished_jobs["b"], "--warehouse", wh, env=env)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    rerun = run_cli("publish", jobs["b"], "--warehouse", wh)
+    rerun = run_cli("publish", finished_jobs["b"], "--warehouse", wh)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "anogan.patch_scores: already published" in rerun.stdout
     target = IcebergTarget(warehouse=wh)
@@ -173,11 +164,11 @@ def test_sigkill_between_tables_then_rerun_converges(jobs, tmp_path):
     assert read(target, "jobs").num_rows == 1
 
 
-def test_two_concurrent_publishes_both_land(jobs, tmp_path):
+def test_two_concurrent_publishes_both_land(finished_jobs, tmp_path):
     wh = str(tmp_path / "wh")
     cmd = [sys.executable, "-m", "anogan_batch", "publish"]
     procs = [
-        subprocess.Popen([*cmd, jobs[name], "--warehouse", wh], stdout=subprocess.PIPE,
+        subprocess.Popen([*cmd, finished_jobs[name], "--warehouse", wh], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
         for name in ("a", "b")
     ]  # fmt: skip
@@ -190,13 +181,13 @@ def test_two_concurrent_publishes_both_land(jobs, tmp_path):
     assert read(target, "jobs").num_rows == 2
 
 
-def test_bad_targets_are_clear_errors(jobs, tmp_path):
+def test_bad_targets_are_clear_errors(finished_jobs, tmp_path):
     from anogan_batch.job.iceberg import publish
 
     with pytest.raises(ConfigError, match="namespace"):
         IcebergTarget(namespace="a.b; drop")
     with pytest.raises(ConfigError, match="--warehouse"):
-        publish(jobs["a"], IcebergTarget(catalog="nowhere"))
+        publish(finished_jobs["a"], IcebergTarget(catalog="nowhere"))
     with pytest.raises(InputError, match="no job"):
         publish(str(tmp_path), IcebergTarget(warehouse=str(tmp_path / "wh")))
     r = run_cli("publish", str(tmp_path / "nothing"), "--warehouse", str(tmp_path / "wh"))

@@ -21,17 +21,20 @@ remain in the job's own Parquet files under `jobs.out`, keyed by `patch_id`.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
 from typing import TYPE_CHECKING, Any
 
 from anogan_batch.errors import ConfigError, InputError
-from anogan_batch.io import storage
 from anogan_batch.job.configs import IcebergTarget
-from anogan_batch.job.layout import JobLayout
-from anogan_batch.job.manifest import JobManifest
+from anogan_batch.job.published import (
+    PARTITION_DAY,
+    PARTITION_MODEL,
+    TABLE_ORDER,
+    finished_job,
+    job_rows,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -39,10 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JOB_ID_PROPERTY = "anogan.job_id"  # in each append's snapshot summary: the exactly-once key
-# Published in this order; `jobs` last marks the job complete in the warehouse.
-TABLE_ORDER = ("patch_scores", "scan_scores", "quarantine", "jobs")
-# Per patch, several KB: they stay in the job's Parquet files (docs/warehouse.md).
-LEFT_IN_OUT = ("residual_map", "latent")
 COMMIT_ATTEMPTS = 8
 
 
@@ -96,96 +95,16 @@ def _sqlite_properties(target: IcebergTarget) -> dict[str, str]:
 def publish(out: str, target: IcebergTarget) -> dict[str, Any]:
     """Append the finished job in OUT to the Iceberg tables of `target`, exactly once.
     -> {table: rows appended, or "already published"}."""
-    manifest = _finished_job(out)
+    manifest = finished_job(out)
     catalog = load_catalog(target)
     catalog.create_namespace_if_not_exists(target.namespace)
     done: dict[str, Any] = {}
     for name in TABLE_ORDER:
-        rows = _job_rows(out, manifest, name)
+        rows = job_rows(out, manifest, name)
         if rows is None:
             continue
         done[name] = _append_once(catalog, f"{target.namespace}.{name}", rows, manifest.job_id)
     return done
-
-
-def _finished_job(out: str) -> JobManifest:
-    manifest = JobManifest.load(out)
-    if manifest is None:
-        raise InputError(f"'{out}' holds no job (no job.json)")
-    if manifest.status != "succeeded":
-        raise InputError(
-            f"job {manifest.job_id} in '{out}' is {manifest.status}, not succeeded: rerun "
-            "`score` with the same command first"
-        )
-    return manifest
-
-
-def _job_rows(out: str, manifest: JobManifest, name: str) -> pa.Table | None:
-    """The rows the job adds to table `name`, with the lineage columns; None when none."""
-    import pyarrow as pa
-
-    started = _timestamp(manifest.started_at)
-    utc = pa.timestamp("us", tz="UTC")
-    if name == "jobs":
-        row = {
-            "job_id": manifest.job_id, "status": manifest.status,
-            "started_at": started, "finished_at": _timestamp(manifest.finished_at),
-            "model_id": manifest.model_id,
-            "calibration_id": (manifest.calibration or {}).get("calibration_id"),
-            "input_rows": manifest.input_rows, "scored_rows": manifest.scored_rows,
-            "quarantined_rows": manifest.quarantined_rows,
-            "patches_per_second": manifest.patches_per_second,
-            "params": json.dumps(manifest.params, sort_keys=True),
-            "out": storage.absolute(out),
-            "manifest": json.dumps(manifest.__dict__, sort_keys=True, default=str),
-        }  # fmt: skip
-        return pa.Table.from_pylist([row], schema=jobs_schema())
-    path = getattr(JobLayout(out), name)
-    if not storage.list_files(path, suffixes=(".parquet",)):
-        return None
-    from anogan_batch.io.tables import open_dataset
-
-    ds = open_dataset(path)
-    table = ds.to_table(columns=[c for c in ds.schema.names if c not in LEFT_IN_OUT])
-    if table.num_rows == 0:
-        return None
-    for column, value in (("job_id", manifest.job_id), ("model_id", manifest.model_id)):
-        if column not in table.column_names:
-            table = table.append_column(column, pa.array([value] * table.num_rows, pa.string()))
-    stamps = pa.array([started] * table.num_rows, utc)
-    return _plain_types(table.append_column("job_started_at", stamps))
-
-
-def jobs_schema() -> pa.Schema:
-    """The `jobs` table: one row per published job, its lineage (job.json in full too)."""
-    import pyarrow as pa
-
-    utc = pa.timestamp("us", tz="UTC")
-    return pa.schema([
-        ("job_id", pa.string()), ("status", pa.string()),
-        ("started_at", utc), ("finished_at", utc),
-        ("model_id", pa.string()), ("calibration_id", pa.string()),
-        ("input_rows", pa.int64()), ("scored_rows", pa.int64()),
-        ("quarantined_rows", pa.int64()), ("patches_per_second", pa.float64()),
-        ("params", pa.string()), ("out", pa.string()), ("manifest", pa.string()),
-    ])  # fmt: skip
-
-
-def _timestamp(text: str | None):
-    from datetime import datetime
-
-    return None if text is None else datetime.fromisoformat(text)
-
-
-def _plain_types(table: pa.Table) -> pa.Table:
-    """Hive partition columns come back dictionary-encoded; Iceberg wants plain strings."""
-    import pyarrow as pa
-
-    fields = [
-        pa.field(f.name, f.type.value_type) if pa.types.is_dictionary(f.type) else f
-        for f in table.schema
-    ]
-    return table.cast(pa.schema(fields))
 
 
 def _append_once(catalog: Any, identifier: str, rows: pa.Table, job_id: str) -> Any:
@@ -234,7 +153,7 @@ def _partition(table: Any) -> None:
     from pyiceberg.transforms import DayTransform, IdentityTransform
 
     names = {f.name for f in table.schema().fields}
-    axes = (("job_started_at", DayTransform()), ("model_id", IdentityTransform()))
+    axes = ((PARTITION_DAY, DayTransform()), (PARTITION_MODEL, IdentityTransform()))
     wanted = [(column, transform) for column, transform in axes if column in names]
     if not wanted:
         return

@@ -1,0 +1,90 @@
+"""Publishing finished jobs into long-lived Delta Lake tables (docs/warehouse.md).
+
+The same four tables as Iceberg's (job/published.py), at `<warehouse>/<namespace>/<table>`,
+local or `s3://`. Exactly once by Delta's own idempotent-write record: each append commits an
+application transaction `anogan:<job_id>`, and a table whose log already holds it is skipped.
+Appends from two jobs never conflict in Delta; deltalake retries the commit when another
+writer got there first. New columns merge into the table schema (`schema_mode="merge"`).
+
+deltalake's native runtime can abort the interpreter at exit (see job/warehouse.py), so the
+work runs in a child process that leaves with os._exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from anogan_batch.errors import InputError
+from anogan_batch.io import storage
+from anogan_batch.job.published import (
+    PARTITION_MODEL,
+    TABLE_ORDER,
+    finished_job,
+    job_rows,
+)
+
+APP_PREFIX = "anogan:"  # Delta application transaction id of a published job: anogan:<job_id>
+
+
+def publish_delta(out: str, warehouse: str, namespace: str) -> dict[str, Any]:
+    """Append the finished job in OUT to the Delta tables under warehouse/namespace, exactly
+    once. -> {table: rows appended, or "already published"}."""
+    finished_job(out)  # a clear error here, not in the child
+    cmd = [sys.executable, "-m", "anogan_batch.job.delta_tables", out, warehouse, namespace]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise InputError(f"Delta publishing of '{out}' failed: {r.stderr.strip()[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _publish(out: str, warehouse: str, namespace: str) -> dict[str, Any]:
+    from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+
+    from anogan_batch.io.s3 import object_store_options
+
+    manifest = finished_job(out)
+    app_id = APP_PREFIX + manifest.job_id
+    done: dict[str, Any] = {}
+    for name in TABLE_ORDER:
+        rows = job_rows(out, manifest, name)
+        if rows is None:
+            continue
+        uri = storage.join(warehouse, namespace, name)
+        options = object_store_options(uri)
+        if _holds(DeltaTable, uri, options, app_id):
+            done[name] = "already published"
+            continue
+        write_deltalake(
+            uri,
+            rows,
+            mode="append",
+            partition_by=[PARTITION_MODEL] if PARTITION_MODEL in rows.column_names else None,
+            schema_mode="merge",
+            storage_options=options,
+            commit_properties=CommitProperties(
+                app_transactions=[Transaction(app_id, 1)], max_commit_retries=20
+            ),
+        )
+        done[name] = rows.num_rows
+    return done
+
+
+def _holds(delta_table: Any, uri: str, options: dict, app_id: str) -> bool:
+    """Whether the table at uri exists and its log records the job's transaction."""
+    if not delta_table.is_deltatable(uri, storage_options=options):
+        return False
+    return delta_table(uri, storage_options=options).transaction_version(app_id) is not None
+
+
+if __name__ == "__main__":  # the child of publish_delta
+    try:
+        result = _publish(*sys.argv[1:4])
+    except Exception as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+    print(json.dumps(result), flush=True)
+    os._exit(0)
