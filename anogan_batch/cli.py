@@ -371,6 +371,14 @@ def score(
     namespace: _Namespace = IcebergTarget.namespace,
     warehouse: _Warehouse = None,
     catalog_db: _CatalogDb = None,
+    skip_published: Annotated[
+        bool,
+        typer.Option(
+            "--skip-published",
+            help="score only patches whose (patch_id, model, search) the Iceberg tables do not "
+            "hold yet (needs --table-format iceberg); job.json counts the rest as skipped_rows",
+        ),
+    ] = False,
 ) -> None:
     """The distributed scoring job: latent mapping of every patch on Ray actors."""
     from anogan_batch.core.configs import SearchConfig
@@ -407,13 +415,15 @@ def score(
         heatmaps=heatmaps,
         table_format=table_format,
         iceberg=IcebergTarget(catalog, namespace, warehouse, catalog_db),
+        skip_published=skip_published,
     )
     m = run_score_job(cfg)
     _echo(
-        f"job {m.job_id} {m.status}: {m.scored_rows} scored, {m.quarantined_rows} quarantined "
+        f"job {m.job_id} {m.status}: {m.scored_rows} scored, {m.quarantined_rows} quarantined"
+        f"{f', {m.skipped_rows} skipped (published)' if m.skipped_rows else ''} "
         f"of {m.input_rows} rows ({m.patches_per_second or 0:.2f} patches/s); outputs in {out}"
     )
-    if m.scored_rows == 0:
+    if m.scored_rows == 0 and m.quarantined_rows > 0:
         from anogan_batch.job.runner import first_quarantine_reason
 
         raise AnoganError(

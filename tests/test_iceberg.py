@@ -211,3 +211,53 @@ def test_score_publishes_and_a_rerun_of_the_finished_job_adds_nothing(
     rows = read(target, "patch_scores")
     assert rows.num_rows == 12
     assert np.all(np.isfinite(rows.column("anomaly_score").to_numpy()))
+
+
+def test_a_growing_archive_pays_for_its_new_patches_only(ray_local, tiny_model, sample, tmp_path):
+    """Score, publish; the archive grows; score it with --skip-published, publish: every patch
+    once in the tables. Another search is another key: nothing of it is skipped."""
+    import duckdb
+
+    from anogan_batch.core.configs import SearchConfig
+    from anogan_batch.job.configs import ScoreJobConfig
+    from anogan_batch.job.runner import run_score_job
+
+    images = sample["test_images"]
+    day1 = make_patch_table(tmp_path / "day1", images[:12], files=2)
+    ids = [f"grown-{i}" for i in range(12, 20)]
+    first_ids = [r for r in read_ids(day1)]
+    grown = make_patch_table(tmp_path / "grown", images[:20], ids=first_ids + ids, files=3)
+    target = IcebergTarget(warehouse=str(tmp_path / "wh"))
+
+    def job(patches, out, search=None, skip=False):
+        return run_score_job(
+            ScoreJobConfig(tiny_model, str(patches), str(tmp_path / out),
+                           search=search or SearchConfig(), progress=False, heatmaps=False,
+                           table_format="iceberg", iceberg=target, skip_published=skip)
+        )  # fmt: skip
+
+    first = job(day1, "job1", skip=True)  # nothing published yet: nothing skipped
+    assert (first.scored_rows, first.skipped_rows) == (12, 0)
+    second = job(grown, "job2", skip=True)
+    assert (second.input_rows, second.scored_rows, second.skipped_rows) == (20, 8, 12)
+    other = job(grown, "job3", search=SearchConfig(iterations=3), skip=True)
+    assert (other.scored_rows, other.skipped_rows) == (20, 0)
+
+    patch_scores = read(target, "patch_scores")  # DuckDB reads it by name
+    per_job = duckdb.sql(
+        "select job_id, count(*), count(distinct patch_id) from patch_scores group by 1"
+    ).fetchall()
+    counts = {job_id: (n, distinct) for job_id, n, distinct in per_job}
+    assert counts[first.job_id] == (12, 12) and counts[second.job_id] == (8, 8)
+    assert counts[other.job_id] == (20, 20)
+    default_search = {first.job_id, second.job_id}
+    ids_default = [r["patch_id"] for r in patch_scores.to_pylist() if r["job_id"] in default_search]
+    assert sorted(ids_default) == sorted(first_ids + ids)  # every patch of the archive, once
+    skipped = json.loads((tmp_path / "job2" / "job.json").read_text())["skipped_rows"]
+    assert skipped == 12
+
+
+def read_ids(table) -> list[str]:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(str(table)).to_table(columns=["patch_id"]).column("patch_id").to_pylist()

@@ -36,3 +36,18 @@ def test_the_ray_id_check_finds_what_the_driver_finds(tmp_path, sample, ray_loca
         messages.append(str(e.value))
     assert messages[0] == messages[1]
     assert "2 patch_id(s) appear more than once, e.g. 'p03' (3 rows), 'p07' (2 rows)" in messages[0]
+
+
+def test_listed_ids_are_counted_alike_in_the_driver_and_on_ray(tmp_path, sample, ray_local):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from anogan_batch.io.tables import count_listed_ids
+
+    ids = [f"p{i:02d}" for i in range(30)]
+    write_patch_table(str(tmp_path / "t"), sample["test_images"][:30], ids=ids, files=2)
+    listed = ["p01", "p05", "p05", "p29", "elsewhere"]  # repeats and ids of other tables
+    (tmp_path / "ids").mkdir()
+    pq.write_table(pa.table({"patch_id": listed}), tmp_path / "ids" / "a.parquet")
+    args = (str(tmp_path / "t"), str(tmp_path / "ids"), 30, len(listed))
+    assert count_listed_ids(*args) == count_listed_ids(*args, driver_rows=0) == 3

@@ -225,6 +225,31 @@ def _env_default(name: str, value: str) -> Iterator[None]:
         os.environ.pop(name, None)
 
 
+def count_listed_ids(
+    path: str,
+    ids_path: str,
+    rows: int,
+    listed: int,
+    *,
+    io_cpus: float = 0.5,
+    driver_rows: int = ID_CHECK_DRIVER_ROWS,
+) -> int:
+    """How many rows of the table at `path` have a patch_id that the table at `ids_path` (one
+    `patch_id` column, `listed` rows, repeats allowed) lists. In the driver when both fit
+    (pyarrow, as `check_patch_ids`), else a Ray Data semi-join, memory spread like a shuffle."""
+    if rows + listed <= driver_rows:
+        import pyarrow.compute as pc
+
+        ids = open_dataset(path).to_table(columns=["patch_id"]).column("patch_id")
+        listed_ids = open_dataset(ids_path).to_table(columns=["patch_id"]).column("patch_id")
+        return int(pc.sum(pc.is_in(ids, value_set=pc.unique(listed_ids))).as_py() or 0)
+    left = ray_read_parquet(path, columns=["patch_id"], num_cpus=io_cpus)
+    right = ray_read_parquet(ids_path, columns=["patch_id"], num_cpus=io_cpus)
+    partitions = max(1, -(-(rows + listed) // ID_ROWS_PER_PARTITION))
+    return left.join(right, join_type="left_semi", num_partitions=partitions,
+                     on=("patch_id",)).count()  # fmt: skip
+
+
 def first_rows(ds: pads.Dataset, columns: list[str], n: int = 1) -> pa.Table:
     """The first `n` rows of the first non-empty file: a cheap sample for up-front checks."""
     cols = [c for c in columns if c in ds.schema.names]

@@ -118,6 +118,8 @@ class ScoreJobConfig:
     fpr: float | None = None
     fdr: float | None = None
     iceberg: IcebergTarget = field(default_factory=IcebergTarget)  # --table-format iceberg
+    # score only the patches whose (patch_id, model, search) the Iceberg tables do not hold
+    skip_published: bool = False
 
     def __post_init__(self) -> None:
         check_int("batch_size", self.batch_size, min_value=1)
@@ -140,3 +142,7 @@ class ScoreJobConfig:
                 "job_id", self.job_id, "use 1-128 letters, digits, '.', '_' or '-', not first '.'"
             )
         check_choice("table_format", self.table_format, TABLE_FORMATS)
+        if self.skip_published and self.table_format != "iceberg":
+            raise ConfigError(
+                "skip_published", True, "needs --table-format iceberg (the tables it reads)"
+            )

@@ -21,6 +21,7 @@ remain in the job's own Parquet files under `jobs.out`, keyed by `patch_id`.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -185,3 +186,69 @@ def _conform(rows: pa.Table, table: Any) -> pa.Table:
         for f in target
     ]  # fmt: skip
     return pa.Table.from_arrays(columns, schema=target)
+
+
+# The job parameters that decide a patch's score: with the model_id, the key under which
+# --skip-published takes a published score as this job's own.
+SEARCH_KEYS = (
+    "iterations", "lambda", "lr", "seed", "stop_tol", "stop_window", "min_iterations",
+    "precision", "start",
+)  # fmt: skip
+IDS_PER_FILE = 1_000_000
+
+
+def write_published_ids(target: IcebergTarget, params: dict[str, Any], dest: str) -> int:
+    """Write the patch_ids that `patch_scores` holds for this model and search (jobs with the
+    same `model_id` and SEARCH_KEYS) as Parquet files under `dest`, streamed a batch at a
+    time so that memory stays bounded. -> how many ids (0: nothing published yet)."""
+    from pyiceberg.expressions import EqualTo, In
+
+    from anogan_batch.io import storage
+
+    catalog = load_catalog(target)
+    tables = {name: f"{target.namespace}.{name}" for name in ("jobs", "patch_scores")}
+    storage.delete(dest)
+    if not all(catalog.table_exists(t) for t in tables.values()):
+        return 0
+    jobs = (
+        catalog.load_table(tables["jobs"])
+        .scan(
+            row_filter=EqualTo("model_id", params["model_id"]), selected_fields=("job_id", "params")
+        )
+        .to_arrow()
+        .to_pylist()
+    )
+    same = [j["job_id"] for j in jobs if _search_of(json.loads(j["params"])) == _search_of(params)]
+    if not same:
+        return 0
+    scan = catalog.load_table(tables["patch_scores"]).scan(
+        row_filter=In("job_id", same), selected_fields=("patch_id",)
+    )
+    total, pending = 0, []
+    for batch in scan.to_arrow_batch_reader():
+        pending.append(batch)
+        if sum(b.num_rows for b in pending) >= IDS_PER_FILE:
+            total += _write_ids(pending, storage.join(dest, f"ids-{total:012d}.parquet"))
+            pending = []
+    if pending:
+        total += _write_ids(pending, storage.join(dest, f"ids-{total:012d}.parquet"))
+    return total
+
+
+def _search_of(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: params.get(k) for k in SEARCH_KEYS}
+
+
+def _write_ids(batches: list, path: str) -> int:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from anogan_batch.io import storage
+
+    table = pa.Table.from_batches(batches).select(["patch_id"])
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(path, buffer.getvalue())
+    return table.num_rows

@@ -10,6 +10,7 @@
       heatmaps/                    one row per scan, with its full-size heatmap
       overlays/<file_stem(scan_id)>.png
       _checkpoint/                 Ray Data's exactly-once checkpoint while the job runs
+      _published_ids/              --skip-published: patch_ids the warehouse holds already
 
 Names that come from data (a `scan_id`, a `patch_id`) never become paths as they are: a file
 named after one gets `file_stem(value)`, a readable ASCII slug plus a hash of the exact value,
@@ -56,6 +57,7 @@ class JobLayout:
     HEATMAPS = "heatmaps"
     OVERLAYS = "overlays"
     CHECKPOINT = "_checkpoint"
+    PUBLISHED_IDS = "_published_ids"
 
     def _join(self, *parts: str) -> str:
         return storage.join(self.out, *parts)
@@ -95,6 +97,11 @@ class JobLayout:
     @property
     def checkpoint(self) -> str:
         return self._join(self.CHECKPOINT)
+
+    @property
+    def published_ids(self) -> str:
+        """--skip-published: the ids the warehouse already holds for this model and search."""
+        return self._join(self.PUBLISHED_IDS)
 
     def overlay(self, scan_id: str) -> str:
         """The PNG overlay of one scan (its name from `file_stem`, never the scan_id itself)."""

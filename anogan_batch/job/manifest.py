@@ -42,6 +42,7 @@ class JobManifest:
     input_rows: int
     scored_rows: int = 0
     quarantined_rows: int = 0
+    skipped_rows: int = 0  # --skip-published: rows the warehouse held already, not scored
     started_at: str = field(default_factory=now)
     finished_at: str | None = None
     patches_per_second: float | None = None

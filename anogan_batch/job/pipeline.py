@@ -187,10 +187,13 @@ def build_pipeline(
     columns: tuple[str, ...],
     progress=None,
     calibration=None,
+    skip_ids: tuple[str, int] | None = None,
 ):
     """read_parquet -> map_batches(PatchScorer) on an actor pool; the caller writes it.
     `columns`: the patch table's, over all its files (a file without one reads it as null).
-    `calibration`: the model's calibration scores for the job's search, or None."""
+    `calibration`: the model's calibration scores for the job's search, or None.
+    `skip_ids`: (path, hash partitions) of a table of patch_ids not to score
+    (--skip-published)."""
     from ray.data import ActorPoolStrategy
 
     from anogan_batch.job.scorer import PatchScorer
@@ -201,6 +204,12 @@ def build_pipeline(
         num_cpus=IO_CPUS,
         file_extensions=["parquet", "parq", "pq"],
     )
+    if skip_ids is not None:
+        path, partitions = skip_ids
+        published = ray_read_parquet(path, columns=["patch_id"], num_cpus=IO_CPUS)
+        # a hash join spread over the cluster: neither side needs to fit in one process
+        ds = ds.join(published, join_type="left_anti", num_partitions=partitions,
+                     on=("patch_id",))  # fmt: skip
     # Blocks of one batch each: an actor task is then one search, so progress, failures and
     # retries are per batch, and a file's worth of rows is committed as soon as it is scored
     # (without this, Ray hands an actor a whole read block, often a whole file).

@@ -174,8 +174,12 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
                 run.record["ids_checked_in"] = _check_ids(cfg, prep)
             with run.phase("resume"):
                 done_before = resume(cfg, run)
-            with run.phase("score"):
-                score(cfg, prep, manifest, todo=prep.rows - done_before)
+            with run.phase("skip"):
+                skip = skip_published(cfg, manifest)
+            todo = prep.rows - done_before - manifest.skipped_rows
+            if todo > 0 or not manifest.skipped_rows:  # all published: nothing to score
+                with run.phase("score"):
+                    score(cfg, prep, manifest, todo=todo, skip_ids=skip)
             count_outputs(manifest, cfg.out)
             with run.phase("scans_and_heatmaps" if cfg.heatmaps else "scans"):
                 write_scans(cfg, prep, manifest, run)
@@ -264,6 +268,25 @@ def _check_ids(cfg: ScoreJobConfig, prep: Preflight) -> str:
     return check_patch_ids(cfg.patches, prep.rows, io_cpus=IO_CPUS)
 
 
+def skip_published(cfg: ScoreJobConfig, manifest: JobManifest) -> tuple[str, int] | None:
+    """--skip-published: the ids the Iceberg tables hold for this model and search, written
+    under OUT, and how many input rows they cover (manifest.skipped_rows). -> (ids path, hash
+    partitions) for the pipeline's anti-join, or None when there is nothing to skip."""
+    from anogan_batch.io.tables import ID_ROWS_PER_PARTITION, count_listed_ids
+    from anogan_batch.job.iceberg import write_published_ids
+
+    manifest.skipped_rows = 0
+    if not cfg.skip_published:
+        return None
+    path = JobLayout(cfg.out).published_ids
+    listed = write_published_ids(cfg.iceberg, manifest.params, path)
+    if not listed:
+        return None
+    rows = manifest.input_rows
+    manifest.skipped_rows = count_listed_ids(cfg.patches, path, rows, listed, io_cpus=IO_CPUS)
+    return path, max(1, -(-(rows + listed) // ID_ROWS_PER_PARTITION))
+
+
 def resume(cfg: ScoreJobConfig, run: Run) -> int:
     """Remove what a crashed run wrote but did not commit; -> rows already finished."""
     layout = JobLayout(cfg.out)
@@ -271,7 +294,13 @@ def resume(cfg: ScoreJobConfig, run: Run) -> int:
     return output_rows(layout.patch_scores) + output_rows(layout.quarantine)
 
 
-def score(cfg: ScoreJobConfig, prep: Preflight, manifest: JobManifest, todo: int) -> None:
+def score(
+    cfg: ScoreJobConfig,
+    prep: Preflight,
+    manifest: JobManifest,
+    todo: int,
+    skip_ids: tuple[str, int] | None = None,
+) -> None:
     """Every unfinished row through the checkpointed pipeline on a planned actor pool."""
     import ray
 
@@ -281,7 +310,7 @@ def score(cfg: ScoreJobConfig, prep: Preflight, manifest: JobManifest, todo: int
     run["resources"] = asdict(res)
     manifest.save(cfg.out)
     started = time.time()
-    _execute(cfg, res, manifest, prep, todo)
+    _execute(cfg, res, manifest, prep, todo, skip_ids)
     run["seconds"] = round(time.time() - started, 2)
 
 
@@ -350,17 +379,19 @@ def publish_tables(cfg: ScoreJobConfig) -> dict[str, str]:
 
 
 def account(manifest: JobManifest, run: Run, input_rows: int, done_before: int) -> None:
-    """Check that every input row is scored or quarantined, then record `succeeded`."""
+    """Check that every input row is scored, quarantined or skipped (--skip-published), then
+    record `succeeded`."""
     record = run.record
     record["driver_peak_rss_mb"] = round(peak_rss_mb(), 1)
     done_now = manifest.scored_rows + manifest.quarantined_rows - done_before
     seconds = record.get("seconds") or 0.0
     record.update(finished_at=now(), rows=done_now)
     manifest.patches_per_second = round(done_now / seconds, 3) if seconds > 0 else None
-    if manifest.scored_rows + manifest.quarantined_rows != input_rows:
+    finished = manifest.scored_rows + manifest.quarantined_rows + manifest.skipped_rows
+    if finished != input_rows:
         raise RuntimeError(
             f"row accounting failed: {input_rows} input rows, {manifest.scored_rows} scored, "
-            f"{manifest.quarantined_rows} quarantined"
+            f"{manifest.quarantined_rows} quarantined, {manifest.skipped_rows} skipped"
         )
     manifest.status, manifest.finished_at = "succeeded", now()
     manifest.save(run.out)
@@ -374,7 +405,12 @@ def _heatmap_geometry(prep: Preflight):
 
 
 def _execute(
-    cfg: ScoreJobConfig, res: Resources, manifest: JobManifest, prep: Preflight, todo: int
+    cfg: ScoreJobConfig,
+    res: Resources,
+    manifest: JobManifest,
+    prep: Preflight,
+    todo: int,
+    skip_ids: tuple[str, int] | None,
 ) -> None:
     from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig
@@ -403,6 +439,7 @@ def _execute(
                 prep.columns,
                 progress=progress.actor,
                 calibration=prep.calibration,
+                skip_ids=skip_ids,
             )
             ds.write_datasink(
                 make_sink(cfg.out, _rows_per_file(cfg, prep)),
