@@ -255,6 +255,7 @@ def test_a_growing_archive_pays_for_its_new_patches_only(ray_local, tiny_model, 
     assert sorted(ids_default) == sorted(first_ids + ids)  # every patch of the archive, once
     skipped = json.loads((tmp_path / "job2" / "job.json").read_text())["skipped_rows"]
     assert skipped == 12
+    assert not (tmp_path / "job2" / "_published_ids").exists()  # cleaned up with the job
 
 
 def read_ids(table) -> list[str]:

@@ -190,6 +190,7 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
                     run.record["published"] = publish_tables(cfg)
         account(manifest, run, prep.rows, done_before)
         storage.delete(JobLayout(cfg.out).checkpoint)
+        storage.delete(JobLayout(cfg.out).published_ids)
     except BaseException as e:
         run.fail(e)
         raise
