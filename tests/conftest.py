@@ -181,6 +181,18 @@ def ray_local(s3_server):
     ray.shutdown()
 
 
+def run_cli_concurrently(*commands: list[str], timeout: int = 300) -> None:
+    """Start the `anogan-batch` commands at once, each its own process; all must exit 0."""
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "anogan_batch", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for args in commands
+    ]  # fmt: skip
+    for p in procs:
+        _, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-2000:]
+
+
 def run_cli(
     *args: str, env: dict | None = None, timeout: int = 600, prefix: list[str] | None = None
 ) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_concurrently
 
 pytest.importorskip("deltalake")
 
@@ -51,15 +51,8 @@ def test_jobs_append_exactly_once(finished_jobs, tmp_path):
 
 def test_two_concurrent_publishes_both_land(finished_jobs, tmp_path):
     wh = str(tmp_path / "wh")
-    cmd = [sys.executable, "-m", "anogan_batch", "publish", "--to", "delta", "--warehouse", wh]
-    procs = [
-        subprocess.Popen([*cmd, finished_jobs[name]], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-        for name in ("a", "b")
-    ]  # fmt: skip
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-2000:]
+    publish = ["publish", "--to", "delta", "--warehouse", wh]
+    run_cli_concurrently(*([*publish, finished_jobs[n]] for n in ("a", "b")))
     got = read(f"{wh}/anogan", "patch_scores", "jobs")
     assert got["patch_scores"]["rows"] == len(got["patch_scores"]["ids"]) == 40
     assert got["jobs"]["rows"] == 2

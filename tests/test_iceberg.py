@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ import pytest
 
 from anogan_batch.errors import ConfigError, InputError
 from anogan_batch.job.configs import IcebergTarget
-from tests.conftest import make_patch_table, run_cli
+from tests.conftest import make_patch_table, run_cli, run_cli_concurrently
 
 pytest.importorskip("pyiceberg")
 
@@ -166,15 +164,7 @@ def test_sigkill_between_tables_then_rerun_converges(finished_jobs, tmp_path):
 
 def test_two_concurrent_publishes_both_land(finished_jobs, tmp_path):
     wh = str(tmp_path / "wh")
-    cmd = [sys.executable, "-m", "anogan_batch", "publish"]
-    procs = [
-        subprocess.Popen([*cmd, finished_jobs[name], "--warehouse", wh], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-        for name in ("a", "b")
-    ]  # fmt: skip
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-2000:]
+    run_cli_concurrently(*(["publish", finished_jobs[n], "--warehouse", wh] for n in ("a", "b")))
     target = IcebergTarget(warehouse=wh)
     ids = read(target, "patch_scores").column("patch_id").to_pylist()
     assert len(ids) == len(set(ids)) == 40

@@ -12,6 +12,7 @@ from anogan_batch.errors import InputError
 from anogan_batch.io.patches import PatchSpec, decode_patches
 from anogan_batch.job.configs import IngestConfig
 from anogan_batch.job.ingest import grid_positions, ingest
+from tests.corpus import write_dicom
 
 
 @pytest.fixture
@@ -107,28 +108,6 @@ def test_nothing_readable_is_an_error(tmp_path):
 
 
 # ---- formats, windows, masking (issue: scan archives) ----
-
-
-def write_dicom(path, pixels: np.ndarray, *, slope=1.0, intercept=0.0, bits=12, pixel_data=True):
-    """A minimal valid CT-like DICOM file written by pydicom (no fixtures on disk needed)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if pixel_data:
-        ds.PixelData = pixels.astype("<u2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def _pixels(out, patch_id, spec):

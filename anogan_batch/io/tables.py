@@ -133,6 +133,13 @@ SHOWN_IDS = 5
 ID_ROWS_PER_PARTITION = 2_000_000  # ids per hash partition of the Ray check (~100 MB of ids)
 
 
+def id_partitions(ids: int) -> int:
+    """Hash partitions of a Ray group-by or join over `ids` ids: one per ID_ROWS_PER_PARTITION.
+    Ray's default of 200 starts aggregator actors by the dozen for any table, which a small
+    node pays for in seconds."""
+    return max(1, -(-ids // ID_ROWS_PER_PARTITION))
+
+
 def check_patch_ids(
     path: str, rows: int, *, driver_rows: int = ID_CHECK_DRIVER_ROWS, io_cpus: float = 0.5
 ) -> str:
@@ -175,11 +182,8 @@ def _id_counts_on_ray(path: str, io_cpus: float, rows: int) -> tuple[int, int, l
     ds = ray_read_parquet(
         path, num_cpus=io_cpus, file_extensions=["parquet", "parq", "pq"]
     ).select_columns(["patch_id"])
-    # One hash partition (and aggregator actor) per ID_ROWS_PER_PARTITION ids: Ray's default
-    # of 200 starts actors by the dozen for any table, which a small node pays for in seconds.
-    partitions = max(1, -(-rows // ID_ROWS_PER_PARTITION))
     flagged = (
-        ds.groupby("patch_id", num_partitions=partitions)
+        ds.groupby("patch_id", num_partitions=id_partitions(rows))
         .count()
         .filter(expr=col("patch_id").is_null() | (col("count()") > 1))
         .materialize()
@@ -245,8 +249,7 @@ def count_listed_ids(
         return int(pc.sum(pc.is_in(ids, value_set=pc.unique(listed_ids))).as_py() or 0)
     left = ray_read_parquet(path, columns=["patch_id"], num_cpus=io_cpus)
     right = ray_read_parquet(ids_path, columns=["patch_id"], num_cpus=io_cpus)
-    partitions = max(1, -(-(rows + listed) // ID_ROWS_PER_PARTITION))
-    return left.join(right, join_type="left_semi", num_partitions=partitions,
+    return left.join(right, join_type="left_semi", num_partitions=id_partitions(rows + listed),
                      on=("patch_id",)).count()  # fmt: skip
 
 

@@ -105,7 +105,8 @@ def scan_schema(heatmaps: bool):
 
 def _typed(batch, heatmaps: bool):
     """A batch of scan rows (pyarrow) in `scan_schema`."""
-    return batch.select(scan_schema(heatmaps).names).cast(scan_schema(heatmaps))
+    schema = scan_schema(heatmaps)
+    return batch.select(schema.names).cast(schema)
 
 
 def _union_schema():

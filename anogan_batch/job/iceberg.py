@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from anogan_batch.errors import ConfigError, InputError
 from anogan_batch.job.configs import IcebergTarget
+from anogan_batch.job.manifest import SEARCH_KEYS
 from anogan_batch.job.published import (
     PARTITION_DAY,
     PARTITION_MODEL,
@@ -188,12 +189,6 @@ def _conform(rows: pa.Table, table: Any) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=target)
 
 
-# The job parameters that decide a patch's score: with the model_id, the key under which
-# --skip-published takes a published score as this job's own.
-SEARCH_KEYS = (
-    "iterations", "lambda", "lr", "seed", "stop_tol", "stop_window", "min_iterations",
-    "precision", "start",
-)  # fmt: skip
 IDS_PER_FILE = 1_000_000
 
 

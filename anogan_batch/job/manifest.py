@@ -17,9 +17,14 @@ from anogan_batch.io import storage
 from anogan_batch.job.layout import JobLayout
 
 # Parameters that change a patch's scores. Batch size, actor count and devices do not.
+# The search's parameters in job.json's params: with the model, what decides a patch's score
+# (the key under which --skip-published takes a published score as this job's own).
+SEARCH_KEYS = (
+    "iterations", "lambda", "lr", "seed", "stop_tol", "stop_window", "min_iterations",
+    "precision", "start",
+)  # fmt: skip
 IDENTITY_KEYS = (
-    "model_id", "patches", "iterations", "lambda", "lr", "seed",
-    "stop_tol", "stop_window", "min_iterations", "precision", "start",
+    "model_id", "patches", *SEARCH_KEYS,
     # p_value and flagged are written with the patch rows: a rerun must use the same ones
     "calibration_id", "fpr",
 )  # fmt: skip

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 # Published in this order; `jobs` last marks the job complete in the warehouse.
-TABLE_ORDER = ("patch_scores", "scan_scores", "quarantine", "jobs")
+JOBS = "jobs"  # the warehouse's own table: one row per job
+TABLE_ORDER = (JobLayout.PATCH_SCORES, JobLayout.SCAN_SCORES, JobLayout.QUARANTINE, JOBS)
 # Per patch, several KB: they stay in the job's Parquet files (docs/warehouse.md).
 LEFT_IN_OUT = ("residual_map", "latent")
 # The columns both formats partition by (when a table has them): a day of jobs, a model.
@@ -46,7 +47,7 @@ def job_rows(out: str, manifest: JobManifest, name: str) -> pa.Table | None:
 
     started = _timestamp(manifest.started_at)
     utc = pa.timestamp("us", tz="UTC")
-    if name == "jobs":
+    if name == JOBS:
         row = {
             "job_id": manifest.job_id, "status": manifest.status,
             "started_at": started, "finished_at": _timestamp(manifest.finished_at),

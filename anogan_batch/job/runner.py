@@ -273,7 +273,7 @@ def skip_published(cfg: ScoreJobConfig, manifest: JobManifest) -> tuple[str, int
     """--skip-published: the ids the Iceberg tables hold for this model and search, written
     under OUT, and how many input rows they cover (manifest.skipped_rows). -> (ids path, hash
     partitions) for the pipeline's anti-join, or None when there is nothing to skip."""
-    from anogan_batch.io.tables import ID_ROWS_PER_PARTITION, count_listed_ids
+    from anogan_batch.io.tables import count_listed_ids, id_partitions
     from anogan_batch.job.iceberg import write_published_ids
 
     manifest.skipped_rows = 0
@@ -285,7 +285,7 @@ def skip_published(cfg: ScoreJobConfig, manifest: JobManifest) -> tuple[str, int
         return None
     rows = manifest.input_rows
     manifest.skipped_rows = count_listed_ids(cfg.patches, path, rows, listed, io_cpus=IO_CPUS)
-    return path, max(1, -(-(rows + listed) // ID_ROWS_PER_PARTITION))
+    return path, id_partitions(rows + listed)
 
 
 def resume(cfg: ScoreJobConfig, run: Run) -> int:
