@@ -18,7 +18,7 @@ import typer
 
 from anogan_batch.core.configs import SearchConfig, TrainConfig
 from anogan_batch.errors import AnoganError, ConfigError, redact
-from anogan_batch.job.configs import AUTO_RAY_FILES, IcebergTarget, IngestConfig, ScoreJobConfig
+from anogan_batch.job.configs import AUTO_RAY_FILES, IngestConfig, ScoreJobConfig, WarehouseTarget
 
 app = typer.Typer(
     name="anogan-batch",
@@ -363,20 +363,22 @@ def score(
         str,
         typer.Option(
             "--table-format",
-            help="parquet; delta (Delta Lake, in place); iceberg (appended to the catalog's "
-            "long-lived tables, exactly once)",
+            help="parquet; delta (Delta Lake, in place; with --warehouse also appended to the "
+            "long-lived Delta tables there); iceberg (appended to the catalog's long-lived "
+            "tables); appends are exactly once",
         ),
     ] = ScoreJobConfig.table_format,
-    catalog: _Catalog = IcebergTarget.catalog,
-    namespace: _Namespace = IcebergTarget.namespace,
+    catalog: _Catalog = WarehouseTarget.catalog,
+    namespace: _Namespace = WarehouseTarget.namespace,
     warehouse: _Warehouse = None,
     catalog_db: _CatalogDb = None,
     skip_published: Annotated[
         bool,
         typer.Option(
             "--skip-published",
-            help="score only patches whose (patch_id, model, search) the Iceberg tables do not "
-            "hold yet (needs --table-format iceberg); job.json counts the rest as skipped_rows",
+            help="score only patches whose (patch_id, model, search) the long-lived tables do "
+            "not hold yet (needs --table-format iceberg, or delta with --warehouse); job.json "
+            "counts the rest as skipped_rows",
         ),
     ] = False,
 ) -> None:
@@ -414,7 +416,7 @@ def score(
         progress=progress,
         heatmaps=heatmaps,
         table_format=table_format,
-        iceberg=IcebergTarget(catalog, namespace, warehouse, catalog_db),
+        published=WarehouseTarget(catalog, namespace, warehouse, catalog_db),
         skip_published=skip_published,
     )
     m = run_score_job(cfg)
@@ -438,15 +440,15 @@ def publish(
     to: Annotated[str, typer.Option(help="iceberg, or delta (tables under --warehouse)")] = (
         "iceberg"
     ),
-    catalog: _Catalog = IcebergTarget.catalog,
-    namespace: _Namespace = IcebergTarget.namespace,
+    catalog: _Catalog = WarehouseTarget.catalog,
+    namespace: _Namespace = WarehouseTarget.namespace,
     warehouse: _Warehouse = None,
     catalog_db: _CatalogDb = None,
 ) -> None:
     """Append a finished job to long-lived warehouse tables (patch_scores, scan_scores,
     quarantine, jobs): Iceberg in a catalog, or Delta under WAREHOUSE; a job already there is
     not added again."""
-    target = IcebergTarget(catalog, namespace, warehouse, catalog_db)
+    target = WarehouseTarget(catalog, namespace, warehouse, catalog_db)
     if to == "delta":
         from anogan_batch.job.delta_tables import publish_delta
 

@@ -39,6 +39,13 @@ def make_patch_table(path: Path, pixels: np.ndarray, labels=None, *, ids=None, f
     return path
 
 
+def read_ids(table: Path | str) -> list[str]:
+    """The patch_ids of a patch table, in file order."""
+    import pyarrow.dataset as pads
+
+    return pads.dataset(str(table)).to_table(columns=["patch_id"]).column("patch_id").to_pylist()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, sample) -> str:
     """A very small GAN trained on 2,048 real zeros (seconds on CPU); BN statistics are real."""

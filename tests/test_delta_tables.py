@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from tests.conftest import run_cli, run_cli_concurrently
+from anogan_batch.errors import ConfigError
+from tests.conftest import make_patch_table, read_ids, run_cli, run_cli_concurrently
 
 pytest.importorskip("deltalake")
 
@@ -63,3 +64,45 @@ def test_delta_needs_a_warehouse(finished_jobs, tmp_path):
     assert r.returncode == 2 and "--warehouse" in r.stderr
     r = run_cli("publish", finished_jobs["a"], "--to", "csv", "--warehouse", str(tmp_path))
     assert r.returncode == 2 and "--to" in r.stderr
+
+
+def test_a_growing_archive_pays_for_its_new_patches_only(ray_local, tiny_model, sample, tmp_path):
+    """Score into the Delta warehouse; the archive grows; score it with --skip-published (which
+    publishes too): every patch once in the tables; a rerun of the finished job adds nothing."""
+    from anogan_batch.core.configs import SearchConfig
+    from anogan_batch.job.configs import ScoreJobConfig, WarehouseTarget
+    from anogan_batch.job.runner import run_score_job
+
+    images = sample["test_images"]
+    day1 = make_patch_table(tmp_path / "day1", images[:12], files=2)
+    first_ids = read_ids(day1)
+    new_ids = [f"grown-{i}" for i in range(12, 20)]
+    grown = make_patch_table(tmp_path / "grown", images[:20], ids=first_ids + new_ids, files=3)
+    wh = str(tmp_path / "wh")
+
+    def job(patches, out):
+        cfg = ScoreJobConfig(tiny_model, str(patches), str(tmp_path / out),
+                             search=SearchConfig(iterations=3), progress=False, heatmaps=False,
+                             table_format="delta", published=WarehouseTarget(warehouse=wh),
+                             skip_published=True)  # fmt: skip
+        return run_score_job(cfg), cfg
+
+    first, _ = job(day1, "job1")
+    assert (first.scored_rows, first.skipped_rows) == (12, 0)
+    second, cfg = job(grown, "job2")
+    assert (second.input_rows, second.scored_rows, second.skipped_rows) == (20, 8, 12)
+    run_score_job(cfg)  # finished already: publishing again adds nothing
+    got = read(f"{wh}/anogan", "patch_scores", "jobs")
+    assert got["patch_scores"]["rows"] == 20  # every patch of the archive, once
+    assert got["patch_scores"]["ids"] == sorted(first_ids + new_ids)
+    assert got["jobs"]["jobs"] == sorted([first.job_id, second.job_id])
+    own = read(str(tmp_path / "job2"), "patch_scores")  # the job's own Delta table, as before
+    assert own["patch_scores"]["ids"] == sorted(new_ids)
+
+
+def test_skip_published_needs_tables_to_read(tiny_model, tmp_path):
+    from anogan_batch.job.configs import ScoreJobConfig
+
+    for table_format in ("parquet", "delta"):  # delta without a warehouse: per-job tables only
+        with pytest.raises(ConfigError, match="skip_published"):
+            ScoreJobConfig(tiny_model, "p", "o", table_format=table_format, skip_published=True)

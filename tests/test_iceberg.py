@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from anogan_batch.errors import ConfigError, InputError
-from anogan_batch.job.configs import IcebergTarget
-from tests.conftest import make_patch_table, run_cli, run_cli_concurrently
+from anogan_batch.job.configs import WarehouseTarget
+from tests.conftest import make_patch_table, read_ids, run_cli, run_cli_concurrently
 
 pytest.importorskip("pyiceberg")
 
 
-def read(target: IcebergTarget, table: str):
+def read(target: WarehouseTarget, table: str):
     from anogan_batch.job.iceberg import load_catalog
 
     return load_catalog(target).load_table(f"{target.namespace}.{table}").scan().to_arrow()
@@ -28,7 +28,7 @@ def test_jobs_append_exactly_once_and_duckdb_reads_them(finished_jobs, tmp_path)
 
     from anogan_batch.job.iceberg import publish
 
-    target = IcebergTarget(warehouse=str(tmp_path / "wh"))
+    target = WarehouseTarget(warehouse=str(tmp_path / "wh"))
     first = publish(finished_jobs["a"], target)
     assert first == {"patch_scores": 24, "scan_scores": 6, "jobs": 1}  # no quarantine
     assert set(publish(finished_jobs["a"], target).values()) == {"already published"}
@@ -55,7 +55,7 @@ def test_the_sql_of_docs_warehouse_runs_on_a_multi_job_table(finished_jobs, tmp_
 
     from anogan_batch.job.iceberg import publish
 
-    target = IcebergTarget(warehouse=str(tmp_path / "wh"))
+    target = WarehouseTarget(warehouse=str(tmp_path / "wh"))
     for out in finished_jobs.values():
         publish(out, target)
     con = duckdb.connect()
@@ -78,7 +78,7 @@ def test_a_warehouse_on_s3(finished_jobs, bucket, tmp_path):
 
     from anogan_batch.job.iceberg import publish
 
-    target = IcebergTarget(warehouse=f"s3://{bucket}/wh", catalog_db=str(tmp_path / "c.sqlite"))
+    target = WarehouseTarget(warehouse=f"s3://{bucket}/wh", catalog_db=str(tmp_path / "c.sqlite"))
     assert publish(finished_jobs["a"], target)["patch_scores"] == 24
     assert set(publish(finished_jobs["a"], target).values()) == {"already published"}
     assert read(target, "patch_scores").num_rows == 24
@@ -87,7 +87,7 @@ def test_a_warehouse_on_s3(finished_jobs, bucket, tmp_path):
     assert any(k.endswith(".parquet") and "patch_scores" in k for k in keys)
     assert any(k.endswith(".metadata.json") for k in keys)
     with pytest.raises(ConfigError, match="--catalog-db"):
-        publish(finished_jobs["a"], IcebergTarget(warehouse=f"s3://{bucket}/wh"))
+        publish(finished_jobs["a"], WarehouseTarget(warehouse=f"s3://{bucket}/wh"))
 
 
 def test_a_column_added_by_a_newer_version_appends_without_rewriting(
@@ -95,7 +95,7 @@ def test_a_column_added_by_a_newer_version_appends_without_rewriting(
 ):
     from anogan_batch.job import iceberg
 
-    target = IcebergTarget(warehouse=str(tmp_path / "wh"))
+    target = WarehouseTarget(warehouse=str(tmp_path / "wh"))
     rows_of = iceberg.job_rows
 
     def older_version(out, manifest, name):  # a version that wrote no p-values yet
@@ -125,7 +125,7 @@ def test_a_failed_commit_then_rerun_leaves_one_copy(finished_jobs, tmp_path, mon
 
     from anogan_batch.job.iceberg import publish
 
-    target = IcebergTarget(warehouse=str(tmp_path / "wh"))
+    target = WarehouseTarget(warehouse=str(tmp_path / "wh"))
     commit = Transaction.commit_transaction
 
     def crash_in_scan_scores_append(self):
@@ -157,7 +157,7 @@ def test_sigkill_between_tables_then_rerun_converges(finished_jobs, tmp_path):
     rerun = run_cli("publish", finished_jobs["b"], "--warehouse", wh)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "anogan.patch_scores: already published" in rerun.stdout
-    target = IcebergTarget(warehouse=wh)
+    target = WarehouseTarget(warehouse=wh)
     assert read(target, "patch_scores").num_rows == 16
     assert read(target, "jobs").num_rows == 1
 
@@ -165,7 +165,7 @@ def test_sigkill_between_tables_then_rerun_converges(finished_jobs, tmp_path):
 def test_two_concurrent_publishes_both_land(finished_jobs, tmp_path):
     wh = str(tmp_path / "wh")
     run_cli_concurrently(*(["publish", finished_jobs[n], "--warehouse", wh] for n in ("a", "b")))
-    target = IcebergTarget(warehouse=wh)
+    target = WarehouseTarget(warehouse=wh)
     ids = read(target, "patch_scores").column("patch_id").to_pylist()
     assert len(ids) == len(set(ids)) == 40
     assert read(target, "jobs").num_rows == 2
@@ -175,11 +175,11 @@ def test_bad_targets_are_clear_errors(finished_jobs, tmp_path):
     from anogan_batch.job.iceberg import publish
 
     with pytest.raises(ConfigError, match="namespace"):
-        IcebergTarget(namespace="a.b; drop")
+        WarehouseTarget(namespace="a.b; drop")
     with pytest.raises(ConfigError, match="--warehouse"):
-        publish(finished_jobs["a"], IcebergTarget(catalog="nowhere"))
+        publish(finished_jobs["a"], WarehouseTarget(catalog="nowhere"))
     with pytest.raises(InputError, match="no job"):
-        publish(str(tmp_path), IcebergTarget(warehouse=str(tmp_path / "wh")))
+        publish(str(tmp_path), WarehouseTarget(warehouse=str(tmp_path / "wh")))
     r = run_cli("publish", str(tmp_path / "nothing"), "--warehouse", str(tmp_path / "wh"))
     assert r.returncode == 2 and "no job" in r.stderr
 
@@ -192,10 +192,10 @@ def test_score_publishes_and_a_rerun_of_the_finished_job_adds_nothing(
     from anogan_batch.job.runner import run_score_job
 
     table = make_patch_table(tmp_path / "patches", sample["test_images"][40:52])
-    target = IcebergTarget(namespace="site_1", warehouse=str(tmp_path / "wh"))
+    target = WarehouseTarget(namespace="site_1", warehouse=str(tmp_path / "wh"))
     cfg = ScoreJobConfig(tiny_model, str(table), str(tmp_path / "out"),
                          search=SearchConfig(iterations=2), progress=False, heatmaps=False,
-                         table_format="iceberg", iceberg=target)  # fmt: skip
+                         table_format="iceberg", published=target)  # fmt: skip
     run_score_job(cfg)
     run_score_job(cfg)  # finished already: publishing again is a no-op
     rows = read(target, "patch_scores")
@@ -215,15 +215,15 @@ def test_a_growing_archive_pays_for_its_new_patches_only(ray_local, tiny_model, 
     images = sample["test_images"]
     day1 = make_patch_table(tmp_path / "day1", images[:12], files=2)
     ids = [f"grown-{i}" for i in range(12, 20)]
-    first_ids = [r for r in read_ids(day1)]
+    first_ids = read_ids(day1)
     grown = make_patch_table(tmp_path / "grown", images[:20], ids=first_ids + ids, files=3)
-    target = IcebergTarget(warehouse=str(tmp_path / "wh"))
+    target = WarehouseTarget(warehouse=str(tmp_path / "wh"))
 
     def job(patches, out, search=None, skip=False):
         return run_score_job(
             ScoreJobConfig(tiny_model, str(patches), str(tmp_path / out),
                            search=search or SearchConfig(), progress=False, heatmaps=False,
-                           table_format="iceberg", iceberg=target, skip_published=skip)
+                           table_format="iceberg", published=target, skip_published=skip)
         )  # fmt: skip
 
     first = job(day1, "job1", skip=True)  # nothing published yet: nothing skipped
@@ -246,9 +246,3 @@ def test_a_growing_archive_pays_for_its_new_patches_only(ray_local, tiny_model, 
     skipped = json.loads((tmp_path / "job2" / "job.json").read_text())["skipped_rows"]
     assert skipped == 12
     assert not (tmp_path / "job2" / "_published_ids").exists()  # cleaned up with the job
-
-
-def read_ids(table) -> list[str]:
-    import pyarrow.dataset as pads
-
-    return pads.dataset(str(table)).to_table(columns=["patch_id"]).column("patch_id").to_pylist()

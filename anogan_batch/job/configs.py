@@ -23,10 +23,10 @@ TABLE_FORMATS = ("parquet", "delta", "iceberg")
 
 
 @dataclass(frozen=True)
-class IcebergTarget:
-    """Where Iceberg publishing writes: a pyiceberg catalog by name and a namespace; for the
-    zero-configuration SQLite catalog (used when pyiceberg has no configuration for the
-    name), the warehouse folder and the SQLite file."""
+class WarehouseTarget:
+    """Where the long-lived tables live. Iceberg: a pyiceberg catalog by name and a namespace;
+    for the zero-configuration SQLite catalog (used when pyiceberg has no configuration for the
+    name), the warehouse folder and the SQLite file. Delta: `<warehouse>/<namespace>/<table>`."""
 
     catalog: str = "anogan"
     namespace: str = "anogan"
@@ -117,8 +117,10 @@ class ScoreJobConfig:
     # false-positive rate on normal patches), scans by Benjamini-Hochberg at FDR fdr
     fpr: float | None = None
     fdr: float | None = None
-    iceberg: IcebergTarget = field(default_factory=IcebergTarget)  # --table-format iceberg
-    # score only the patches whose (patch_id, model, search) the Iceberg tables do not hold
+    # the long-lived tables a finished job is appended to: with --table-format iceberg, or
+    # delta when a warehouse is named (job/iceberg.py, job/delta_tables.py)
+    published: WarehouseTarget = field(default_factory=WarehouseTarget)
+    # score only the patches whose (patch_id, model, search) those tables do not hold yet
     skip_published: bool = False
 
     def __post_init__(self) -> None:
@@ -142,7 +144,18 @@ class ScoreJobConfig:
                 "job_id", self.job_id, "use 1-128 letters, digits, '.', '_' or '-', not first '.'"
             )
         check_choice("table_format", self.table_format, TABLE_FORMATS)
-        if self.skip_published and self.table_format != "iceberg":
+        if self.skip_published and self.publishes_to is None:
             raise ConfigError(
-                "skip_published", True, "needs --table-format iceberg (the tables it reads)"
+                "skip_published",
+                True,
+                "needs the tables it reads: --table-format iceberg, or delta with --warehouse",
             )
+
+    @property
+    def publishes_to(self) -> str | None:
+        """The long-lived tables a finished job is appended to: "iceberg", "delta" or None."""
+        if self.table_format == "iceberg":
+            return "iceberg"
+        if self.table_format == "delta" and self.published.warehouse is not None:
+            return "delta"
+        return None

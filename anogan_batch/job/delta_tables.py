@@ -6,6 +6,9 @@ application transaction `anogan:<job_id>`, and a table whose log already holds i
 Appends from two jobs never conflict in Delta; deltalake retries the commit when another
 writer got there first. New columns merge into the table schema (`schema_mode="merge"`).
 
+--skip-published reads the ids back: the `jobs` rows of this model and search, then their
+`patch_id`s from `patch_scores`, streamed through a pyarrow dataset with the filter pushed down.
+
 deltalake's native runtime can abort the interpreter at exit (see job/warehouse.py), so the
 work runs in a child process that leaves with os._exit.
 """
@@ -20,11 +23,15 @@ from typing import Any
 
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
+from anogan_batch.job.layout import JobLayout
 from anogan_batch.job.published import (
+    JOBS,
     PARTITION_MODEL,
     TABLE_ORDER,
     finished_job,
     job_rows,
+    same_search_jobs,
+    write_id_files,
 )
 
 APP_PREFIX = "anogan:"  # Delta application transaction id of a published job: anogan:<job_id>
@@ -34,11 +41,54 @@ def publish_delta(out: str, warehouse: str, namespace: str) -> dict[str, Any]:
     """Append the finished job in OUT to the Delta tables under warehouse/namespace, exactly
     once. -> {table: rows appended, or "already published"}."""
     finished_job(out)  # a clear error here, not in the child
-    cmd = [sys.executable, "-m", "anogan_batch.job.delta_tables", out, warehouse, namespace]
+    return _in_child("publish", f"Delta publishing of '{out}'", out, warehouse, namespace)
+
+
+def write_published_ids_delta(
+    warehouse: str, namespace: str, params: dict[str, Any], dest: str
+) -> int:
+    """Like iceberg.write_published_ids, from the Delta tables under warehouse/namespace:
+    the patch_ids published for this model and search, as Parquet files under dest."""
+    what = f"reading the published ids of '{storage.join(warehouse, namespace)}'"
+    return _in_child("ids", what, warehouse, namespace, json.dumps(params), dest)
+
+
+def _in_child(command: str, what: str, *args: str) -> Any:
+    cmd = [sys.executable, "-m", "anogan_batch.job.delta_tables", command, *args]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise InputError(f"Delta publishing of '{out}' failed: {r.stderr.strip()[-2000:]}")
+        raise InputError(f"{what} failed: {r.stderr.strip()[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _published_ids(warehouse: str, namespace: str, params_json: str, dest: str) -> int:
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+
+    from anogan_batch.io.s3 import object_store_options
+
+    params = json.loads(params_json)
+    storage.delete(dest)
+    uris = {
+        name: storage.join(warehouse, namespace, name) for name in (JOBS, JobLayout.PATCH_SCORES)
+    }
+    options = object_store_options(warehouse)
+    if not all(DeltaTable.is_deltatable(u, storage_options=options) for u in uris.values()):
+        return 0
+    jobs = DeltaTable(uris[JOBS], storage_options=options).to_pyarrow_dataset()
+    same = same_search_jobs(
+        jobs.to_table(
+            columns=["job_id", "params"], filter=pc.field("model_id") == params["model_id"]
+        ),
+        params,
+    )
+    if not same:
+        return 0
+    patches = DeltaTable(uris[JobLayout.PATCH_SCORES], storage_options=options)
+    scanner = patches.to_pyarrow_dataset().scanner(
+        columns=["patch_id"], filter=pc.field("job_id").isin(same)
+    )
+    return write_id_files(scanner.to_batches(), dest)
 
 
 def _publish(out: str, warehouse: str, namespace: str) -> dict[str, Any]:
@@ -80,9 +130,10 @@ def _holds(delta_table: Any, uri: str, options: dict, app_id: str) -> bool:
     return delta_table(uri, storage_options=options).transaction_version(app_id) is not None
 
 
-if __name__ == "__main__":  # the child of publish_delta
+if __name__ == "__main__":  # the child of publish_delta and write_published_ids_delta
     try:
-        result = _publish(*sys.argv[1:4])
+        work = {"publish": _publish, "ids": _published_ids}[sys.argv[1]]
+        result = work(*sys.argv[2:])
     except Exception as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
         os._exit(1)

@@ -21,21 +21,23 @@ remain in the job's own Parquet files under `jobs.out`, keyed by `patch_id`.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
 from typing import TYPE_CHECKING, Any
 
 from anogan_batch.errors import ConfigError, InputError
-from anogan_batch.job.configs import IcebergTarget
-from anogan_batch.job.manifest import SEARCH_KEYS
+from anogan_batch.job.configs import WarehouseTarget
+from anogan_batch.job.layout import JobLayout
 from anogan_batch.job.published import (
+    JOBS,
     PARTITION_DAY,
     PARTITION_MODEL,
     TABLE_ORDER,
     finished_job,
     job_rows,
+    same_search_jobs,
+    write_id_files,
 )
 
 if TYPE_CHECKING:
@@ -47,7 +49,7 @@ JOB_ID_PROPERTY = "anogan.job_id"  # in each append's snapshot summary: the exac
 COMMIT_ATTEMPTS = 8
 
 
-def load_catalog(target: IcebergTarget) -> Any:
+def load_catalog(target: WarehouseTarget) -> Any:
     """The pyiceberg catalog `target.catalog`: configured, or the zero-configuration one."""
     try:
         from pyiceberg.catalog import load_catalog as pyiceberg_load
@@ -69,7 +71,7 @@ def load_catalog(target: IcebergTarget) -> Any:
     return pyiceberg_load(target.catalog, **_sqlite_properties(target))
 
 
-def _sqlite_properties(target: IcebergTarget) -> dict[str, str]:
+def _sqlite_properties(target: WarehouseTarget) -> dict[str, str]:
     import os
 
     from anogan_batch.io.s3 import is_s3, s3_endpoint, s3_region
@@ -94,7 +96,7 @@ def _sqlite_properties(target: IcebergTarget) -> dict[str, str]:
     return props
 
 
-def publish(out: str, target: IcebergTarget) -> dict[str, Any]:
+def publish(out: str, target: WarehouseTarget) -> dict[str, Any]:
     """Append the finished job in OUT to the Iceberg tables of `target`, exactly once.
     -> {table: rows appended, or "already published"}."""
     manifest = finished_job(out)
@@ -189,10 +191,7 @@ def _conform(rows: pa.Table, table: Any) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=target)
 
 
-IDS_PER_FILE = 1_000_000
-
-
-def write_published_ids(target: IcebergTarget, params: dict[str, Any], dest: str) -> int:
+def write_published_ids(target: WarehouseTarget, params: dict[str, Any], dest: str) -> int:
     """Write the patch_ids that `patch_scores` holds for this model and search (jobs with the
     same `model_id` and SEARCH_KEYS) as Parquet files under `dest`, streamed a batch at a
     time so that memory stays bounded. -> how many ids (0: nothing published yet)."""
@@ -201,49 +200,21 @@ def write_published_ids(target: IcebergTarget, params: dict[str, Any], dest: str
     from anogan_batch.io import storage
 
     catalog = load_catalog(target)
-    tables = {name: f"{target.namespace}.{name}" for name in ("jobs", "patch_scores")}
+    tables = {name: f"{target.namespace}.{name}" for name in (JOBS, JobLayout.PATCH_SCORES)}
     storage.delete(dest)
     if not all(catalog.table_exists(t) for t in tables.values()):
         return 0
     jobs = (
-        catalog.load_table(tables["jobs"])
+        catalog.load_table(tables[JOBS])
         .scan(
             row_filter=EqualTo("model_id", params["model_id"]), selected_fields=("job_id", "params")
         )
         .to_arrow()
-        .to_pylist()
     )
-    same = [j["job_id"] for j in jobs if _search_of(json.loads(j["params"])) == _search_of(params)]
+    same = same_search_jobs(jobs, params)
     if not same:
         return 0
-    scan = catalog.load_table(tables["patch_scores"]).scan(
+    scan = catalog.load_table(tables[JobLayout.PATCH_SCORES]).scan(
         row_filter=In("job_id", same), selected_fields=("patch_id",)
     )
-    total, pending = 0, []
-    for batch in scan.to_arrow_batch_reader():
-        pending.append(batch)
-        if sum(b.num_rows for b in pending) >= IDS_PER_FILE:
-            total += _write_ids(pending, storage.join(dest, f"ids-{total:012d}.parquet"))
-            pending = []
-    if pending:
-        total += _write_ids(pending, storage.join(dest, f"ids-{total:012d}.parquet"))
-    return total
-
-
-def _search_of(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: params.get(k) for k in SEARCH_KEYS}
-
-
-def _write_ids(batches: list, path: str) -> int:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from anogan_batch.io import storage
-
-    table = pa.Table.from_batches(batches).select(["patch_id"])
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    storage.write_bytes(path, buffer.getvalue())
-    return table.num_rows
+    return write_id_files(scan.to_arrow_batch_reader(), dest)

@@ -10,12 +10,13 @@ stay in the job's own Parquet files under `jobs.out`, keyed by `patch_id`.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
 from anogan_batch.job.layout import JobLayout
-from anogan_batch.job.manifest import JobManifest
+from anogan_batch.job.manifest import SEARCH_KEYS, JobManifest
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -90,6 +91,51 @@ def jobs_schema() -> pa.Schema:
         ("quarantined_rows", pa.int64()), ("patches_per_second", pa.float64()),
         ("params", pa.string()), ("out", pa.string()), ("manifest", pa.string()),
     ])  # fmt: skip
+
+
+IDS_PER_FILE = 1_000_000  # --skip-published: ids per Parquet file under OUT/_published_ids
+
+
+def same_search_jobs(jobs: pa.Table, params: dict[str, Any]) -> list[str]:
+    """The job_ids among `jobs` rows (job_id, params) that scored with this job's model and
+    search parameters (SEARCH_KEYS): their patch ids are what --skip-published skips."""
+    want = _search_of(params)
+    return [
+        row["job_id"]
+        for row in jobs.select(["job_id", "params"]).to_pylist()
+        if _search_of(json.loads(row["params"])) == want
+    ]
+
+
+def _search_of(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: params.get(k) for k in ("model_id", *SEARCH_KEYS)}
+
+
+def write_id_files(batches: Iterable[pa.RecordBatch], dest: str) -> int:
+    """Stream the `patch_id` column of batches into Parquet files of IDS_PER_FILE ids under
+    dest, one file's worth in memory at a time. -> how many ids."""
+    total, pending = 0, []
+    for batch in batches:
+        pending.append(batch)
+        if sum(b.num_rows for b in pending) >= IDS_PER_FILE:
+            total += _write_ids(pending, storage.join(dest, f"ids-{total:012d}.parquet"))
+            pending = []
+    if pending:
+        total += _write_ids(pending, storage.join(dest, f"ids-{total:012d}.parquet"))
+    return total
+
+
+def _write_ids(batches: list, path: str) -> int:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_batches(batches).select(["patch_id"])
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(path, buffer.getvalue())
+    return table.num_rows
 
 
 def _timestamp(text: str | None):

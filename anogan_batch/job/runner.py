@@ -95,10 +95,10 @@ def prepare(cfg: ScoreJobConfig) -> Preflight:
         table_normalisation,
     )
 
-    if cfg.table_format == "iceberg":  # a catalog that cannot be opened fails now, not after
+    if cfg.publishes_to == "iceberg":  # a catalog that cannot be opened fails now, not after
         from anogan_batch.job.iceberg import load_catalog
 
-        load_catalog(cfg.iceberg)
+        load_catalog(cfg.published)
     card = read_model_card(cfg.model_dir)
     check_weights(card)
     search = resolve_search(cfg.search, has_encoder=card.config.encoder)
@@ -163,7 +163,7 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
     manifest = open_manifest(cfg, prep)
     if manifest.status == "succeeded":
         # a rerun after a crash between the job's end and the warehouse's commit
-        publish_to_iceberg(cfg)
+        publish_to_warehouse(cfg)
         return manifest
     run = Run(manifest, cfg.out, preflight_s=time.time() - started)
     try:
@@ -194,7 +194,7 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
     except BaseException as e:
         run.fail(e)
         raise
-    publish_to_iceberg(cfg)  # only a succeeded job is published
+    publish_to_warehouse(cfg)  # only a succeeded job is published
     return manifest
 
 
@@ -270,17 +270,26 @@ def _check_ids(cfg: ScoreJobConfig, prep: Preflight) -> str:
 
 
 def skip_published(cfg: ScoreJobConfig, manifest: JobManifest) -> tuple[str, int] | None:
-    """--skip-published: the ids the Iceberg tables hold for this model and search, written
+    """--skip-published: the ids the long-lived tables hold for this model and search, written
     under OUT, and how many input rows they cover (manifest.skipped_rows). -> (ids path, hash
     partitions) for the pipeline's anti-join, or None when there is nothing to skip."""
     from anogan_batch.io.tables import count_listed_ids, id_partitions
-    from anogan_batch.job.iceberg import write_published_ids
 
     manifest.skipped_rows = 0
     if not cfg.skip_published:
         return None
     path = JobLayout(cfg.out).published_ids
-    listed = write_published_ids(cfg.iceberg, manifest.params, path)
+    if cfg.publishes_to == "iceberg":
+        from anogan_batch.job.iceberg import write_published_ids
+
+        listed = write_published_ids(cfg.published, manifest.params, path)
+    else:
+        from anogan_batch.job.delta_tables import write_published_ids_delta
+
+        target = cfg.published
+        listed = write_published_ids_delta(
+            target.warehouse, target.namespace, manifest.params, path
+        )
     if not listed:
         return None
     rows = manifest.input_rows
@@ -363,14 +372,22 @@ def decide(cfg: ScoreJobConfig, prep: Preflight, manifest: JobManifest) -> None:
     }
 
 
-def publish_to_iceberg(cfg: ScoreJobConfig) -> None:
-    """Append the finished job to the Iceberg tables (exactly once: see job/iceberg.py)."""
-    if cfg.table_format != "iceberg":
-        return
-    from anogan_batch.job.iceberg import publish
+def publish_to_warehouse(cfg: ScoreJobConfig) -> None:
+    """Append the finished job to the long-lived Iceberg or Delta tables, if the job has
+    them (exactly once: see job/iceberg.py, job/delta_tables.py)."""
+    target = cfg.published
+    if cfg.publishes_to == "iceberg":
+        from anogan_batch.job.iceberg import publish
 
-    for table, rows in publish(cfg.out, cfg.iceberg).items():
-        log.info("iceberg %s.%s: %s", cfg.iceberg.namespace, table, rows)
+        done = publish(cfg.out, target)
+    elif cfg.publishes_to == "delta":
+        from anogan_batch.job.delta_tables import publish_delta
+
+        done = publish_delta(cfg.out, target.warehouse, target.namespace)
+    else:
+        return
+    for table, rows in done.items():
+        log.info("%s %s.%s: %s", cfg.publishes_to, target.namespace, table, rows)
 
 
 def publish_tables(cfg: ScoreJobConfig) -> dict[str, str]:
