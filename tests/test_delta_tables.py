@@ -50,10 +50,11 @@ def test_jobs_append_exactly_once(finished_jobs, tmp_path):
     assert "residual_map" not in got["patch_scores"]["columns"]
 
 
-def test_two_concurrent_publishes_both_land(finished_jobs, tmp_path):
+def test_concurrent_publishes_all_land_once(finished_jobs, tmp_path):
+    """Two jobs, each published twice at once, into a warehouse that has no tables yet."""
     wh = str(tmp_path / "wh")
     publish = ["publish", "--to", "delta", "--warehouse", wh]
-    run_cli_concurrently(*([*publish, finished_jobs[n]] for n in ("a", "b")))
+    run_cli_concurrently(*([*publish, finished_jobs[n]] for n in ("a", "b", "a", "b")))
     got = read(f"{wh}/anogan", "patch_scores", "jobs")
     assert got["patch_scores"]["rows"] == len(got["patch_scores"]["ids"]) == 40
     assert got["jobs"]["rows"] == 2

@@ -162,9 +162,11 @@ def test_sigkill_between_tables_then_rerun_converges(finished_jobs, tmp_path):
     assert read(target, "jobs").num_rows == 1
 
 
-def test_two_concurrent_publishes_both_land(finished_jobs, tmp_path):
+def test_concurrent_publishes_all_land_once(finished_jobs, tmp_path):
+    """Two jobs, each published twice at once, into a warehouse that has no tables yet."""
     wh = str(tmp_path / "wh")
-    run_cli_concurrently(*(["publish", finished_jobs[n], "--warehouse", wh] for n in ("a", "b")))
+    jobs = ("a", "b", "a", "b")
+    run_cli_concurrently(*(["publish", finished_jobs[n], "--warehouse", wh] for n in jobs))
     target = WarehouseTarget(warehouse=wh)
     ids = read(target, "patch_scores").column("patch_id").to_pylist()
     assert len(ids) == len(set(ids)) == 40

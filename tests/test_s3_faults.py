@@ -146,3 +146,89 @@ def test_s3_gone_for_good_fails_clearly_and_a_rerun_resumes(bucket, s3_server, s
     assert job["runs"][-1]["rows"] < ROWS  # resumed: rows written before the outage stayed
     ids = [r["patch_id"] for r in read(JobLayout(f"{root}/job").patch_scores, "patch_id")]
     assert len(ids) == len(set(ids)) == ROWS
+
+
+READ_DELTA = """
+import json, sys
+from deltalake import DeltaTable
+from anogan_batch.io.s3 import object_store_options
+t = DeltaTable(sys.argv[1], storage_options=object_store_options(sys.argv[1])).to_pyarrow_table()
+print(json.dumps(t.column("patch_id").to_pylist()), flush=True)
+import os; os._exit(0)  # deltalake's runtime may abort at interpreter exit (job/warehouse.py)
+"""
+
+
+def test_a_flaky_s3_warehouse_gets_every_job_exactly_once(
+    finished_jobs, bucket, s3_server, tmp_path
+):
+    """Publishing through throttling, 500s, resets and stalls, to Iceberg and Delta on S3: what
+    fails says so (no traceback) and its rerun lands; job a published twice is in once."""
+    from anogan_batch.job.configs import WarehouseTarget
+    from anogan_batch.job.iceberg import load_catalog
+
+    rates = FaultRates(slow_down=0.05, internal=0.03, reset=0.03, delay=0.05)
+    proxy = FaultProxy(s3_server, rates, seed=11).start()
+    iceberg = WarehouseTarget(warehouse=f"s3://{bucket}/ice", catalog_db=str(tmp_path / "c.db"))
+    targets = {
+        "iceberg": ["--warehouse", iceberg.warehouse, "--catalog-db", iceberg.catalog_db],
+        "delta": ["--warehouse", f"s3://{bucket}/delta"],
+    }
+    failed = []
+    for to, where in targets.items():
+        for name in ("a", "b", "a"):
+            for _ in range(4):  # a publish that fails is rerun, as a user or a scheduler would
+                r = run_cli("publish", finished_jobs[name], "--to", to, *where,
+                            env={"AWS_ENDPOINT_URL_S3": proxy.url})  # fmt: skip
+                if r.returncode == 0:
+                    break
+                failed.append(r.stderr)
+                assert "Traceback" not in r.stderr and r.stderr.startswith("error: "), r.stderr
+            assert r.returncode == 0, r.stderr[-3000:]
+    assert sum(proxy.counts[k] for k in ("slow_down", "internal", "reset")) > 0, proxy.counts
+    expected = 40  # 24 patches of job a, 16 of job b
+    ids = load_catalog(iceberg).load_table("anogan.patch_scores").scan().to_arrow()["patch_id"]
+    assert len(ids) == len(set(ids.to_pylist())) == expected
+    r = subprocess.run([sys.executable, "-c", READ_DELTA, f"s3://{bucket}/delta/anogan/patch_scores"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    ids = json.loads(r.stdout)
+    assert len(ids) == len(set(ids)) == expected
+
+
+def test_s3_gone_during_publish_fails_clearly_and_a_rerun_lands(
+    finished_jobs, bucket, s3_server, tmp_path
+):
+    proxy = FaultProxy(s3_server, FaultRates(0, 0, 0, 0)).start()
+    env = {"AWS_ENDPOINT_URL_S3": proxy.url, "ANOGAN_S3_MAX_ATTEMPTS": "2"}
+    port = proxy.server.server_address[1]
+    catalog_db = str(tmp_path / "c.db")
+    commands = {
+        to: ("publish", finished_jobs["a"], "--to", to, "--warehouse", f"s3://{bucket}/{to}")
+        for to in ("iceberg", "delta")
+    }
+    commands["iceberg"] += ("--catalog-db", catalog_db)
+    proxy.down()
+    for args in commands.values():
+        r = run_cli(*args, env=env, timeout=300)
+        assert r.returncode == 1, r.stderr[-3000:]
+        assert r.stderr.startswith(f"error: S3 at {proxy.url}"), r.stderr[-3000:]
+        assert "rerun the same command" in r.stderr and S3_SECRET not in r.stderr
+    FaultProxy(s3_server, FaultRates(0, 0, 0, 0), port=port).start()  # S3 is back
+    for args in commands.values():
+        r = run_cli(*args, env=env, timeout=300)
+        assert r.returncode == 0 and "24 rows appended" in r.stdout, r.stderr[-3000:]
+
+
+def test_concurrent_delta_publishes_on_s3_all_land_once(finished_jobs, bucket):
+    """Two jobs, each published twice at once, into Delta tables on S3 that do not exist yet:
+    deltalake commits with a conditional put, and the same job's second commit conflicts."""
+    from tests.conftest import run_cli_concurrently
+
+    wh = f"s3://{bucket}/delta"
+    run_cli_concurrently(*(["publish", finished_jobs[n], "--to", "delta", "--warehouse", wh]
+                           for n in ("a", "b", "a", "b")))  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", READ_DELTA, f"{wh}/anogan/patch_scores"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    ids = json.loads(r.stdout)
+    assert len(ids) == len(set(ids)) == 40

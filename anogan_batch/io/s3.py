@@ -103,8 +103,9 @@ def object_store_options(uri: str) -> dict[str, str] | None:
     chain, never in these options."""
     if not is_s3(uri):
         return None
-    # the job is the only writer of its tables, so S3's lack of an atomic rename is no risk
-    options = {"AWS_S3_ALLOW_UNSAFE_RENAME": "true", **S3RetryPolicy.from_env().object_store()}
+    # deltalake commits to S3 with conditional puts (If-None-Match): concurrent writers of one
+    # table (the warehouse's, job/delta_tables.py) are safe with no locking provider
+    options = dict(S3RetryPolicy.from_env().object_store())
     endpoint = s3_endpoint()
     if endpoint:
         options["AWS_ENDPOINT_URL"] = endpoint

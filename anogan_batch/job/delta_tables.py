@@ -2,9 +2,11 @@
 
 The same four tables as Iceberg's (job/published.py), at `<warehouse>/<namespace>/<table>`,
 local or `s3://`. Exactly once by Delta's own idempotent-write record: each append commits an
-application transaction `anogan:<job_id>`, and a table whose log already holds it is skipped.
-Appends from two jobs never conflict in Delta; deltalake retries the commit when another
-writer got there first. New columns merge into the table schema (`schema_mode="merge"`).
+application transaction `anogan:<job_id>`, and a table whose log already holds it is skipped;
+the same job published twice at once conflicts on that transaction and the loser finds it
+published. Appends from two jobs never conflict; deltalake retries the commit when another
+writer got there first (on S3 its commits are conditional puts, so none overwrites another).
+New columns merge into the table schema (`schema_mode="merge"`).
 
 --skip-published reads the ids back: the `jobs` rows of this model and search, then their
 `patch_id`s from `patch_scores`, streamed through a pyarrow dataset with the filter pushed down.
@@ -17,12 +19,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
+import time
 from typing import Any
 
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
+from anogan_batch.io.s3 import S3_FAILURE_MARKERS
 from anogan_batch.job.layout import JobLayout
 from anogan_batch.job.published import (
     JOBS,
@@ -35,6 +40,7 @@ from anogan_batch.job.published import (
 )
 
 APP_PREFIX = "anogan:"  # Delta application transaction id of a published job: anogan:<job_id>
+COMMIT_ATTEMPTS = 8  # reads, checks and commits of one table before giving up
 
 
 def publish_delta(out: str, warehouse: str, namespace: str) -> dict[str, Any]:
@@ -56,9 +62,12 @@ def write_published_ids_delta(
 def _in_child(command: str, what: str, *args: str) -> Any:
     cmd = [sys.executable, "-m", "anogan_batch.job.delta_tables", command, *args]
     r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise InputError(f"{what} failed: {r.stderr.strip()[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    if r.returncode == 0:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    message = f"{what} failed: {r.stderr.strip()[-2000:]}"
+    if any(marker in message for marker in S3_FAILURE_MARKERS):
+        raise OSError(message)  # S3 past its retries: exit 1, rerun (cli.main)
+    raise InputError(message)
 
 
 def _published_ids(warehouse: str, namespace: str, params_json: str, dest: str) -> int:
@@ -73,7 +82,7 @@ def _published_ids(warehouse: str, namespace: str, params_json: str, dest: str) 
         name: storage.join(warehouse, namespace, name) for name in (JOBS, JobLayout.PATCH_SCORES)
     }
     options = object_store_options(warehouse)
-    if not all(DeltaTable.is_deltatable(u, storage_options=options) for u in uris.values()):
+    if not all(_exists(u, options) for u in uris.values()):
         return 0
     jobs = DeltaTable(uris[JOBS], storage_options=options).to_pyarrow_dataset()
     same = same_search_jobs(
@@ -92,8 +101,6 @@ def _published_ids(warehouse: str, namespace: str, params_json: str, dest: str) 
 
 
 def _publish(out: str, warehouse: str, namespace: str) -> dict[str, Any]:
-    from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-
     from anogan_batch.io.s3 import object_store_options
 
     manifest = finished_job(out)
@@ -101,33 +108,52 @@ def _publish(out: str, warehouse: str, namespace: str) -> dict[str, Any]:
     done: dict[str, Any] = {}
     for name in TABLE_ORDER:
         rows = job_rows(out, manifest, name)
-        if rows is None:
-            continue
-        uri = storage.join(warehouse, namespace, name)
-        options = object_store_options(uri)
-        if _holds(DeltaTable, uri, options, app_id):
-            done[name] = "already published"
-            continue
-        write_deltalake(
-            uri,
-            rows,
-            mode="append",
-            partition_by=[PARTITION_MODEL] if PARTITION_MODEL in rows.column_names else None,
-            schema_mode="merge",
-            storage_options=options,
-            commit_properties=CommitProperties(
-                app_transactions=[Transaction(app_id, 1)], max_commit_retries=20
-            ),
-        )
-        done[name] = rows.num_rows
+        if rows is not None:
+            uri = storage.join(warehouse, namespace, name)
+            done[name] = _append_once(uri, object_store_options(uri), rows, app_id)
     return done
 
 
-def _holds(delta_table: Any, uri: str, options: dict, app_id: str) -> bool:
-    """Whether the table at uri exists and its log records the job's transaction."""
-    if not delta_table.is_deltatable(uri, storage_options=options):
-        return False
-    return delta_table(uri, storage_options=options).transaction_version(app_id) is not None
+def _append_once(uri: str, options: dict | None, rows: Any, app_id: str) -> Any:
+    """Append rows with the application transaction app_id unless the table holds it. The
+    check and the commit read the same table version, so a publish of the same job that
+    commits in between is a conflict (Delta's concurrent-transaction check), never a second
+    copy. The table is created empty first, so that two first publishes race on creating it,
+    not on appending; conflicts and lost races are retried from a fresh read."""
+    from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+    from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchError
+
+    partition_by = [PARTITION_MODEL] if PARTITION_MODEL in rows.column_names else None
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            if not DeltaTable.is_deltatable(uri, storage_options=options):
+                DeltaTable.create(uri, rows.schema, mode="ignore", partition_by=partition_by,
+                                  storage_options=options)  # fmt: skip
+            table = DeltaTable(uri, storage_options=options)
+            if table.transaction_version(app_id) is not None:
+                return "already published"
+            write_deltalake(
+                table,
+                rows,
+                mode="append",
+                partition_by=partition_by,
+                schema_mode="merge",
+                commit_properties=CommitProperties(
+                    app_transactions=[Transaction(app_id, 1)], max_commit_retries=20
+                ),
+            )
+            return rows.num_rows
+        except (CommitFailedError, DeltaError) as e:
+            if attempt == COMMIT_ATTEMPTS or isinstance(e, SchemaMismatchError):
+                raise
+            time.sleep(random.uniform(0, 0.1 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def _exists(uri: str, options: dict | None) -> bool:
+    from deltalake import DeltaTable
+
+    return DeltaTable.is_deltatable(uri, storage_options=options)
 
 
 if __name__ == "__main__":  # the child of publish_delta and write_published_ids_delta

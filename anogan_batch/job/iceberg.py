@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 JOB_ID_PROPERTY = "anogan.job_id"  # in each append's snapshot summary: the exactly-once key
 COMMIT_ATTEMPTS = 8
+# pyiceberg retries a conflicting append by rebasing it onto the new snapshot, past the
+# exactly-once check; with its retries off the conflict reaches _append_once, which checks again
+NO_REBASE = {"commit.retry.num-retries": "0"}
 
 
 def load_catalog(target: WarehouseTarget) -> Any:
@@ -68,7 +71,23 @@ def load_catalog(target: WarehouseTarget) -> Any:
             f"PYICEBERG_CATALOG__{target.catalog.upper()}__URI); give --warehouse for the "
             "zero-configuration SQLite catalog",
         )
-    return pyiceberg_load(target.catalog, **_sqlite_properties(target))
+    return _open_sqlite(target.catalog, _sqlite_properties(target))
+
+
+def _open_sqlite(name: str, props: dict[str, str]) -> Any:
+    """The SQL catalog on SQLite. It creates its own tables on first use; two processes that
+    open a new catalog at once race on that (one finds the other's table), so that is retried."""
+    from pyiceberg.catalog import load_catalog as pyiceberg_load
+    from sqlalchemy.exc import OperationalError
+
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            return pyiceberg_load(name, **props)
+        except OperationalError as e:
+            if attempt == COMMIT_ATTEMPTS or "already exists" not in str(e):
+                raise
+            time.sleep(random.uniform(0, 0.05 * attempt))
+    raise AssertionError("unreachable")
 
 
 def _sqlite_properties(target: WarehouseTarget) -> dict[str, str]:
@@ -136,7 +155,14 @@ def _table_for(catalog: Any, identifier: str, schema: pa.Schema) -> Any:
     by any column of `schema` it lacks."""
     from pyiceberg.exceptions import CommitFailedException
 
-    table = catalog.create_table_if_not_exists(identifier, schema=schema)
+    table = catalog.create_table_if_not_exists(identifier, schema=schema, properties=NO_REBASE)
+    if any(table.properties.get(k) != v for k, v in NO_REBASE.items()):  # made by someone else
+        try:
+            with table.transaction() as tx:
+                tx.set_properties(NO_REBASE)
+        except CommitFailedException:
+            pass  # another writer set them first, or grew the table: reloaded below
+        table = catalog.load_table(identifier)
     if not table.spec().fields:
         _partition(table)
         table = catalog.load_table(identifier)
