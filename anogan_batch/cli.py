@@ -167,6 +167,12 @@ def train(
     kappa: Annotated[
         float, typer.Option(help="κ, feature weight of the encoder loss")
     ] = TrainConfig.kappa,
+    augment_shift: Annotated[
+        int,
+        typer.Option(
+            help="shift training patches by up to this many pixels (augmentation); 0: off"
+        ),
+    ] = TrainConfig.augment_shift,
     input_norm: Annotated[
         str,
         typer.Option(
@@ -212,6 +218,7 @@ def train(
         max_patches=max_patches,
         encoder_epochs=encoder_epochs,
         kappa=kappa,
+        augment_shift=augment_shift,
         g_ema=g_ema,
         input_norm=input_norm,
         feature_layer=feature_layer,

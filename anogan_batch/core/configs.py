@@ -145,6 +145,9 @@ class TrainConfig:
     g_ema: float = 0.999  # decay of an exponential moving average of G's weights; 0: off
     encoder_epochs: int = 30  # epochs of the izi_f encoder after the GAN; 0: no encoder
     kappa: float = 1.0  # κ, weight of the D-feature term in the encoder's loss
+    # training batches (GAN and encoder) shifted by up to this many pixels each way, a patch
+    # at a time: augmentation that keeps a normal patch normal; 0: off
+    augment_shift: int = 0
     input_norm: str = ModelConfig.input_norm  # how pixels become model input (model_input)
     feature_layer: int = ModelConfig.feature_layer  # D block whose output is the search's f
     # share of the normal scans held out of training and scored for calibrated p-values
@@ -158,6 +161,7 @@ class TrainConfig:
         check_float("lr", self.lr, low=0.0, low_open=True)
         check_float("beta1", self.beta1, low=0.0, high=1.0)
         check_int("seed", self.seed, min_value=0)
+        check_int("augment_shift", self.augment_shift, min_value=0)
         check_float("g_ema", self.g_ema, low=0.0, high=0.9999)
         check_int("encoder_epochs", self.encoder_epochs, min_value=0)
         check_float("kappa", self.kappa, low=0.0)

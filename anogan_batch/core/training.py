@@ -188,7 +188,7 @@ def fit_gan(
         for epoch in range(cfg.epochs):
             order = torch.randperm(n, generator=rng)
             for s in range(steps_per_epoch):
-                real = x_all[order[s * batch : (s + 1) * batch]].to(device)
+                real = _shifted(x_all[order[s * batch : (s + 1) * batch]], cfg, rng).to(device)
                 z = (torch.rand(batch, cfg.latent_dim, generator=rng) * 2 - 1).to(device)
                 fake = g(z)
                 # D: real -> 1, fake -> 0
@@ -236,6 +236,26 @@ def fit_gan(
         time.time() - started,
         encoder,
         encoder_history,
+    )
+
+
+def _shifted(x, cfg: TrainConfig, rng):
+    """x (B, C, S, S) with each patch moved by up to cfg.augment_shift pixels each way, the
+    border repeated into the gap (TrainConfig.augment_shift)."""
+    import torch
+    import torch.nn.functional as F
+
+    k = cfg.augment_shift
+    if k == 0:
+        return x
+    size = x.shape[-1]
+    padded = F.pad(x, (k, k, k, k), mode="replicate")  # (B, C, S + 2k, S + 2k)
+    dy, dx = torch.randint(0, 2 * k + 1, (2, len(x)), generator=rng).tolist()
+    return torch.stack(
+        [
+            padded[i, :, a : a + size, b : b + size]
+            for i, (a, b) in enumerate(zip(dy, dx, strict=True))
+        ]
     )
 
 
@@ -292,7 +312,7 @@ def fit_encoder(g, d, model_cfg, x_all, cfg: TrainConfig, *, progress: bool = Tr
         for epoch in range(cfg.encoder_epochs):
             order = torch.randperm(n, generator=rng)
             for s in range(steps_per_epoch):
-                x = x_all[order[s * batch : (s + 1) * batch]].to(device)
+                x = _shifted(x_all[order[s * batch : (s + 1) * batch]], cfg, rng).to(device)
                 gz = g(e(x))
                 fx, fgz = d.feature(x), d.feature(gz)
                 loss = F.mse_loss(gz, x) + cfg.kappa * F.mse_loss(fgz, fx)

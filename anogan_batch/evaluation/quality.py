@@ -61,8 +61,11 @@ def evaluate_class(
     test_idx: np.ndarray,
     recipe: QualityRecipe,
     variants: dict[str, dict] | None = None,
+    *,
+    keep_scores: bool = False,
 ) -> dict[str, Any]:
-    """Train on `digit`, score the test digits; -> AUROC/AUPRC (and those of `variants`)."""
+    """Train on `digit`, score the test digits; -> AUROC/AUPRC (and those of `variants`;
+    with keep_scores the scores themselves too, for ensembles built afterwards)."""
     import torch
 
     from anogan_batch.core.configs import SearchConfig, TrainConfig
@@ -79,8 +82,11 @@ def evaluate_class(
     d = fit.discriminator.to(memory_format=torch.channels_last)
     e = fit.encoder.to(memory_format=torch.channels_last) if fit.encoder is not None else None
     train_cpu = time.process_time() - started
+    device = torch.device(fit.device)  # scored where it trained
+    g, d, e = (m.to(device) if m is not None else None for m in (g, d, e))
 
     x = model_input(torch.from_numpy(images[test_idx][:, :, :, None].copy()), fit.config)
+    x = x.to(device)
     ids = [f"mnist-{i}" for i in test_idx]
     positive = labels[test_idx] != digit
     row: dict[str, Any] = {"digit": digit, "n_train": len(normal)}
@@ -100,6 +106,8 @@ def evaluate_class(
         row[f"auprc{key}"] = 100 * average_precision(s, positive)
         row[f"auroc_residual_only{key}"] = 100 * auroc(res, positive)  # λ = 0 at the same z
         row[f"score_cpu_min{key}"] = (time.process_time() - t0) / 60
+        if keep_scores:
+            row[f"scores{key}"] = s.tolist()
         if not name:
             resolved = resolve_search(search, has_encoder=e is not None)
             row["search"] = {k: getattr(resolved, k) for k in ("start", "iterations", "lr", "lam")}
