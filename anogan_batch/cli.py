@@ -48,6 +48,10 @@ _CatalogDb = Annotated[
     str | None,
     typer.Option("--catalog-db", help="its SQLite file [default: WAREHOUSE/catalog.sqlite]"),
 ]
+_TablePrefix = Annotated[
+    str,
+    typer.Option("--table-prefix", help="names the tables <prefix>patch_scores, ... <prefix>jobs"),
+]
 
 
 def _echo(msg: str) -> None:
@@ -379,6 +383,7 @@ def score(
     namespace: _Namespace = WarehouseTarget.namespace,
     warehouse: _Warehouse = None,
     catalog_db: _CatalogDb = None,
+    table_prefix: _TablePrefix = WarehouseTarget.table_prefix,
     skip_published: Annotated[
         bool,
         typer.Option(
@@ -423,7 +428,7 @@ def score(
         progress=progress,
         heatmaps=heatmaps,
         table_format=table_format,
-        published=WarehouseTarget(catalog, namespace, warehouse, catalog_db),
+        published=WarehouseTarget(catalog, namespace, warehouse, catalog_db, table_prefix),
         skip_published=skip_published,
     )
     m = run_score_job(cfg)
@@ -451,17 +456,16 @@ def publish(
     namespace: _Namespace = WarehouseTarget.namespace,
     warehouse: _Warehouse = None,
     catalog_db: _CatalogDb = None,
+    table_prefix: _TablePrefix = WarehouseTarget.table_prefix,
 ) -> None:
     """Append a finished job to long-lived warehouse tables (patch_scores, scan_scores,
     quarantine, jobs): Iceberg in a catalog, or Delta under WAREHOUSE; a job already there is
     not added again."""
-    target = WarehouseTarget(catalog, namespace, warehouse, catalog_db)
+    target = WarehouseTarget(catalog, namespace, warehouse, catalog_db, table_prefix)
     if to == "delta":
         from anogan_batch.job.delta_tables import publish_delta
 
-        if warehouse is None:
-            raise ConfigError("--warehouse", None, "the folder or s3:// prefix of the tables")
-        done = publish_delta(out, warehouse, namespace)
+        done = publish_delta(out, target)
     elif to == "iceberg":
         from anogan_batch.job.iceberg import publish as publish_iceberg
 
@@ -469,7 +473,8 @@ def publish(
     else:
         raise ConfigError("--to", to, "iceberg or delta")
     for table, rows in done.items():
-        _echo(f"{namespace}.{table}: {rows if isinstance(rows, str) else f'{rows} rows appended'}")
+        appended = rows if isinstance(rows, str) else f"{rows} rows appended"
+        _echo(f"{namespace}.{target.table(table)}: {appended}")
 
 
 @app.command("eval")

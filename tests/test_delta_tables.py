@@ -60,6 +60,15 @@ def test_concurrent_publishes_all_land_once(finished_jobs, tmp_path):
     assert got["jobs"]["rows"] == 2
 
 
+def test_table_names_take_a_prefix(finished_jobs, tmp_path):
+    wh = str(tmp_path / "wh")
+    args = ("publish", finished_jobs["a"], "--to", "delta", "--warehouse", wh)
+    r = run_cli(*args, "--table-prefix", "site1_")
+    assert r.returncode == 0 and "anogan.site1_patch_scores: 24 rows appended" in r.stdout
+    assert read(f"{wh}/anogan", "site1_patch_scores")["site1_patch_scores"]["rows"] == 24
+    assert not (tmp_path / "wh" / "anogan" / "patch_scores").exists()
+
+
 def test_delta_needs_a_warehouse(finished_jobs, tmp_path):
     r = run_cli("publish", finished_jobs["a"], "--to", "delta")
     assert r.returncode == 2 and "--warehouse" in r.stderr

@@ -248,3 +248,21 @@ def test_a_growing_archive_pays_for_its_new_patches_only(ray_local, tiny_model, 
     skipped = json.loads((tmp_path / "job2" / "job.json").read_text())["skipped_rows"]
     assert skipped == 12
     assert not (tmp_path / "job2" / "_published_ids").exists()  # cleaned up with the job
+
+
+def test_table_names_take_a_prefix(finished_jobs, tmp_path):
+    from anogan_batch.job.iceberg import load_catalog
+
+    wh = str(tmp_path / "wh")
+    r = run_cli("publish", finished_jobs["a"], "--warehouse", wh, "--table-prefix", "site1_")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "anogan.site1_patch_scores: 24 rows appended" in r.stdout
+    target = WarehouseTarget(warehouse=wh)
+    assert read(target, "site1_patch_scores").num_rows == 24
+    assert read(target, "site1_jobs").num_rows == 1
+    assert not load_catalog(target).table_exists("anogan.patch_scores")
+    for bad in ("../x", "a.b", "x" * 65, "ü"):
+        with pytest.raises(ConfigError, match="table_prefix"):
+            WarehouseTarget(table_prefix=bad)
+    r = run_cli("publish", finished_jobs["a"], "--warehouse", wh, "--table-prefix", "a/b")
+    assert r.returncode == 2 and "table_prefix" in r.stderr

@@ -77,7 +77,24 @@ def test_bad_config():
         TrainConfig(epochs=0)
     with pytest.raises(ConfigError, match="'input_norm'"):
         TrainConfig(input_norm="zscore")
+    with pytest.raises(ConfigError, match="'augment_shift'"):
+        TrainConfig(augment_shift=-1)
     assert np.isclose(TrainConfig().lr, 2e-4) and TrainConfig().beta1 == 0.5
+
+
+def test_shift_augmentation_moves_each_patch_within_its_bound():
+    from anogan_batch.core.training import _shifted
+
+    x = torch.zeros(64, 1, 12, 12)
+    x[:, :, 6, 6] = 1.0  # one bright pixel in the middle of a dark patch
+    rng = torch.Generator().manual_seed(0)
+    assert _shifted(x, TrainConfig(augment_shift=0), rng) is x
+    moved = _shifted(x, TrainConfig(augment_shift=2), rng)
+    assert moved.shape == x.shape
+    where = [tuple(torch.nonzero(p[0])[0].tolist()) for p in moved]
+    assert all(abs(r - 6) <= 2 and abs(c - 6) <= 2 for r, c in where)
+    assert len(set(where)) > 10  # each patch its own shift, not one for the batch
+    assert torch.all(moved.sum(dim=(1, 2, 3)) == 1)  # moved, never cut or duplicated
 
 
 def _windowed_scans(root, window_ok=True):

@@ -26,18 +26,28 @@ TABLE_FORMATS = ("parquet", "delta", "iceberg")
 class WarehouseTarget:
     """Where the long-lived tables live. Iceberg: a pyiceberg catalog by name and a namespace;
     for the zero-configuration SQLite catalog (used when pyiceberg has no configuration for the
-    name), the warehouse folder and the SQLite file. Delta: `<warehouse>/<namespace>/<table>`."""
+    name), the warehouse folder and the SQLite file. Delta: `<warehouse>/<namespace>/<table>`.
+    Each table is named `<table_prefix><name>` (name: patch_scores, scan_scores, quarantine,
+    jobs), so that several sets can share a namespace."""
 
     catalog: str = "anogan"
     namespace: str = "anogan"
     warehouse: str | None = None  # local folder or s3:// prefix
     catalog_db: str | None = None  # SQLite file; default <warehouse>/catalog.sqlite (local)
+    table_prefix: str = ""
 
     def __post_init__(self) -> None:
         for name in ("catalog", "namespace"):
             value = getattr(self, name)
             if not value or not all(c.isalnum() or c in "_-" for c in value):
                 raise ConfigError(name, value, "use letters, digits, '_' and '-'")
+        prefix = self.table_prefix
+        if len(prefix) > 64 or not all(c.isascii() and (c.isalnum() or c == "_") for c in prefix):
+            raise ConfigError("table_prefix", prefix, "use at most 64 letters, digits and '_'")
+
+    def table(self, name: str) -> str:
+        """The name of one of the tables (job/published.py's TABLE_ORDER) in this target."""
+        return self.table_prefix + name
 
 
 ENGINES = ("auto", "local", "ray")

@@ -17,6 +17,7 @@ work runs in a child process that leaves with os._exit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -25,9 +26,10 @@ import sys
 import time
 from typing import Any
 
-from anogan_batch.errors import InputError
+from anogan_batch.errors import ConfigError, InputError
 from anogan_batch.io import storage
 from anogan_batch.io.s3 import S3_FAILURE_MARKERS
+from anogan_batch.job.configs import WarehouseTarget
 from anogan_batch.job.layout import JobLayout
 from anogan_batch.job.published import (
     JOBS,
@@ -43,20 +45,33 @@ APP_PREFIX = "anogan:"  # Delta application transaction id of a published job: a
 COMMIT_ATTEMPTS = 8  # reads, checks and commits of one table before giving up
 
 
-def publish_delta(out: str, warehouse: str, namespace: str) -> dict[str, Any]:
-    """Append the finished job in OUT to the Delta tables under warehouse/namespace, exactly
-    once. -> {table: rows appended, or "already published"}."""
-    finished_job(out)  # a clear error here, not in the child
-    return _in_child("publish", f"Delta publishing of '{out}'", out, warehouse, namespace)
+def publish_delta(out: str, target: WarehouseTarget) -> dict[str, Any]:
+    """Append the finished job in OUT to the Delta tables of target, exactly once.
+    -> {table: rows appended, or "already published"}."""
+    finished_job(out)  # clear errors here, not in the child
+    _uri(target, JOBS)
+    return _in_child("publish", f"Delta publishing of '{out}'", out, _to_json(target))
 
 
-def write_published_ids_delta(
-    warehouse: str, namespace: str, params: dict[str, Any], dest: str
-) -> int:
-    """Like iceberg.write_published_ids, from the Delta tables under warehouse/namespace:
-    the patch_ids published for this model and search, as Parquet files under dest."""
-    what = f"reading the published ids of '{storage.join(warehouse, namespace)}'"
-    return _in_child("ids", what, warehouse, namespace, json.dumps(params), dest)
+def write_published_ids_delta(target: WarehouseTarget, params: dict[str, Any], dest: str) -> int:
+    """Like iceberg.write_published_ids, from the Delta tables of target: the patch_ids
+    published for this model and search, as Parquet files under dest."""
+    what = f"reading the published ids of '{_uri(target, JobLayout.PATCH_SCORES)}'"
+    return _in_child("ids", what, _to_json(target), json.dumps(params), dest)
+
+
+def _uri(target: WarehouseTarget, name: str) -> str:
+    if target.warehouse is None:
+        raise ConfigError("--warehouse", None, "the folder or s3:// prefix of the Delta tables")
+    return storage.join(target.warehouse, target.namespace, target.table(name))
+
+
+def _to_json(target: WarehouseTarget) -> str:
+    return json.dumps(dataclasses.asdict(target))
+
+
+def _from_json(text: str) -> WarehouseTarget:
+    return WarehouseTarget(**json.loads(text))
 
 
 def _in_child(command: str, what: str, *args: str) -> Any:
@@ -70,18 +85,16 @@ def _in_child(command: str, what: str, *args: str) -> Any:
     raise InputError(message)
 
 
-def _published_ids(warehouse: str, namespace: str, params_json: str, dest: str) -> int:
+def _published_ids(target_json: str, params_json: str, dest: str) -> int:
     import pyarrow.compute as pc
     from deltalake import DeltaTable
 
     from anogan_batch.io.s3 import object_store_options
 
-    params = json.loads(params_json)
+    target, params = _from_json(target_json), json.loads(params_json)
     storage.delete(dest)
-    uris = {
-        name: storage.join(warehouse, namespace, name) for name in (JOBS, JobLayout.PATCH_SCORES)
-    }
-    options = object_store_options(warehouse)
+    uris = {name: _uri(target, name) for name in (JOBS, JobLayout.PATCH_SCORES)}
+    options = object_store_options(uris[JOBS])
     if not all(_exists(u, options) for u in uris.values()):
         return 0
     jobs = DeltaTable(uris[JOBS], storage_options=options).to_pyarrow_dataset()
@@ -100,7 +113,7 @@ def _published_ids(warehouse: str, namespace: str, params_json: str, dest: str) 
     return write_id_files(scanner.to_batches(), dest)
 
 
-def _publish(out: str, warehouse: str, namespace: str) -> dict[str, Any]:
+def _publish(out: str, target_json: str) -> dict[str, Any]:
     from anogan_batch.io.s3 import object_store_options
 
     manifest = finished_job(out)
@@ -109,7 +122,7 @@ def _publish(out: str, warehouse: str, namespace: str) -> dict[str, Any]:
     for name in TABLE_ORDER:
         rows = job_rows(out, manifest, name)
         if rows is not None:
-            uri = storage.join(warehouse, namespace, name)
+            uri = _uri(_from_json(target_json), name)
             done[name] = _append_once(uri, object_store_options(uri), rows, app_id)
     return done
 

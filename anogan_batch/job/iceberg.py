@@ -126,7 +126,8 @@ def publish(out: str, target: WarehouseTarget) -> dict[str, Any]:
         rows = job_rows(out, manifest, name)
         if rows is None:
             continue
-        done[name] = _append_once(catalog, f"{target.namespace}.{name}", rows, manifest.job_id)
+        identifier = f"{target.namespace}.{target.table(name)}"
+        done[name] = _append_once(catalog, identifier, rows, manifest.job_id)
     return done
 
 
@@ -226,7 +227,7 @@ def write_published_ids(target: WarehouseTarget, params: dict[str, Any], dest: s
     from anogan_batch.io import storage
 
     catalog = load_catalog(target)
-    tables = {name: f"{target.namespace}.{name}" for name in (JOBS, JobLayout.PATCH_SCORES)}
+    tables = {n: f"{target.namespace}.{target.table(n)}" for n in (JOBS, JobLayout.PATCH_SCORES)}
     storage.delete(dest)
     if not all(catalog.table_exists(t) for t in tables.values()):
         return 0

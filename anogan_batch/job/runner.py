@@ -286,10 +286,7 @@ def skip_published(cfg: ScoreJobConfig, manifest: JobManifest) -> tuple[str, int
     else:
         from anogan_batch.job.delta_tables import write_published_ids_delta
 
-        target = cfg.published
-        listed = write_published_ids_delta(
-            target.warehouse, target.namespace, manifest.params, path
-        )
+        listed = write_published_ids_delta(cfg.published, manifest.params, path)
     if not listed:
         return None
     rows = manifest.input_rows
@@ -383,11 +380,11 @@ def publish_to_warehouse(cfg: ScoreJobConfig) -> None:
     elif cfg.publishes_to == "delta":
         from anogan_batch.job.delta_tables import publish_delta
 
-        done = publish_delta(cfg.out, target.warehouse, target.namespace)
+        done = publish_delta(cfg.out, target)
     else:
         return
     for table, rows in done.items():
-        log.info("%s %s.%s: %s", cfg.publishes_to, target.namespace, table, rows)
+        log.info("%s %s.%s: %s", cfg.publishes_to, target.namespace, target.table(table), rows)
 
 
 def publish_tables(cfg: ScoreJobConfig) -> dict[str, str]:
