@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
+import pytest
 from PIL import Image
 
 from anogan_batch.job.layout import JobLayout
@@ -80,6 +81,9 @@ def one_commit_each(out: Path) -> None:
         assert sorted(added) == sorted(on_disk), name  # every file once, no stale one
 
 
+# over a minute; make test keeps the driver SIGKILL of tests/test_resume.py and the
+# warehouse's SIGKILL between tables (tests/test_iceberg.py)
+@pytest.mark.slow
 def test_sigkill_during_aggregation_and_publishing_then_rerun_gives_the_same_output(
     tmp_path, tiny_model, sample, ray_local
 ):

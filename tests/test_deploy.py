@@ -118,11 +118,10 @@ def test_set_overrides_and_unknown_variables(tmp_path):
 
 
 @pytest.fixture
-def ray_head():
-    """`ray start --head --block` with token auth, the Jobs API on a free port."""
-    from tests.conftest import _free_port
-
-    port, dash = _free_port(), _free_port()
+def ray_head(tmp_path):
+    """`ray start --head --block` with token auth, the Jobs API on a free port. A head that
+    exits before its dashboard answers (a free port taken in between, on a busy machine) is
+    started again on new ports; its own output says why."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env |= {
         "RAY_AUTH_MODE": "token",
@@ -130,42 +129,61 @@ def ray_head():
         # the job's entrypoint must find this venv's anogan-batch
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     }
-    proc = subprocess.Popen(
-        [
-            "ray",
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            f"--dashboard-port={dash}",
-            # ports of its own: the suite's local Ray (ray_local) already holds the agent's
-            # default ports, and a head whose agent cannot bind answers "No available agent"
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
-            "--include-dashboard=true",
-            "--num-cpus=4",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # the dashboard comes up a few seconds after the head
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+    log = tmp_path / "ray-head.log"
+    for _ in range(3):
+        proc, address = _start_head(env, log)
+        if _dashboard_up(proc, address, deadline=time.time() + 60):
             break
-        except urllib.error.HTTPError:  # 401 without the token: it is up
-            break
-        except OSError:
-            time.sleep(1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    else:
+        pytest.fail(f"the Ray head never served its dashboard: {log.read_text()[-3000:]}")
     yield address, env
     os.killpg(proc.pid, signal.SIGKILL)  # the head and everything it started
     proc.wait(timeout=30)
+
+
+def _start_head(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    from tests.conftest import _free_port
+
+    port, dash = _free_port(), _free_port()
+    with open(log, "a") as out:
+        proc = subprocess.Popen(
+            [
+                "ray",
+                "start",
+                "--head",
+                "--block",
+                f"--port={port}",
+                f"--dashboard-port={dash}",
+                # ports of its own: the suite's local Ray (ray_local) already holds the agent's
+                # default ports, and a head whose agent cannot bind answers "No available agent"
+                f"--dashboard-agent-listen-port={_free_port()}",
+                f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}",
+                f"--runtime-env-agent-port={_free_port()}",
+                "--include-dashboard=true",
+                "--num-cpus=4",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return proc, f"http://127.0.0.1:{dash}"
+
+
+def _dashboard_up(proc: subprocess.Popen, address: str, deadline: float) -> bool:
+    while time.time() < deadline and proc.poll() is None:
+        try:  # the dashboard comes up a few seconds after the head
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            return True
+        except urllib.error.HTTPError:  # 401 without the token: it is up
+            return True
+        except OSError:
+            time.sleep(1)
+    return False
 
 
 def test_submit_a_score_job_through_the_jobs_api(ray_head, tmp_path, tiny_model, test_table):

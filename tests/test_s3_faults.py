@@ -109,6 +109,8 @@ def test_a_flaky_s3_gives_the_output_of_a_healthy_one(
     assert keys(bucket, "flaky/job/patch_scores/_delta_log/")
 
 
+# over a minute; make test keeps the same exit-1-then-rerun path through publishing (below)
+@pytest.mark.slow
 def test_s3_gone_for_good_fails_clearly_and_a_rerun_resumes(bucket, s3_server, sample, tiny_model):
     from anogan_batch.io.tables import write_patch_table
 
