@@ -266,3 +266,23 @@ def test_table_names_take_a_prefix(finished_jobs, tmp_path):
             WarehouseTarget(table_prefix=bad)
     r = run_cli("publish", finished_jobs["a"], "--warehouse", wh, "--table-prefix", "a/b")
     assert r.returncode == 2 and "table_prefix" in r.stderr
+
+
+def test_losing_the_race_to_create_the_namespace_is_not_an_error(tmp_path):
+    """The SQL catalog reports the second of two simultaneous namespace creations as an
+    integrity error (seen once in the suite's concurrent-publish test), not "already exists"."""
+    from sqlalchemy.exc import IntegrityError
+
+    from anogan_batch.job.iceberg import _ensure_namespace, load_catalog
+
+    catalog = load_catalog(WarehouseTarget(warehouse=str(tmp_path / "wh")))
+
+    def lost_the_race(namespace, properties=None):
+        raise IntegrityError("insert", {}, Exception("UNIQUE constraint failed"))
+
+    catalog.create_namespace_if_not_exists = lost_the_race
+    with pytest.raises(IntegrityError):  # the namespace is not there: a real error
+        _ensure_namespace(catalog, "site_2")
+    catalog.create_namespace("site_2")  # the winner's
+    _ensure_namespace(catalog, "site_2")
+    assert catalog.namespace_exists("site_2")

@@ -120,7 +120,7 @@ def publish(out: str, target: WarehouseTarget) -> dict[str, Any]:
     -> {table: rows appended, or "already published"}."""
     manifest = finished_job(out)
     catalog = load_catalog(target)
-    catalog.create_namespace_if_not_exists(target.namespace)
+    _ensure_namespace(catalog, target.namespace)
     done: dict[str, Any] = {}
     for name in TABLE_ORDER:
         rows = job_rows(out, manifest, name)
@@ -129,6 +129,16 @@ def publish(out: str, target: WarehouseTarget) -> dict[str, Any]:
         identifier = f"{target.namespace}.{target.table(name)}"
         done[name] = _append_once(catalog, identifier, rows, manifest.job_id)
     return done
+
+
+def _ensure_namespace(catalog: Any, namespace: str) -> None:
+    """Create the namespace when missing. Two first publishes at once race on it, and the SQL
+    catalog reports the loser's insert as an integrity error, not as "already exists"."""
+    try:
+        catalog.create_namespace_if_not_exists(namespace)
+    except Exception:
+        if not catalog.namespace_exists(namespace):
+            raise
 
 
 def _append_once(catalog: Any, identifier: str, rows: pa.Table, job_id: str) -> Any:
