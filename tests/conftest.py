@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,31 @@ def read_ids(table: Path | str) -> list[str]:
     import pyarrow.dataset as pads
 
     return pads.dataset(str(table)).to_table(columns=["patch_id"]).column("patch_id").to_pylist()
+
+
+READ_DELTA = """
+import json, sys
+from deltalake import DeltaTable
+from anogan_batch.io.s3 import object_store_options
+out = {}
+for name in sys.argv[2:]:
+    uri = f"{sys.argv[1]}/{name}"
+    t = DeltaTable(uri, storage_options=object_store_options(uri)).to_pyarrow_table()
+    ids = t.column("patch_id").to_pylist() if "patch_id" in t.column_names else []
+    out[name] = {"rows": t.num_rows, "columns": t.column_names, "ids": sorted(set(ids)),
+                 "jobs": sorted(set(t.column("job_id").to_pylist()))}
+print(json.dumps(out), flush=True)
+import os; os._exit(0)  # deltalake's runtime may abort at interpreter exit (job/warehouse.py)
+"""
+
+
+def read_delta(folder: str, *tables: str) -> dict:
+    """Delta tables under folder (local or s3://), read by deltalake in a child process:
+    {table: rows, columns, distinct patch ids, distinct job ids}."""
+    r = subprocess.run([sys.executable, "-c", READ_DELTA, folder, *tables], capture_output=True,
+                       text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)
 
 
 @pytest.fixture(scope="session")

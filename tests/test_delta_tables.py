@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
 from anogan_batch.errors import ConfigError
 from tests.conftest import make_patch_table, read_ids, run_cli, run_cli_concurrently
+from tests.conftest import read_delta as read
 
 pytest.importorskip("deltalake")
-
-READ = """
-import json, sys
-from deltalake import DeltaTable
-out = {}
-for name in sys.argv[2:]:
-    t = DeltaTable(f"{sys.argv[1]}/{name}").to_pyarrow_table()
-    ids = t.column("patch_id").to_pylist() if "patch_id" in t.column_names else []
-    out[name] = {"rows": t.num_rows, "columns": t.column_names, "ids": sorted(set(ids)),
-                 "jobs": sorted(set(t.column("job_id").to_pylist()))}
-print(json.dumps(out), flush=True)
-import os; os._exit(0)  # deltalake's runtime may abort at interpreter exit (job/warehouse.py)
-"""
-
-
-def read(folder: str, *tables: str) -> dict:
-    cmd = [sys.executable, "-c", READ, folder, *tables]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout)
 
 
 def test_jobs_append_exactly_once(finished_jobs, tmp_path):

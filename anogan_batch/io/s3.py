@@ -118,6 +118,11 @@ def object_store_options(uri: str) -> dict[str, str] | None:
 S3_FAILURE_MARKERS = ("AWS Error", "curlCode", "Generic S3 error", "error sending request")
 
 
+def is_s3_failure(text: str) -> bool:
+    """Whether an error's text is an S3 client's (pyarrow's AWS SDK, object_store's) failure."""
+    return any(marker in text for marker in S3_FAILURE_MARKERS)
+
+
 def describe_s3_failure(exc: BaseException) -> str | None:
     """A one-paragraph message for an S3 failure that outlived the retry policy (anywhere in
     the exception's chain, Ray's task errors included), or None if it is not one."""
@@ -129,10 +134,8 @@ def describe_s3_failure(exc: BaseException) -> str | None:
             continue
         seen.add(id(e))
         text = str(e)
-        if any(marker in text for marker in S3_FAILURE_MARKERS):
-            line = next(
-                (ln for ln in text.splitlines() if any(m in ln for m in S3_FAILURE_MARKERS)), text
-            )
+        if is_s3_failure(text):
+            line = next((ln for ln in text.splitlines() if is_s3_failure(ln)), text)
             return (
                 f"S3 at {shown_endpoint()} failed after the retry policy "
                 f"({S3RetryPolicy.from_env().max_attempts} attempts a request): "

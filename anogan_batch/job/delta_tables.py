@@ -20,21 +20,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import subprocess
 import sys
-import time
 from typing import Any
 
 from anogan_batch.errors import ConfigError, InputError
 from anogan_batch.io import storage
-from anogan_batch.io.s3 import S3_FAILURE_MARKERS
+from anogan_batch.io.s3 import is_s3_failure
 from anogan_batch.job.configs import WarehouseTarget
 from anogan_batch.job.layout import JobLayout
 from anogan_batch.job.published import (
+    COMMIT_ATTEMPTS,
     JOBS,
     PARTITION_MODEL,
     TABLE_ORDER,
+    commit_pause,
     finished_job,
     job_rows,
     same_search_jobs,
@@ -42,7 +42,6 @@ from anogan_batch.job.published import (
 )
 
 APP_PREFIX = "anogan:"  # Delta application transaction id of a published job: anogan:<job_id>
-COMMIT_ATTEMPTS = 8  # reads, checks and commits of one table before giving up
 
 
 def publish_delta(out: str, target: WarehouseTarget) -> dict[str, Any]:
@@ -80,7 +79,7 @@ def _in_child(command: str, what: str, *args: str) -> Any:
     if r.returncode == 0:
         return json.loads(r.stdout.strip().splitlines()[-1])
     message = f"{what} failed: {r.stderr.strip()[-2000:]}"
-    if any(marker in message for marker in S3_FAILURE_MARKERS):
+    if is_s3_failure(message):
         raise OSError(message)  # S3 past its retries: exit 1, rerun (cli.main)
     raise InputError(message)
 
@@ -159,7 +158,7 @@ def _append_once(uri: str, options: dict | None, rows: Any, app_id: str) -> Any:
         except (CommitFailedError, DeltaError) as e:
             if attempt == COMMIT_ATTEMPTS or isinstance(e, SchemaMismatchError):
                 raise
-            time.sleep(random.uniform(0, 0.1 * 2**attempt))
+            commit_pause(attempt)
     raise AssertionError("unreachable")
 
 

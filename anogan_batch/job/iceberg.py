@@ -22,18 +22,18 @@ remain in the job's own Parquet files under `jobs.out`, keyed by `patch_id`.
 from __future__ import annotations
 
 import logging
-import random
-import time
 from typing import TYPE_CHECKING, Any
 
 from anogan_batch.errors import ConfigError, InputError
 from anogan_batch.job.configs import WarehouseTarget
 from anogan_batch.job.layout import JobLayout
 from anogan_batch.job.published import (
+    COMMIT_ATTEMPTS,
     JOBS,
     PARTITION_DAY,
     PARTITION_MODEL,
     TABLE_ORDER,
+    commit_pause,
     finished_job,
     job_rows,
     same_search_jobs,
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JOB_ID_PROPERTY = "anogan.job_id"  # in each append's snapshot summary: the exactly-once key
-COMMIT_ATTEMPTS = 8
 # pyiceberg retries a conflicting append by rebasing it onto the new snapshot, past the
 # exactly-once check; with its retries off the conflict reaches _append_once, which checks again
 NO_REBASE = {"commit.retry.num-retries": "0"}
@@ -86,7 +85,7 @@ def _open_sqlite(name: str, props: dict[str, str]) -> Any:
         except OperationalError as e:
             if attempt == COMMIT_ATTEMPTS or "already exists" not in str(e):
                 raise
-            time.sleep(random.uniform(0, 0.05 * attempt))
+            commit_pause(attempt)
     raise AssertionError("unreachable")
 
 
@@ -157,7 +156,7 @@ def _append_once(catalog: Any, identifier: str, rows: pa.Table, job_id: str) -> 
             if attempt == COMMIT_ATTEMPTS:
                 raise
             log.info("%s: commit conflict, retrying (%d): %s", identifier, attempt, e)
-            time.sleep(random.uniform(0, 0.1 * 2**attempt))
+            commit_pause(attempt)
     raise AssertionError("unreachable")
 
 

@@ -93,6 +93,19 @@ def jobs_schema() -> pa.Schema:
     ])  # fmt: skip
 
 
+# Commits of one table (Iceberg, Delta) tried before a publish gives up: each attempt reads
+# the table, checks for the job and commits; a lost race waits commit_pause(attempt) first.
+COMMIT_ATTEMPTS = 8
+
+
+def commit_pause(attempt: int) -> None:
+    """Exponential backoff with full jitter, so that racing publishers drift apart."""
+    import random
+    import time
+
+    time.sleep(random.uniform(0, 0.1 * 2**attempt))
+
+
 IDS_PER_FILE = 1_000_000  # --skip-published: ids per Parquet file under OUT/_published_ids
 
 
