@@ -185,6 +185,15 @@ def train(
             "none: pixels as stored, for archives where absolute brightness is the signal",
         ),
     ] = TrainConfig.input_norm,
+    input_blur: Annotated[
+        float,
+        typer.Option(
+            "--input-blur",
+            help="σ in pixels of a Gaussian blur that ends the model input, for training and "
+            "scoring: a residual between blurred patches ignores strokes drawn a pixel off "
+            "(docs/quality.md); 0: none",
+        ),
+    ] = TrainConfig.input_blur,
     feature_layer: Annotated[
         int,
         typer.Option(
@@ -225,6 +234,7 @@ def train(
         augment_shift=augment_shift,
         g_ema=g_ema,
         input_norm=input_norm,
+        input_blur=input_blur,
         feature_layer=feature_layer,
         calibration_fraction=calibration_fraction,
         device=device,

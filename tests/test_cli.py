@@ -216,6 +216,8 @@ def test_bad_train_flag(tmp_path, test_table):
     assert_user_error(r, "'d_norm': 'layer'")
     r = run_cli("train", test_table, str(tmp_path / "m"), "--input-norm", "zscore")
     assert_user_error(r, "'input_norm': 'zscore'")
+    r = run_cli("train", test_table, str(tmp_path / "m"), "--input-blur", "-1")
+    assert_user_error(r, "'input_blur': -1.0")
     # a negative index parses (-1 is the last block); 28x28 patches give D two blocks
     r = run_cli("train", test_table, str(tmp_path / "m"), "--feature-layer", "-3")
     assert_user_error(r, "'feature_layer': -3")

@@ -14,6 +14,7 @@ from anogan_batch.core.model import (
     contrast_range,
     fold_batchnorm,
     freeze,
+    gaussian_blur,
     model_input,
     to_model_space,
     to_pixel_space,
@@ -78,6 +79,8 @@ def test_feature_layer_picks_the_block_and_leaves_the_logit_alone(layer, shape):
         ("pixel_dtype", "int8"),
         ("d_norm", "layer"),
         ("input_norm", "zscore"),
+        ("input_blur", -0.5),
+        ("input_blur", 100.0),
         ("norm_high", -1.0),
         ("feature_layer", 4),  # the default 64x64 D has blocks 0..3 (or -4..-1)
         ("feature_layer", -5),
@@ -119,13 +122,47 @@ def test_contrast_normalisation_does_not_blow_up_flat_patches():
 
 def test_model_input_maps_the_fitted_range_to_the_tanh_range():
     pixels = torch.randint(0, 256, (4, 28, 28, 1), dtype=torch.uint8)
-    plain = ModelConfig(image_size=28, input_norm="none")
+    plain = ModelConfig(image_size=28, input_norm="none", input_blur=0.0)
     torch.testing.assert_close(model_input(pixels, plain), to_model_space(pixels, "uint8"))
     low, high = contrast_range(pixels, "uint8")
-    cfg = ModelConfig(image_size=28, input_norm="contrast", norm_low=low, norm_high=high)
+    cfg = ModelConfig(
+        image_size=28, input_norm="contrast", norm_low=low, norm_high=high, input_blur=0.0
+    )
     x = model_input(pixels, cfg)
     assert x.min().item() == pytest.approx(-1.0, abs=1e-5)
     assert x.max().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_input_blur_ends_the_model_input_per_patch():
+    """The blur comes after the contrast map, patch by patch: a patch's input does not depend
+    on its batch-mates, and a flat patch (a scan's background) stays exactly flat."""
+    pixels = torch.randint(0, 256, (3, 28, 28, 1), dtype=torch.uint8)
+    sharp = ModelConfig(image_size=28, input_blur=0.0)
+    blurred = ModelConfig(image_size=28, input_blur=1.0)
+    x = model_input(pixels, blurred)
+    torch.testing.assert_close(x, gaussian_blur(model_input(pixels, sharp), 1.0))
+    torch.testing.assert_close(model_input(pixels[1:2], blurred), x[1:2])
+    flat = torch.full((1, 1, 28, 28), -0.25)
+    torch.testing.assert_close(gaussian_blur(flat, 1.5), flat)
+
+
+def test_blur_forgives_a_stroke_drawn_a_pixel_off_but_not_a_missing_one():
+    """Why the model space is blurred: the residual of a stroke moved by one pixel shrinks
+    under the blur (its +/- pair cancels), the residual of a stroke that is not there at all
+    keeps its mass."""
+    img = torch.full((1, 1, 28, 28), -1.0)
+    img[..., 6:22, 12:14] = 1.0  # a vertical stroke
+    moved = torch.roll(img, 1, dims=-1)
+    extra = img.clone()
+    extra[..., 13:15, 4:24] = 1.0  # a horizontal stroke across it
+
+    def residual(a, b, sigma):
+        if sigma:
+            a, b = gaussian_blur(a, sigma), gaussian_blur(b, sigma)
+        return (a - b).abs().sum().item()
+
+    assert residual(img, moved, 1.0) < 0.7 * residual(img, moved, 0)
+    assert residual(img, extra, 1.0) > 0.95 * residual(img, extra, 0)
 
 
 def test_folding_batchnorm_keeps_g_and_drops_its_batchnorm():

@@ -123,12 +123,13 @@ def test_input_map_and_feature_layer_round_trip_and_older_models_load_as_before(
         loaded_tiny.config.norm_high,
     )
     assert back.feature_layer == 0 == loaded_tiny.config.feature_layer  # train's default
+    assert back.input_blur == loaded_tiny.config.input_blur > 0  # train's default
     doc = json.loads((model_copy / "model.json").read_text())
-    for key in ("input_norm", "norm_low", "norm_high", "feature_layer"):
+    for key in ("input_norm", "norm_low", "norm_high", "feature_layer", "input_blur"):
         del doc["architecture"][key]
     (model_copy / "model.json").write_text(json.dumps(doc))
     old = load_model(str(model_copy)).config
-    assert (old.input_norm, old.feature_layer) == ("none", -1)
+    assert (old.input_norm, old.feature_layer, old.input_blur) == ("none", -1, 0.0)
 
 
 def test_model_json_not_json(model_copy):

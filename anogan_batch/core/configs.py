@@ -15,6 +15,7 @@ from anogan_batch.errors import ConfigError
 
 PRIORS = ("uniform",)
 D_NORMS = ("batch", "spectral", "none")
+MAX_BLUR = 4.0  # σ of `input_blur`, pixels: beyond it a patch is a smear
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,9 @@ class ModelConfig:
 
     image_size: int = 64
     channels: int = 1
-    latent_dim: int = 100
+    # 32, not DCGAN's 100: a smaller latent reconstructs normal patches as well and the
+    # anomalies worse, once the input is blurred (docs/quality.md, third step)
+    latent_dim: int = 32
     g_width: int = 64  # channels of G's last hidden block, doubled per stage towards z
     d_width: int = 64  # channels of D's first block, doubled per stage
     d_norm: str = "batch"  # normalisation in D's hidden blocks
@@ -40,6 +43,10 @@ class ModelConfig:
     # recipe (docs/quality.md): the first block has no BatchNorm, whose running statistics blow
     # the later blocks' feature distances up, so that they outweigh the residual.
     feature_layer: int = 0
+    # σ in pixels of a Gaussian blur that ends `model_input` (0: none). G, D and E are trained
+    # on blurred patches and the residual is taken between blurred ones: a normal stroke drawn
+    # a pixel off leaves a +/- pair that the blur cancels, a missing or extra stroke stays.
+    input_blur: float = 1.0
 
     def __post_init__(self) -> None:
         check_int("image_size", self.image_size, min_value=8)
@@ -51,6 +58,7 @@ class ModelConfig:
         check_choice("prior", self.prior, PRIORS)
         check_choice("pixel_dtype", self.pixel_dtype, tuple(PIXEL_MAX))
         check_choice("input_norm", self.input_norm, INPUT_NORMS)
+        check_float("input_blur", self.input_blur, low=0.0, high=MAX_BLUR)
         if not self.norm_high > self.norm_low:
             bound = f"must exceed norm_low ({self.norm_low})"
             raise ConfigError("norm_high", self.norm_high, bound)
@@ -149,6 +157,7 @@ class TrainConfig:
     # at a time: augmentation that keeps a normal patch normal; 0: off
     augment_shift: int = 0
     input_norm: str = ModelConfig.input_norm  # how pixels become model input (model_input)
+    input_blur: float = ModelConfig.input_blur  # σ of the blur that ends model_input
     feature_layer: int = ModelConfig.feature_layer  # D block whose output is the search's f
     # share of the normal scans held out of training and scored for calibrated p-values
     # (core/calibration.py); whole scans, so a scan's patches stay on one side; 0: none
@@ -166,6 +175,7 @@ class TrainConfig:
         check_int("encoder_epochs", self.encoder_epochs, min_value=0)
         check_float("kappa", self.kappa, low=0.0)
         check_choice("input_norm", self.input_norm, INPUT_NORMS)
+        check_float("input_blur", self.input_blur, low=0.0, high=MAX_BLUR)
         check_int("feature_layer", self.feature_layer)  # range: ModelConfig, once S is known
         check_float("calibration_fraction", self.calibration_fraction, low=0.0, high=0.5)
         if self.max_patches is not None:

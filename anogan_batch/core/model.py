@@ -16,6 +16,7 @@ discrimination loss, never D's sigmoid output.
 
 from __future__ import annotations
 
+import math
 from itertools import islice
 
 import torch
@@ -220,24 +221,45 @@ def contrast_range(pixels: torch.Tensor, pixel_dtype: str) -> tuple[float, float
     return normalized.min().item(), normalized.max().item()
 
 
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """x (B, C, H, W) blurred per channel by a Gaussian of σ = sigma pixels (radius ⌈3σ⌉, the
+    border repeated outwards, so a patch's background stays its background). -> same shape."""
+    radius = math.ceil(3 * sigma)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = (k / k.sum()).to(x.dtype)
+    c = x.shape[1]
+    padded = nn.functional.pad(x, (radius,) * 4, mode="replicate")
+    rows = nn.functional.conv2d(padded, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return nn.functional.conv2d(rows, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
 def model_input(pixels: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """Stored pixels (B, H, W, C) -> float32 (B, C, H, W): what G, D and E of `cfg` read."""
     x = to_model_space(pixels, cfg.pixel_dtype)
     if cfg.input_norm == "contrast":
         scale = 2.0 / (cfg.norm_high - cfg.norm_low)
         x = (contrast_normalize(x) - cfg.norm_low) * scale - 1.0
+    if cfg.input_blur:
+        x = gaussian_blur(x, cfg.input_blur)
     return x
 
 
 def describe_input(cfg: ModelConfig) -> str:
     """`model_input` in words, for model.json."""
     plain = "p = x / max(pixel_dtype) * 2 - 1, in [-1, 1] (G ends in tanh)"
-    if cfg.input_norm == "none":
-        return plain
-    return (
-        f"{plain}; then per patch c = (p - mean p) / max(mean |p - mean p|, {CONTRAST_FLOOR}); "
-        "input = (c - norm_low) / (norm_high - norm_low) * 2 - 1 (architecture.norm_*)"
-    )
+    text = plain
+    if cfg.input_norm == "contrast":
+        text += (
+            f"; then per patch c = (p - mean p) / max(mean |p - mean p|, {CONTRAST_FLOOR}); "
+            "input = (c - norm_low) / (norm_high - norm_low) * 2 - 1 (architecture.norm_*)"
+        )
+    if cfg.input_blur:
+        text += (
+            f"; then a Gaussian blur of σ = {cfg.input_blur} px per channel "
+            "(radius ceil(3σ), border repeated)"
+        )
+    return text
 
 
 def to_pixel_space(x: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ WEIGHTS = "weights.safetensors"
 MODEL_JSON = "model.json"
 # Architecture fields added after the first models were written, with the value those models
 # were trained with (the defaults of ModelConfig are today's recipe, not theirs).
-LEGACY_ARCHITECTURE = {"input_norm": "none", "feature_layer": -1}
+LEGACY_ARCHITECTURE = {"input_norm": "none", "feature_layer": -1, "input_blur": 0.0}
 
 
 @dataclass

@@ -160,6 +160,7 @@ def fit_gan(
         pixel_dtype=dtype,
         encoder=cfg.encoder_epochs > 0,
         input_norm=cfg.input_norm,
+        input_blur=cfg.input_blur,
         feature_layer=cfg.feature_layer,
         **norm_range,
     )
