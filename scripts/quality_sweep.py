@@ -76,60 +76,54 @@ def task(recipe: str, seed: int, digit: int, mnist: str | None, smoke: bool = Fa
     import torch
 
     torch.set_num_threads(1)
-    from anogan_batch.core.configs import SearchConfig, TrainConfig
-    from anogan_batch.core.model import freeze, model_input
-    from anogan_batch.core.search import latent_search
-    from anogan_batch.core.training import fit_gan
     from anogan_batch.evaluation.datasets import load_mnist
     from anogan_batch.evaluation.evaluate import auroc
+    from anogan_batch.evaluation.quality import QualityRecipe, evaluate_class
 
     images, labels = load_mnist(mnist)
     fit_idx, val_idx, test_idx = splits(labels)
     train, search = RECIPES[recipe]
     if smoke:  # a check of the script itself, not a measurement
         train = {**train, "epochs": 1, "encoder_epochs": 1}
-    started, cpu0 = time.time(), time.process_time()
-    normal = fit_idx[labels[fit_idx] == digit]
-    fit = fit_gan(images[normal][:, :, :, None], "uint8", TrainConfig(seed=seed, **train),
-                  progress=False)  # fmt: skip
-    train_cpu_min = (time.process_time() - cpu0) / 60
-    device = torch.device(fit.device)  # scored where it trained
-    g, d, e = (m.to(device) for m in (fit.generator, fit.discriminator, fit.encoder))
-    freeze(g, d, e)
-    out = {"recipe": recipe, "seed": seed, "digit": digit, "n_train": len(normal),
-           "train_cpu_min": train_cpu_min, "variants": {}}  # fmt: skip
-    for name, idx in (("val", val_idx), ("test", test_idx)):
-        x = model_input(torch.from_numpy(images[idx][:, :, :, None].copy()), fit.config)
-        x = x.to(device)
-        ids = [f"mnist-{i}" for i in idx]
-        zs, scores = [], []
-        for s in range(0, len(x), 500):
-            r = latent_search(g, d, x[s : s + 500], ids[s : s + 500],
-                              SearchConfig(seed=seed, **search), e)  # fmt: skip
-            zs.append(torch.from_numpy(r.z))
-            scores.append(r.anomaly_score)
+    started = time.time()
+    row = evaluate_class(
+        digit,
+        images,
+        labels,
+        fit_idx,
+        np.concatenate([val_idx, test_idx]),
+        QualityRecipe(seed=seed, train=train, search=search),
+        variants={},
+        keep_scores=True,
+        extra_scores=distance_variants,
+    )
+    out = {"recipe": recipe, "seed": seed, "digit": digit, "wall_s": time.time() - started,
+           "train_cpu_min": row["train_cpu_min"], "n_train": row["n_train"],
+           "variants": {}}  # fmt: skip
+    n_val = len(val_idx)
+    parts = (("val", val_idx, slice(None, n_val)), ("test", test_idx, slice(n_val, None)))
+    for name, idx, part in parts:
         positive = labels[idx] != digit
-        out[f"auroc_{name}"] = 100 * auroc(np.concatenate(scores), positive)
-        out[f"scores_{name}"] = np.concatenate(scores).tolist()
-        with torch.no_grad():
-            gz = g(torch.cat(zs).to(device))
-            for vname, v in distance_variants(x, gz, d).items():
-                out["variants"].setdefault(vname, {})[name] = 100 * auroc(
-                    v.double().cpu().numpy(), positive
-                )
-    out["wall_s"] = time.time() - started
+        scores = np.asarray(row["scores"])[part]
+        out[f"auroc_{name}"] = 100 * auroc(scores, positive)
+        out[f"scores_{name}"] = scores.tolist()
+        for vname, v in row["extra_scores"].items():
+            out["variants"].setdefault(vname, {})[name] = 100 * auroc(np.asarray(v)[part], positive)
     return out
 
 
 def distance_variants(x, gz, d) -> dict:
     """Scores of one z under other distances (not what `score` computes): the residual alone,
     and the contract's score taken between copies of x and G(z) blurred at score time."""
+    from anogan_batch.core.configs import SearchConfig
     from anogan_batch.core.model import gaussian_blur
+    from anogan_batch.core.search import per_patch_losses
+
+    lam = SearchConfig.lam
 
     def contract(a, b):
-        res = (a - b).abs().flatten(1).sum(1)
-        disc = (d.feature(a) - d.feature(b)).abs().flatten(1).sum(1)
-        return res, 0.9 * res + 0.1 * disc
+        res, disc = per_patch_losses(a, d.feature(a), b, d.feature(b))
+        return res, (1 - lam) * res + lam * disc
 
     res, score = contract(x, gz)
     out = {"contract": score, "residual": res}

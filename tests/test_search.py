@@ -133,7 +133,7 @@ def test_config_errors_name_the_field():
 
 def test_written_out_adam_matches_torch_adam(loaded_tiny, batch):
     """The search's per-patch Adam is torch.optim.Adam (the reference) with per-row steps."""
-    from anogan_batch.core.search import _per_patch_losses
+    from anogan_batch.core.search import per_patch_losses
 
     g, d = loaded_tiny.generator, loaded_tiny.discriminator
     x, ids = batch
@@ -151,7 +151,7 @@ def test_written_out_adam_matches_torch_adam(loaded_tiny, batch):
     for _ in range(cfg.iterations):
         opt.zero_grad()
         gz = g(z)
-        r, f = _per_patch_losses(x, fx, gz, d.feature(gz))
+        r, f = per_patch_losses(x, fx, gz, d.feature(gz))
         ((1 - cfg.lam) * r + cfg.lam * f).sum().backward()
         opt.step()
         with torch.no_grad():

@@ -96,7 +96,7 @@ def resolve_search(cfg: SearchConfig, *, has_encoder: bool) -> SearchConfig:
     )
 
 
-def _per_patch_losses(
+def per_patch_losses(
     x: torch.Tensor, fx: torch.Tensor, gz: torch.Tensor, fgz: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # (B, ...) -> (B,): sums over every non-batch dimension, so nothing mixes across patches
@@ -191,7 +191,7 @@ def _search(
             gz = generator(z)
             fgz = discriminator.feature(gz)
         gz, fgz = gz.float(), fgz.float()
-        residual, discrimination = _per_patch_losses(x[active], fx_all[active], gz, fgz)
+        residual, discrimination = per_patch_losses(x[active], fx_all[active], gz, fgz)
         loss = (1.0 - cfg.lam) * residual + cfg.lam * discrimination  # (slots,)
         (grad,) = torch.autograd.grad(loss.sum(), z)  # Σ_i L_i: z_i gets ∂L_i/∂z_i only
         with torch.no_grad():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -63,9 +64,13 @@ def evaluate_class(
     variants: dict[str, dict] | None = None,
     *,
     keep_scores: bool = False,
+    extra_scores: Callable[..., dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train on `digit`, score the test digits; -> AUROC/AUPRC (and those of `variants`;
-    with keep_scores the scores themselves too, for ensembles built afterwards)."""
+    with keep_scores the scores themselves too, for ensembles built afterwards).
+
+    extra_scores(x, G(z), D) -> {name: (B,) tensor}: other scores of the main search's final
+    z, kept under row["extra_scores"] (scripts/quality_sweep.py's distance variants)."""
     import torch
 
     from anogan_batch.core.configs import SearchConfig, TrainConfig
@@ -95,11 +100,12 @@ def evaluate_class(
         if search.start == "encoder" and e is None:
             continue  # an encoder variant of a model trained without one
         t0 = time.process_time()
-        scores, residual = [], []
+        scores, residual, latents = [], [], []
         for start in range(0, len(x), 256):
             r = latent_search(g, d, x[start : start + 256], ids[start : start + 256], search, e)
             scores.append(r.anomaly_score)
             residual.append(r.residual_score)
+            latents.append(torch.from_numpy(r.z))
         s, res = np.concatenate(scores), np.concatenate(residual)
         key = f"_{name}" if name else ""
         row[f"auroc{key}"] = 100 * auroc(s, positive)
@@ -111,6 +117,13 @@ def evaluate_class(
         if not name:
             resolved = resolve_search(search, has_encoder=e is not None)
             row["search"] = {k: getattr(resolved, k) for k in ("start", "iterations", "lr", "lam")}
+            if extra_scores is not None:
+                with torch.no_grad():
+                    gz = g(torch.cat(latents).to(device))
+                    extra = extra_scores(x, gz, d)
+                row["extra_scores"] = {
+                    k: v.double().cpu().numpy().tolist() for k, v in extra.items()
+                }
     row["train_cpu_min"] = train_cpu / 60
     row["cpu_min"] = row["train_cpu_min"] + row["score_cpu_min"]
     row["n_test"], row["n_anomalous"] = len(test_idx), int(positive.sum())
