@@ -46,6 +46,12 @@ RECIPES: dict[str, tuple[dict, dict]] = {
         for sigma, dim in ((1.0, 32), (1.0, 16), (1.0, 8), (1.2, 32), (1.5, 32), (1.5, 16))
     },
     "blur1.0_spectral": ({"input_blur": 1.0, "latent_dim": 100, "d_norm": "spectral"}, {}),
+    # the fourth step: one change each against the shipped defaults (blur 1.0, latent 32)
+    "encoder60": ({"encoder_epochs": 60}, {}),
+    "cycle1": ({"encoder_cycle": 1.0}, {}),
+    "gan30": ({"epochs": 30}, {}),
+    "width96": ({"g_width": 96, "d_width": 96}, {}),
+    **{f"polish_step{lr}": ({}, {"lr": lr}) for lr in (0.01, 0.03)},
 }
 VALIDATION_FRACTION = 0.15
 TEST_PER_SET = 2000
