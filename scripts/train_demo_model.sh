@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Retrain the demo's bundled model (anogan_batch/data/model/) with the project's own commands.
-# Run from the repository root with the venv active. CPU, about 5 minutes on 2 cores
+# Run from the repository root with the venv active. CPU, about 7 minutes on 2 cores
 # (GAN with an EMA of G, then the encoder: train's defaults, docs/quality.md), except
 # --input-norm none and --input-blur 0.0 (pixels as stored: on the demo, contrast normalisation
 # costs AUROC and the blur costs the scan decisions; docs/quality.md, "The demo's model"), and
@@ -12,7 +12,7 @@ python -m anogan_batch.evaluation.demo "$work/scans" train          # the 4,000 
 anogan-batch ingest "$work/scans" "$work/patches" --patch-size 28 --label-from-parent
 rm -rf anogan_batch/data/model
 anogan-batch train "$work/patches" anogan_batch/data/model \
-  --normal-label 0 --epochs 20 --g-width 64 --d-width 64 --seed 0 --input-norm none \
+  --normal-label 0 --epochs 30 --g-width 64 --d-width 64 --seed 0 --input-norm none \
   --input-blur 0.0 --feature-layer -1 --calibration-fraction 0.0 --no-progress
 # float16 weights: half the bytes in the package (a test bounds the score change)
 python -c "from anogan_batch.core.modeldir import compact_model; compact_model('anogan_batch/data/model')"

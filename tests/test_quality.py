@@ -64,3 +64,23 @@ def test_quality_protocol_quick_run_writes_the_table(tmp_path):
     table = (tmp_path / "quality.md").read_text()
     assert "| 1 |" in table and "99.2" in table  # next to the published figure
     assert "λ = 0 at the same z" in table and f"| {row['auroc_residual_only']:.1f} |" in table
+
+
+def test_every_sweep_recipe_is_a_valid_config():
+    """scripts/quality_sweep.py's recipes are the rows of docs/quality.md: each must still build
+    the TrainConfig and SearchConfig it names (an option removed from the product, or a typo,
+    would otherwise fail hours into a GPU sweep)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "quality_sweep.py"
+    spec = importlib.util.spec_from_file_location("quality_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    assert {"defaults", "base", "blur1.0_latent32", "gan30"} <= set(sweep.RECIPES)
+    for name, (train, search) in sweep.RECIPES.items():
+        TrainConfig(**train)
+        SearchConfig(**search)
+        if name != "defaults":  # written out, so they keep meaning what was measured
+            assert "epochs" in train, name
+    assert TrainConfig(**sweep.RECIPES["gan30"][0]) == TrainConfig()  # the shipped defaults

@@ -153,9 +153,6 @@ class TrainConfig:
     g_ema: float = 0.999  # decay of an exponential moving average of G's weights; 0: off
     encoder_epochs: int = 30  # epochs of the izi_f encoder after the GAN; 0: no encoder
     kappa: float = 1.0  # κ, weight of the D-feature term in the encoder's loss
-    # weight of a cycle term in z in the encoder's loss, MSE(E(G(z)), z) over prior draws
-    # (ziz of f-AnoGAN, added to izi_f); 0: off
-    encoder_cycle: float = 0.0
     # training batches (GAN and encoder) shifted by up to this many pixels each way, a patch
     # at a time: augmentation that keeps a normal patch normal; 0: off
     augment_shift: int = 0
@@ -177,7 +174,6 @@ class TrainConfig:
         check_float("g_ema", self.g_ema, low=0.0, high=0.9999)
         check_int("encoder_epochs", self.encoder_epochs, min_value=0)
         check_float("kappa", self.kappa, low=0.0)
-        check_float("encoder_cycle", self.encoder_cycle, low=0.0)
         check_choice("input_norm", self.input_norm, INPUT_NORMS)
         check_float("input_blur", self.input_blur, low=0.0, high=MAX_BLUR)
         check_int("feature_layer", self.feature_layer)  # range: ModelConfig, once S is known

@@ -317,9 +317,6 @@ def fit_encoder(g, d, model_cfg, x_all, cfg: TrainConfig, *, progress: bool = Tr
                 gz = g(e(x))
                 fx, fgz = d.feature(x), d.feature(gz)
                 loss = F.mse_loss(gz, x) + cfg.kappa * F.mse_loss(fgz, fx)
-                if cfg.encoder_cycle:
-                    z = (torch.rand(len(x), model_cfg.latent_dim, generator=rng) * 2 - 1).to(device)
-                    loss = loss + cfg.encoder_cycle * F.mse_loss(e(g(z)), z)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # G and D are frozen: only E's weights get gradients
                 opt.step()

@@ -31,7 +31,7 @@ N_NORMAL_SCANS, N_LESION_SCANS = 12, 12
 # anomalous, and the blur leaves too few lesion scans past the calibration's tail to flag any at
 # the demo's FDR (docs/quality.md, "The demo's model").
 TRAIN_ARGS = {
-    "epochs": 20,
+    "epochs": 30,
     "g_width": 64,
     "d_width": 64,
     "seed": 0,
