@@ -608,7 +608,9 @@ def bench(
         try:
             digits = tuple(int(c) for c in classes.split(","))
         except ValueError:
-            raise ConfigError("--classes", classes, "digits 0-9, comma-separated") from None
+            digits = ()
+        if not digits or not all(0 <= d <= 9 for d in digits):
+            raise ConfigError("--classes", classes, "digits 0-9, comma-separated")
         tiny = {"epochs": 2, "encoder_epochs": 2}
         recipe = QualityRecipe(train_images=400, test_images=200, train=tiny) if quick else None
         result = run_quality(out, mnist=mnist, classes=digits, recipe=recipe)

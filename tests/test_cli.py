@@ -211,6 +211,14 @@ def test_bad_ingest_flags(tmp_path, args, needle):
     assert_user_error(r, needle)
 
 
+@pytest.mark.parametrize("classes", ["42", "-1", "3,x", ""])
+def test_bench_quality_classes_must_be_digits(tmp_path, classes):
+    """--classes picks MNIST digits: anything but 0-9 is exit 2 naming the flag, before any
+    data is read (a digit with no images used to end in a traceback from the range fit)."""
+    r = run_cli("bench", "--quality", "mnist", "--classes", classes, "--out", str(tmp_path))
+    assert_user_error(r, "--classes")
+
+
 def test_bad_train_flag(tmp_path, test_table):
     r = run_cli("train", test_table, str(tmp_path / "m"), "--d-norm", "layer")
     assert_user_error(r, "'d_norm': 'layer'")
