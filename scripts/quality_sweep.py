@@ -4,15 +4,16 @@ split of the training half, each recipe's held-out figure measured once.
     python scripts/quality_sweep.py --out sweep.json [--recipes base,shift2] [--seeds 0,1,2]
         [--workers 12] [--deadline-s 500]
 
-Per (recipe, seed, digit), in its own process: train on 85 % of the digit's training-half images
-(the product's fit_gan with TrainConfig overrides; CUDA when present), then score 2,000
-validation digits (200 per class from the other 15 % of the training half, never trained on)
-and the bench's 2,000 held-out digits (`bench --quality mnist`'s test set). A recipe is chosen
-by its validation AUROC; its held-out AUROC is what docs/quality.md reports. The same z is also
-scored under other distances (`distance_variants`: the residual alone, blurs at score time),
-which needs no retraining. Scores are kept,
-so ensembles of seeds are built afterwards (`--ensembles`). Results are rewritten after every
-task, so a run stopped at its deadline still leaves what it finished.
+Per (recipe, seed, digit), in its own process, `quality.evaluate_class` (the bench's own
+train-and-score, with the recipe's TrainConfig and SearchConfig overrides; CUDA when present):
+train on 85 % of the digit's training-half images, then score 2,000 validation digits (200 per
+class from the other 15 % of the training half, never trained on) and the bench's 2,000
+held-out digits (`bench --quality mnist`'s test set). A recipe is chosen by its validation
+AUROC; its held-out AUROC is what docs/quality.md reports. The same z is also scored under
+other distances (`distance_variants`: the residual alone, blurs at score time), which needs no
+retraining. Scores are kept, and the summary's "ensembles" combines the seeds of each recipe
+that has several. Results are rewritten after every task, so a run stopped at its deadline
+still leaves what it finished.
 """
 
 from __future__ import annotations

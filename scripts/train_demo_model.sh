@@ -12,8 +12,8 @@ python -m anogan_batch.evaluation.demo "$work/scans" train          # the 4,000 
 anogan-batch ingest "$work/scans" "$work/patches" --patch-size 28 --label-from-parent
 rm -rf anogan_batch/data/model
 anogan-batch train "$work/patches" anogan_batch/data/model \
-  --normal-label 0 --epochs 30 --g-width 64 --d-width 64 --seed 0 --input-norm none \
-  --input-blur 0.0 --feature-layer -1 --calibration-fraction 0.0 --no-progress
+  --normal-label 0 --input-norm none --input-blur 0.0 --feature-layer -1 \
+  --calibration-fraction 0.0 --no-progress
 # float16 weights: half the bytes in the package (a test bounds the score change)
 python -c "from anogan_batch.core.modeldir import compact_model; compact_model('anogan_batch/data/model')"
 # Calibration on 500 held-out zeros that the model never saw and no demo scan holds (the

@@ -12,6 +12,7 @@ from PIL import Image
 
 from anogan_batch.evaluation.demo import (
     GRID,
+    NORMAL_LABEL,
     PATCH_SIZE,
     TRAIN_ARGS,
     bundled_model_dir,
@@ -53,7 +54,11 @@ def test_demo_runs_and_finds_the_lesions(tmp_path, capsys):
 
 def test_bundled_model_and_its_retrain_script_follow_train_args():
     """The recipe is written twice (demo.TRAIN_ARGS for `demo --train`, CLI flags in
-    scripts/train_demo_model.sh); both must be the recipe the bundled model was trained with."""
+    scripts/train_demo_model.sh); both must be the recipe the bundled model was trained with,
+    and the rest of it train's defaults: a changed default means a retrained demo model."""
+    from dataclasses import asdict
+
+    from anogan_batch.core.configs import TrainConfig
     from anogan_batch.core.modeldir import load_model
 
     cfg = load_model(bundled_model_dir()).config
@@ -64,6 +69,9 @@ def test_bundled_model_and_its_retrain_script_follow_train_args():
         recorded = getattr(cfg, key) if hasattr(cfg, key) else training[key]
         assert recorded == value, key
         assert f"--{key.replace('_', '-')} {value}" in flags, key
+    expected = asdict(TrainConfig(normal_label=NORMAL_LABEL, **TRAIN_ARGS))
+    expected.pop("device")  # None asks for the best device; model.json records the one used
+    assert {k: training[k] for k in expected} == expected
 
 
 def test_the_bundled_calibration_is_held_out_zeros_for_score_s_default_search():

@@ -26,15 +26,12 @@ NORMAL_LABEL = "0"  # the digit the model was trained on
 PATCH_SIZE = 28
 GRID = 4  # tiles per side of a mosaic scan
 N_NORMAL_SCANS, N_LESION_SCANS = 12, 12
-# The recipe of the bundled model (also what `demo --train` runs): train's defaults, except that
-# the model reads pixels as stored. On zeros, contrast normalisation ranks thin normal zeros as
-# anomalous, and the blur leaves too few lesion scans past the calibration's tail to flag any at
-# the demo's FDR (docs/quality.md, "The demo's model").
+# The recipe of the bundled model (also what `demo --train` runs): train's defaults, except
+# what is listed here. Pixels as stored: on zeros, contrast normalisation ranks thin normal
+# zeros as anomalous, and the blur leaves too few lesion scans past the calibration's tail to
+# flag any at the demo's FDR (docs/quality.md, "The demo's model"); f = D's last block, the
+# layer the bundled model was measured with.
 TRAIN_ARGS = {
-    "epochs": 30,
-    "g_width": 64,
-    "d_width": 64,
-    "seed": 0,
     "input_norm": "none",
     "input_blur": 0.0,
     "feature_layer": -1,
