@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Retrain the demo's bundled model (anogan_batch/data/model/) with the project's own commands.
-# Run from the repository root with the venv active. CPU, about 7 minutes on 2 cores
+# Run from the repository root with the venv active. CPU, about 6 minutes on 2 cores
 # (GAN with an EMA of G, then the encoder: train's defaults, docs/quality.md), except
 # --input-norm none and --input-blur 0.0 (pixels as stored: on the demo, contrast normalisation
 # costs AUROC and the blur costs the scan decisions; docs/quality.md, "The demo's model"), and
