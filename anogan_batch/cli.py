@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -625,21 +625,23 @@ def bench(
         _echo(f"figures written to {json_path}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: exit 0 ok, 2 bad usage or input, 1 anything else.
+def run(argv: list[str] | None = None) -> int:
+    """The command in `argv` -> its exit status: 0 ok, 2 bad usage or input, 1 anything else.
 
-    Typer (standalone mode) already turns usage errors into exit 2 and exits; a user error
-    from the library surfaces here as `AnoganError`, the one place it becomes exit 2. S3 that
-    stays unreachable past the retry policy is exit 1 with a message naming the endpoint (a
-    rerun resumes); anything else is a bug, exit 1 with its traceback.
+    Typer (standalone mode) turns usage errors into exit 2; a user error from the library
+    surfaces here as `AnoganError`, the one place it becomes exit 2. S3 that stays unreachable
+    past the retry policy is exit 1 with a message naming the endpoint (a rerun resumes);
+    anything else is a bug, exit 1 with its traceback.
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("anogan_batch").setLevel(logging.INFO)
     try:
         app(args=argv, prog_name="anogan-batch")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except AnoganError as e:
         typer.echo(redact(f"error: {e}"), err=True)
-        sys.exit(2)
+        return 2
     except Exception as e:
         import traceback
 
@@ -648,6 +650,15 @@ def main(argv: list[str] | None = None) -> None:
         message = describe_s3_failure(e)
         if message is None:  # a bug: exit 1 with its traceback
             sys.stderr.write(redact(traceback.format_exc()))
-            sys.exit(1)
+            return 1
         typer.echo(redact(f"error: {message}"), err=True)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Console entry point: runs the command, then ends the process the orderly way
+    (io/exiting.py: exit handlers run, no interpreter teardown, so no exit-time hang)."""
+    from anogan_batch.io.exiting import leave
+
+    leave(run(argv))

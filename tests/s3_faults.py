@@ -1,7 +1,8 @@
 """A fault-injecting HTTP proxy between the product and the moto S3 server (tests only).
 
-Each request is read whole, then, by a seeded draw, answered with 503 SlowDown, answered with
-500 InternalError, cut off by a TCP reset, delayed, or passed on. Faults strike before the
+Each request is read whole, then, by a seeded draw (or every Nth request: `FaultRates.every`),
+answered with 503 SlowDown, answered with 500 InternalError, cut off by a TCP reset, delayed,
+or passed on. A HEAD's error answer has no body, as S3 sends it. Faults strike before the
 request reaches S3, as throttling and a flaky network do; what passes is forwarded verbatim
 (the Host header too, so signatures still match) and its answer is sent back whole.
 `down()` closes the port: every later connection is refused, as when S3 is gone for good.
@@ -30,6 +31,10 @@ class FaultRates:
     reset: float = 0.04  # TCP reset before any answer
     delay: float = 0.10  # answered late
     max_delay_s: float = 0.3
+    every: int = 0  # > 0: no random draw; every `every`-th request is 503 SlowDown instead
+
+
+EVERY_TENTH = FaultRates(0, 0, 0, 0, every=10)  # throttling as a busy cluster meets it
 
 
 ERROR_BODY = (
@@ -45,6 +50,7 @@ class FaultProxy:
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        self.served = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -125,6 +131,11 @@ class FaultProxy:
     def draw(self) -> str:
         r = self.rates
         with self.lock:
+            if r.every:  # the deterministic pattern: every Nth request is throttled
+                self.served += 1
+                fault = "slow_down" if self.served % r.every == 0 else "pass"
+                self.counts[fault] += 1
+                return fault
             u = self.random.random()
             fault = "pass"
             for name in ("slow_down", "internal", "reset", "delay"):

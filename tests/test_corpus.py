@@ -67,16 +67,12 @@ def test_every_bad_scan_file_is_quarantined_with_its_reason(tmp_path, engine):
 
 
 def cli(*args: str) -> tuple[int, str]:
-    """The real entry point in this process (the suite's Ray session): (exit code, stderr)."""
-    from anogan_batch.cli import main
+    """The real command line in this process (the suite's Ray session): (exit code, stderr)."""
+    from anogan_batch.cli import run
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
+        code = run(list(args))
     return code, err.getvalue()
 
 

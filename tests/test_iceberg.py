@@ -102,7 +102,7 @@ def test_a_column_added_by_a_newer_version_appends_without_rewriting(
         rows = rows_of(out, manifest, name)
         if name != "patch_scores":
             return rows
-        return rows.select([c for c in rows.column_names if c not in ("p_value", "flagged")])
+        return rows.select([c for c in rows.schema.names if c not in ("p_value", "flagged")])
 
     monkeypatch.setattr(iceberg, "job_rows", older_version)
     iceberg.publish(finished_jobs["a"], target)

@@ -81,7 +81,14 @@ def benjamini_hochberg(p_values: np.ndarray, q: float) -> tuple[np.ndarray, floa
     ordered = np.sort(p[valid])
     passing = np.flatnonzero(ordered <= q * np.arange(1, m + 1) / max(m, 1))
     threshold = float(ordered[passing[-1]]) if len(passing) else 0.0
-    return valid & (np.nan_to_num(p, nan=2.0) <= threshold) & (threshold > 0), threshold
+    return bh_flags(p, threshold), threshold
+
+
+def bh_flags(p_values: np.ndarray, threshold: float) -> np.ndarray:
+    """Which p-values `benjamini_hochberg`'s threshold flags (NaN never): for applying a
+    threshold found over all of a job's scans to one batch of them at a time."""
+    p = np.asarray(p_values, dtype=np.float64)
+    return ~np.isnan(p) & (np.nan_to_num(p, nan=2.0) <= threshold) & (threshold > 0)
 
 
 def drift(counts: np.ndarray, alpha: float = 0.05) -> dict[str, Any]:

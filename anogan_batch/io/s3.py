@@ -82,9 +82,17 @@ class S3RetryPolicy:
 
     def pyarrow(self) -> dict[str, Any]:
         return {
-            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
+            "retry_strategy": PolicyRetryStrategy(self.max_attempts),
             "connect_timeout": self.connect_timeout_s,
             "request_timeout": self.request_timeout_s,
+        }
+
+    def pyiceberg(self) -> dict[str, str]:
+        """The same policy in pyiceberg's FileIO properties (its own S3FileSystem)."""
+        return {
+            "s3.retry-strategy-impl": f"{__name__}.{PolicyRetryStrategy.__name__}",
+            "s3.connect-timeout": str(self.connect_timeout_s),
+            "s3.request-timeout": str(self.request_timeout_s),
         }
 
     def object_store(self) -> dict[str, str]:
@@ -95,6 +103,21 @@ class S3RetryPolicy:
             "connect_timeout": f"{int(self.connect_timeout_s)}s",
             "timeout": f"{int(self.request_timeout_s)}s",
         }
+
+
+class PolicyRetryStrategy(pafs.AwsDefaultS3RetryStrategy):
+    """The AWS SDK's retries under the policy: `max_attempts` tries of every request, 5xx,
+    throttling, resets and timeouts retried with exponential backoff.
+
+    Not the SDK's "standard" strategy (pyarrow's AwsStandardS3RetryStrategy): its retry quota
+    (500 tokens, 5 a retry) is never refilled through pyarrow, so a filesystem stops retrying
+    for good after its 100th retry; at 10 % throttling that is the 1,000th request of a
+    process. Built with no argument (pyiceberg's `s3.retry-strategy-impl`), it reads the
+    policy from the environment."""
+
+    def __init__(self, max_attempts: int | None = None) -> None:
+        attempts = max_attempts or S3RetryPolicy.from_env().max_attempts
+        super().__init__(max_attempts=attempts - 1)  # the SDK counts retries, not tries
 
 
 def object_store_options(uri: str) -> dict[str, str] | None:
@@ -264,6 +287,7 @@ def s3_filesystem(endpoint: str | None, region: str) -> pafs.FileSystem:
 
 @functools.cache
 def _native_s3(endpoint: str | None, region: str) -> pafs.S3FileSystem:
+    _release_at_exit()
     kwargs: dict[str, Any] = {"region": region, **S3RetryPolicy.from_env().pyarrow()}
     if endpoint:
         parsed = urlparse(endpoint)
@@ -272,3 +296,21 @@ def _native_s3(endpoint: str | None, region: str) -> pafs.S3FileSystem:
         # Custom endpoints (MinIO, moto, Ceph) rarely support virtual-host addressing.
         kwargs["force_virtual_addressing"] = False
     return pafs.S3FileSystem(**kwargs)
+
+
+@functools.cache
+def _release_at_exit() -> None:
+    """Drop the cached filesystems when the interpreter exits, before pyarrow's S3 finalizer
+    (exit handlers run last-registered first, and pyarrow registers its own on import): a
+    filesystem that outlives that finalizer can deadlock it (apache/arrow#50188). The command
+    line skips the finalizer altogether (io/exiting.py); this is for notebooks and scripts."""
+    import atexit
+
+    def release() -> None:
+        import gc
+
+        s3_filesystem.cache_clear()
+        _native_s3.cache_clear()
+        gc.collect()
+
+    atexit.register(release)

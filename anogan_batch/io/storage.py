@@ -249,6 +249,15 @@ def makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
+def move(src: str, dest: str) -> None:
+    """Move one file within its filesystem (on S3 a copy, then a delete)."""
+    fs, inner = filesystem_for(src)
+    _, target = filesystem_for(dest)
+    if not is_s3(dest):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+    fs.move(inner, target)
+
+
 def delete(path: str) -> None:
     """Delete a file or a whole directory tree; a missing path is not an error."""
     import pyarrow.fs as pafs

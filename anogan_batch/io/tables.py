@@ -254,9 +254,23 @@ def count_listed_ids(
 
 
 def first_rows(ds: pads.Dataset, columns: list[str], n: int = 1) -> pa.Table:
-    """The first `n` rows of the first non-empty file: a cheap sample for up-front checks."""
+    """The first `n` rows of the first non-empty file: a cheap sample for up-front checks.
+
+    Read on this thread, file by file, never by a dataset scan stopped early (`Dataset.head`):
+    such a scan leaves Arrow's readahead running, and its calls into the Python S3 handler
+    (io/s3.py) at interpreter exit hang or abort the process (docs/reliability.md)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     cols = [c for c in columns if c in ds.schema.names]
-    return ds.head(n, columns=cols)
+    for fragment in ds.get_fragments():
+        with ds.filesystem.open_input_file(fragment.path) as f:
+            reader = pq.ParquetFile(f, pre_buffer=False)
+            names = [c for c in cols if c in reader.schema_arrow.names]
+            for batch in reader.iter_batches(batch_size=n, columns=names, use_threads=False):
+                if batch.num_rows:
+                    return pa.Table.from_batches([batch.slice(0, n)])
+    return ds.schema.empty_table().select(cols)
 
 
 def read_columns(path: str, columns: list[str], filter_expr=None) -> pa.Table:

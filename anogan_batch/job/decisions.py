@@ -2,8 +2,8 @@
 
 Patches are flagged as they are scored (`p_value <= --fpr`, job/scorer.py). Scans need every
 scan's p-value first: Benjamini-Hochberg at `--fdr` over them, then scan_scores is rewritten
-with `flagged`. scan_scores has one row per scan, so it is read whole; patch_scores is only
-streamed, for the flag count and the drift of its p-values.
+with `flagged`. Both tables are streamed: the driver holds one float per scan (for BH's
+threshold) and a batch of rows, never a table.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from anogan_batch.core.calibration import benjamini_hochberg, drift, p_value_counts
+from anogan_batch.core.calibration import benjamini_hochberg, bh_flags, drift, p_value_counts
 from anogan_batch.io import storage
 from anogan_batch.job.layout import JobLayout
 
@@ -35,30 +35,51 @@ def patch_p_values(out: str, n_calibration: int) -> tuple[int, dict[str, Any]]:
 
 def flag_scans(out: str, fdr: float | None) -> dict[str, Any]:
     """Rewrite OUT/scan_scores with `flagged` (BH at `fdr` over the scans' p-values; null
-    without `fdr`). -> counts and the p-value threshold for job.json."""
+    without `fdr`). -> counts and the p-value threshold for job.json.
+
+    Streamed: one pass reads the p-values alone (8 bytes a scan) for BH's threshold, a second
+    rewrites the rows a batch at a time into OUT/_decided, which then replaces scan_scores."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from anogan_batch.io.tables import open_dataset
+    from anogan_batch.io.tables import count_rows, open_dataset
 
-    path = JobLayout(out).scan_scores
+    layout = JobLayout(out)
+    path, staged = layout.scan_scores, layout.decided
     if not storage.list_files(path, suffixes=(".parquet",)):
         return {}
-    table = open_dataset(path).to_table()
-    if "flagged" in table.column_names:  # a rerun's decision replaces the last one
-        table = table.drop_columns(["flagged"])
-    result: dict[str, Any] = {"scans": table.num_rows}
-    if fdr is None:
-        column = pa.nulls(table.num_rows, pa.bool_())
-    else:
-        p = table.column("p_value").to_numpy(zero_copy_only=False).astype(np.float64)
+    ds = open_dataset(path)
+    result: dict[str, Any] = {"scans": count_rows(ds, path)}
+    threshold = None
+    if fdr is not None:
+        p = _column(ds, "p_value")
         flags, threshold = benjamini_hochberg(p, fdr)
-        column = pa.array(flags, pa.bool_())
         result |= {"scans_flagged": int(flags.sum()), "scan_p_threshold": threshold}
-    table = table.append_column("flagged", column)
+    columns = [c for c in ds.schema.names if c != "flagged"]  # a rerun's decision replaces it
+    schema = pa.schema([ds.schema.field(c) for c in columns]).append(
+        pa.field("flagged", pa.bool_())
+    )
+    storage.delete(staged)
+    storage.makedirs(staged)
+    fs, inner = storage.filesystem_for(storage.join(staged, "part-0.parquet"))
+    with fs.open_output_stream(inner) as f, pq.ParquetWriter(f, schema, compression="zstd") as w:
+        for batch in ds.to_batches(columns=columns):
+            if threshold is None:
+                column = pa.nulls(batch.num_rows, pa.bool_())
+            else:
+                column = pa.array(bh_flags(_floats(batch.column("p_value")), threshold))
+            w.write_batch(pa.RecordBatch.from_arrays([*batch.columns, column], schema=schema))
     storage.delete(path)
-    storage.makedirs(path)
-    fs, inner = storage.filesystem_for(storage.join(path, "part-0.parquet"))
-    with fs.open_output_stream(inner) as f:
-        pq.write_table(table, f, compression="zstd")
+    storage.move(storage.join(staged, "part-0.parquet"), storage.join(path, "part-0.parquet"))
+    storage.delete(staged)
     return result
+
+
+def _column(ds, name: str) -> np.ndarray:
+    """One float column of a dataset as float64, streamed (NaN for nulls)."""
+    parts = [_floats(b.column(name)) for b in ds.to_batches(columns=[name])]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _floats(array) -> np.ndarray:
+    return array.to_numpy(zero_copy_only=False).astype(np.float64)

@@ -34,6 +34,7 @@ from anogan_batch.job.published import (
     JOBS,
     PARTITION_MODEL,
     TABLE_ORDER,
+    JobRows,
     commit_pause,
     finished_job,
     job_rows,
@@ -126,16 +127,17 @@ def _publish(out: str, target_json: str) -> dict[str, Any]:
     return done
 
 
-def _append_once(uri: str, options: dict | None, rows: Any, app_id: str) -> Any:
+def _append_once(uri: str, options: dict | None, rows: JobRows, app_id: str) -> Any:
     """Append rows with the application transaction app_id unless the table holds it. The
     check and the commit read the same table version, so a publish of the same job that
     commits in between is a conflict (Delta's concurrent-transaction check), never a second
     copy. The table is created empty first, so that two first publishes race on creating it,
     not on appending; conflicts and lost races are retried from a fresh read."""
+    import pyarrow as pa
     from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
     from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchError
 
-    partition_by = [PARTITION_MODEL] if PARTITION_MODEL in rows.column_names else None
+    partition_by = [PARTITION_MODEL] if PARTITION_MODEL in rows.schema.names else None
     for attempt in range(1, COMMIT_ATTEMPTS + 1):
         try:
             if not DeltaTable.is_deltatable(uri, storage_options=options):
@@ -146,7 +148,7 @@ def _append_once(uri: str, options: dict | None, rows: Any, app_id: str) -> Any:
                 return "already published"
             write_deltalake(
                 table,
-                rows,
+                pa.RecordBatchReader.from_batches(rows.schema, rows.batches()),
                 mode="append",
                 partition_by=partition_by,
                 schema_mode="merge",
@@ -154,7 +156,7 @@ def _append_once(uri: str, options: dict | None, rows: Any, app_id: str) -> Any:
                     app_transactions=[Transaction(app_id, 1)], max_commit_retries=20
                 ),
             )
-            return rows.num_rows
+            return rows.rows
         except (CommitFailedError, DeltaError) as e:
             if attempt == COMMIT_ATTEMPTS or isinstance(e, SchemaMismatchError):
                 raise

@@ -25,6 +25,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from anogan_batch.errors import ConfigError, InputError
+from anogan_batch.io.s3 import S3RetryPolicy
 from anogan_batch.job.configs import WarehouseTarget
 from anogan_batch.job.layout import JobLayout
 from anogan_batch.job.published import (
@@ -33,6 +34,8 @@ from anogan_batch.job.published import (
     PARTITION_DAY,
     PARTITION_MODEL,
     TABLE_ORDER,
+    JobRows,
+    chunks,
     commit_pause,
     finished_job,
     job_rows,
@@ -49,6 +52,7 @@ JOB_ID_PROPERTY = "anogan.job_id"  # in each append's snapshot summary: the exac
 # pyiceberg retries a conflicting append by rebasing it onto the new snapshot, past the
 # exactly-once check; with its retries off the conflict reaches _append_once, which checks again
 NO_REBASE = {"commit.retry.num-retries": "0"}
+MAIN_BRANCH = "main"
 
 
 def load_catalog(target: WarehouseTarget) -> Any:
@@ -60,8 +64,12 @@ def load_catalog(target: WarehouseTarget) -> Any:
         raise InputError(
             "Iceberg needs the pyiceberg package: pip install 'anogan-batch[warehouse]'"
         ) from None
-    if Config().get_catalog_config(target.catalog):
-        return pyiceberg_load(target.catalog)
+    configured = Config().get_catalog_config(target.catalog)
+    if configured:  # the S3 policy unless the catalog's configuration has its own
+        policy = S3RetryPolicy.from_env().pyiceberg()
+        return pyiceberg_load(
+            target.catalog, **{k: v for k, v in policy.items() if k not in configured}
+        )
     if target.warehouse is None:
         raise ConfigError(
             "--warehouse",
@@ -104,6 +112,7 @@ def _sqlite_properties(target: WarehouseTarget) -> dict[str, str]:
     os.makedirs(os.path.dirname(db), exist_ok=True)
     props = {"type": "sql", "uri": f"sqlite:///{db}", "init_catalog_tables": "true"}
     if is_s3(warehouse):
+        props |= S3RetryPolicy.from_env().pyiceberg()
         props["warehouse"] = warehouse
         props["s3.region"] = s3_region()
         if s3_endpoint():
@@ -140,7 +149,7 @@ def _ensure_namespace(catalog: Any, namespace: str) -> None:
             raise
 
 
-def _append_once(catalog: Any, identifier: str, rows: pa.Table, job_id: str) -> Any:
+def _append_once(catalog: Any, identifier: str, rows: JobRows, job_id: str) -> Any:
     """Append `rows` to the table (created when missing) unless the job is in its history;
     a commit that lost a race is retried on the refreshed table."""
     from pyiceberg.exceptions import CommitFailedException
@@ -150,14 +159,39 @@ def _append_once(catalog: Any, identifier: str, rows: pa.Table, job_id: str) -> 
         if _published(table, job_id):
             return "already published"
         try:
-            table.append(_conform(rows, table), snapshot_properties={JOB_ID_PROPERTY: job_id})
-            return rows.num_rows
+            _append_streamed(table, rows, job_id)
+            return rows.rows
         except CommitFailedException as e:
             if attempt == COMMIT_ATTEMPTS:
                 raise
             log.info("%s: commit conflict, retrying (%d): %s", identifier, attempt, e)
             commit_pause(attempt)
     raise AssertionError("unreachable")
+
+
+def _append_streamed(table: Any, rows: JobRows, job_id: str) -> None:
+    """One append snapshot (one commit) whose data files are written a chunk at a time.
+
+    pyiceberg's `append` takes a whole table in memory, or a stream for unpartitioned tables
+    only (apache/iceberg-python#2152); these tables are partitioned. So this is its append
+    with the data files written chunk by chunk (one file counter, so no name repeats)."""
+    import itertools
+
+    from pyiceberg.io.pyarrow import _dataframe_to_data_files
+
+    with table.transaction() as tx:
+        properties = {JOB_ID_PROPERTY: job_id}
+        with tx._append_snapshot_producer(properties, branch=MAIN_BRANCH) as append:
+            counter = itertools.count(0)
+            for chunk in chunks(rows.batches()):
+                for data_file in _dataframe_to_data_files(
+                    table_metadata=tx.table_metadata,
+                    df=_conform(chunk, table),
+                    io=table.io,
+                    write_uuid=append.commit_uuid,
+                    counter=counter,
+                ):
+                    append.append_data_file(data_file)
 
 
 def _table_for(catalog: Any, identifier: str, schema: pa.Schema) -> Any:

@@ -11,6 +11,7 @@
       overlays/<file_stem(scan_id)>.png
       _checkpoint/                 Ray Data's exactly-once checkpoint while the job runs
       _published_ids/              --skip-published: patch_ids the warehouse holds already
+      _decided/                    scan_scores with `flagged`, while `decide` writes it
 
 Names that come from data (a `scan_id`, a `patch_id`) never become paths as they are: a file
 named after one gets `file_stem(value)`, a readable ASCII slug plus a hash of the exact value,
@@ -58,6 +59,7 @@ class JobLayout:
     OVERLAYS = "overlays"
     CHECKPOINT = "_checkpoint"
     PUBLISHED_IDS = "_published_ids"
+    DECIDED = "_decided"
 
     def _join(self, *parts: str) -> str:
         return storage.join(self.out, *parts)
@@ -102,6 +104,11 @@ class JobLayout:
     def published_ids(self) -> str:
         """--skip-published: the ids the warehouse already holds for this model and search."""
         return self._join(self.PUBLISHED_IDS)
+
+    @property
+    def decided(self) -> str:
+        """scan_scores with the scans' `flagged`, staged here before it replaces scan_scores."""
+        return self._join(self.DECIDED)
 
     def overlay(self, scan_id: str) -> str:
         """The PNG overlay of one scan (its name from `file_stem`, never the scan_id itself)."""

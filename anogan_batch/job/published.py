@@ -10,7 +10,8 @@ stay in the job's own Parquet files under `jobs.out`, keyed by `patch_id`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from anogan_batch.errors import InputError
@@ -42,40 +43,97 @@ def finished_job(out: str) -> JobManifest:
     return manifest
 
 
-def job_rows(out: str, manifest: JobManifest, name: str) -> pa.Table | None:
+@dataclass(frozen=True)
+class JobRows:
+    """The rows a job adds to one warehouse table, streamed: each `batches()` call is a new
+    pass over the job's files, a batch of at most BATCH_ROWS rows at a time, so a publish
+    holds one batch (or one chunk of CHUNK_BYTES) whatever the job's size, and a commit that
+    lost a race can write its rows again."""
+
+    schema: pa.Schema
+    rows: int
+    batches: Callable[[], Iterator[pa.RecordBatch]]
+
+    def select(self, columns: list[str]) -> JobRows:
+        """The same rows with only `columns`."""
+        import pyarrow as pa
+
+        schema = pa.schema([self.schema.field(c) for c in columns])
+        return JobRows(schema, self.rows, lambda: (b.select(columns) for b in self.batches()))
+
+
+BATCH_ROWS = 65_536  # rows a publish reads at a time from the job's files
+CHUNK_BYTES = 64 * 2**20  # rows a publish hands its writer at a time (Iceberg data files)
+
+
+def job_rows(out: str, manifest: JobManifest, name: str) -> JobRows | None:
     """The rows the job adds to table `name`, with the lineage columns; None when none."""
     import pyarrow as pa
 
-    started = _timestamp(manifest.started_at)
-    utc = pa.timestamp("us", tz="UTC")
     if name == JOBS:
-        row = {
-            "job_id": manifest.job_id, "status": manifest.status,
-            "started_at": started, "finished_at": _timestamp(manifest.finished_at),
-            "model_id": manifest.model_id,
-            "calibration_id": (manifest.calibration or {}).get("calibration_id"),
-            "input_rows": manifest.input_rows, "scored_rows": manifest.scored_rows,
-            "quarantined_rows": manifest.quarantined_rows,
-            "patches_per_second": manifest.patches_per_second,
-            "params": json.dumps(manifest.params, sort_keys=True),
-            "out": storage.absolute(out),
-            "manifest": json.dumps(manifest.__dict__, sort_keys=True, default=str),
-        }  # fmt: skip
-        return pa.Table.from_pylist([row], schema=jobs_schema())
+        table = pa.Table.from_pylist([_jobs_row(out, manifest)], schema=jobs_schema())
+        return JobRows(table.schema, 1, lambda: iter(table.to_batches()))
     path = getattr(JobLayout(out), name)
     if not storage.list_files(path, suffixes=(".parquet",)):
         return None
-    from anogan_batch.io.tables import open_dataset
+    from anogan_batch.io.tables import count_rows, open_dataset
 
     ds = open_dataset(path)
-    table = ds.to_table(columns=[c for c in ds.schema.names if c not in LEFT_IN_OUT])
-    if table.num_rows == 0:
+    rows = count_rows(ds, path)
+    if rows == 0:
         return None
-    for column, value in (("job_id", manifest.job_id), ("model_id", manifest.model_id)):
-        if column not in table.column_names:
-            table = table.append_column(column, pa.array([value] * table.num_rows, pa.string()))
-    stamps = pa.array([started] * table.num_rows, utc)
-    return _plain_types(table.append_column("job_started_at", stamps))
+    columns = [c for c in ds.schema.names if c not in LEFT_IN_OUT]
+    started = _timestamp(manifest.started_at)
+
+    def lineage(batch: pa.RecordBatch) -> pa.RecordBatch:
+        n = batch.num_rows
+        for column, value in (("job_id", manifest.job_id), ("model_id", manifest.model_id)):
+            if column not in batch.schema.names:
+                batch = batch.append_column(column, pa.array([value] * n, pa.string()))
+        stamps = pa.array([started] * n, pa.timestamp("us", tz="UTC"))
+        return _plain_types(batch.append_column("job_started_at", stamps))
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for batch in ds.to_batches(columns=columns, batch_size=BATCH_ROWS):
+            if batch.num_rows:
+                yield lineage(batch)
+
+    schema = lineage(
+        pa.RecordBatch.from_pylist([], schema=pa.schema([ds.schema.field(c) for c in columns]))
+    ).schema
+    return JobRows(schema, rows, batches)
+
+
+def chunks(batches: Iterable[pa.RecordBatch], limit: int = CHUNK_BYTES) -> Iterator[pa.Table]:
+    """Batches gathered into tables of about `limit` bytes each (the last may be smaller)."""
+    import pyarrow as pa
+
+    pending: list[pa.RecordBatch] = []
+    size = 0
+    for batch in batches:
+        pending.append(batch)
+        size += batch.nbytes
+        if size >= limit:
+            yield pa.Table.from_batches(pending)
+            pending, size = [], 0
+    if pending:
+        yield pa.Table.from_batches(pending)
+
+
+def _jobs_row(out: str, manifest: JobManifest) -> dict[str, Any]:
+    return {
+        "job_id": manifest.job_id, "status": manifest.status,
+        "started_at": _timestamp(manifest.started_at),
+        "finished_at": _timestamp(manifest.finished_at),
+        "model_id": manifest.model_id,
+        "calibration_id": (manifest.calibration or {}).get("calibration_id"),
+        "input_rows": manifest.input_rows, "scored_rows": manifest.scored_rows,
+        "quarantined_rows": manifest.quarantined_rows,
+        "patches_per_second": manifest.patches_per_second,
+        "params": json.dumps(manifest.params, sort_keys=True),
+        "out": storage.absolute(out),
+        "manifest": json.dumps(manifest.__dict__, sort_keys=True, default=str),
+    }  # fmt: skip
 
 
 def jobs_schema() -> pa.Schema:
@@ -157,12 +215,12 @@ def _timestamp(text: str | None):
     return None if text is None else datetime.fromisoformat(text)
 
 
-def _plain_types(table: pa.Table) -> pa.Table:
-    """Hive partition columns come back dictionary-encoded; Iceberg wants plain strings."""
+def _plain_types(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Hive partition columns may come back dictionary-encoded; Iceberg wants plain strings."""
     import pyarrow as pa
 
     fields = [
         pa.field(f.name, f.type.value_type) if pa.types.is_dictionary(f.type) else f
-        for f in table.schema
+        for f in batch.schema
     ]
-    return table.cast(pa.schema(fields))
+    return batch.cast(pa.schema(fields))

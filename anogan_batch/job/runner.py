@@ -61,12 +61,12 @@ def output_rows(path: str) -> int:
 
 def first_quarantine_reason(out: str) -> str | None:
     """The reason of one quarantined row (for messages), or None."""
-    from anogan_batch.io.tables import open_dataset
+    from anogan_batch.io.tables import first_rows, open_dataset
 
     quarantine = JobLayout(out).quarantine
     if not output_rows(quarantine):
         return None
-    return open_dataset(quarantine).head(1, columns=["reason"])[0][0].as_py()
+    return first_rows(open_dataset(quarantine), ["reason"]).column("reason")[0].as_py()
 
 
 class Preflight(NamedTuple):
