@@ -188,12 +188,15 @@ def s3_server():
 
 @pytest.fixture
 def bucket(s3_server, request) -> str:
-    """A fresh bucket per test, named after it."""
+    """A fresh bucket per test, named after it (a hash of its whole id keeps the cases of a
+    parametrized test apart)."""
+    import hashlib
     import re
 
     import boto3
 
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") or "b"
+    slug = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") or "b"
+    name = f"{slug}-{hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return name
 

@@ -2,10 +2,11 @@
 
 `s3_filesystem` is pyarrow's S3FileSystem (endpoint from AWS_ENDPOINT_URL_S3 or
 AWS_ENDPOINT_URL, region, credentials from the standard AWS chain, never read or printed
-here) behind `RetryingS3`, which retries the one request the AWS SDK does not. Ray Data gets
-the same filesystem object, so its reads, writes and checkpoints follow the same policy;
-deltalake gets it as object_store options. `describe_s3_failure` turns an S3 error that
-outlived the policy into the message the CLI prints (exit 1; a rerun resumes).
+here) behind `RetryingS3`, which retries what the AWS SDK does not (the last step of a
+write, a short ranged read answered with an error body). Ray Data gets the same filesystem
+object, so its reads, writes and checkpoints follow the same policy; pyiceberg gets it as
+FileIO properties and deltalake as object_store options. `describe_s3_failure` turns an S3
+error that outlived the policy into the message the CLI prints (exit 1; a rerun resumes).
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def retry_transient(fn, what: str, policy: S3RetryPolicy | None = None):
         except OSError as e:
             if attempt == policy.max_attempts or not any(m in str(e) for m in TRANSIENT_S3_ERRORS):
                 raise
-            log.info("%s: transient S3 error, retrying (%d/%d): %s", what, attempt,
+            log.debug("%s: transient S3 error, retrying (%d/%d): %s", what, attempt,
                      policy.max_attempts, str(e)[:200])  # fmt: skip
             time.sleep(random.uniform(0, min(10.0, 0.2 * 2**attempt)))
     raise AssertionError("unreachable")
@@ -250,13 +251,57 @@ class RetryingS3(pafs.FileSystemHandler):
         return self.inner.open_input_stream(path)
 
     def open_input_file(self, path):
-        return self.inner.open_input_file(path)
+        return pa.PythonFile(_RetriedReads(self.inner.open_input_file(path), path), mode="r")
 
     def open_output_stream(self, path, metadata):
         return pa.PythonFile(_WholeWrite(self.inner, path, metadata), mode="w")
 
     def open_append_stream(self, path, metadata):
         raise OSError("S3 has no append")
+
+
+class _RetriedReads:
+    """A native S3 input file whose reads are retried under the policy.
+
+    The AWS SDK writes an error answer's body into the buffer of a ranged read; a 503's XML
+    body (a few hundred bytes) overflows a shorter read (a small column chunk, a footer) and
+    the SDK gives up without a retry ("INTERNAL_FAILURE ... Failed to flush response stream").
+    Every read here is made at an offset this object keeps, so a failed one is made again."""
+
+    def __init__(self, inner: pa.NativeFile, path: str) -> None:
+        self.inner, self.path, self.position, self.closed = inner, path, 0, False
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.position, 2: self.size()}[whence]
+        self.position = base + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def read(self, nbytes: int | None = None) -> bytes:
+        if nbytes is None or nbytes < 0:
+            nbytes = self.size() - self.position
+        at = self.position
+        data = retry_transient(lambda: self.inner.read_at(nbytes, at), f"read s3://{self.path}")
+        self.position += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.inner.close()
+        self.closed = True
 
 
 class _WholeWrite(io.BytesIO):

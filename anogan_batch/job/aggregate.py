@@ -38,6 +38,8 @@ SCORE, IMAGE, SIZE = "score", "image", "size"
 # and one core groups them faster than a Ray shuffle starts (docs/performance.md).
 LOCAL_BYTES = 128 * 2**20
 LOCAL_ROWS = 50_000
+# The shuffle's input a partition of the Ray groupby gets, about: task memory stays bounded
+PARTITION_BYTES = 64 * 2**20
 
 
 def scan_summary(group: dict[str, np.ndarray], threshold: float | None) -> dict[str, Any]:
@@ -220,11 +222,17 @@ def _tile(data: bytes | None, dtype: str | None, size: int, channels: int) -> np
     return np.frombuffer(data, dtype=DTYPES[dtype]).reshape(size, size, channels).astype(np.float32)
 
 
-def _partitions(ds) -> int:
-    """Shuffle partitions: a few per CPU, not Ray's fixed 200 (each costs a task)."""
+def _partitions(shuffle: int | None) -> int:
+    """Shuffle partitions: a few per CPU, not Ray's fixed 200 (each costs a task), and more
+    as the job grows, so that a partition (a task's share of the groupby) stays near
+    PARTITION_BYTES of `shuffle` bytes whatever the job's size."""
+    import math
+
     import ray
 
-    return max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    per_cpu = 2 * int(ray.cluster_resources().get("CPU", 1))
+    by_size = math.ceil(shuffle / PARTITION_BYTES) if shuffle else 1
+    return max(1, per_cpu, by_size)
 
 
 def shuffle_bytes(rows: int, heatmaps: tuple | None) -> int:
@@ -272,7 +280,8 @@ def write_scan_tables(
         if heatmaps:
             _write_table(table.select(list(SUMMARY_COLUMNS)), scan_scores)
         return "driver"
-    _group_on_ray(inputs, target, args, io_cpus)
+    shuffle = shuffle_bytes(rows, heatmaps) if rows is not None else None
+    _group_on_ray(inputs, target, args, io_cpus, _partitions(shuffle))
     if heatmaps:  # scan_scores = the summary columns of heatmaps, streamed, never all in memory
         import pyarrow.dataset as pads
 
@@ -310,7 +319,7 @@ def _inputs(out: str, patches: str, heatmaps: tuple | None) -> list[tuple[str, l
     return inputs
 
 
-def _group_on_ray(inputs, target: str, args: tuple, io_cpus: float) -> None:
+def _group_on_ray(inputs, target: str, args: tuple, io_cpus: float, partitions: int) -> None:
     import ray.data
 
     from anogan_batch.io.tables import ray_read_parquet
@@ -323,7 +332,7 @@ def _group_on_ray(inputs, target: str, args: tuple, io_cpus: float) -> None:
 
     parts = [read(*i) for i in inputs]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    rows = ds.groupby("scan_id", num_partitions=_partitions(ds)).map_groups(
+    rows = ds.groupby("scan_id", num_partitions=partitions).map_groups(
         scan_row, fn_args=args, batch_format="numpy", num_cpus=io_cpus
     )
     rows = rows.map_batches(

@@ -104,10 +104,12 @@ def job_rows(out: str, manifest: JobManifest, name: str) -> JobRows | None:
     return JobRows(schema, rows, batches)
 
 
-def chunks(batches: Iterable[pa.RecordBatch], limit: int = CHUNK_BYTES) -> Iterator[pa.Table]:
-    """Batches gathered into tables of about `limit` bytes each (the last may be smaller)."""
+def chunks(batches: Iterable[pa.RecordBatch], limit: int | None = None) -> Iterator[pa.Table]:
+    """Batches gathered into tables of about `limit` (CHUNK_BYTES) bytes each (the last may
+    be smaller)."""
     import pyarrow as pa
 
+    limit = limit or CHUNK_BYTES
     pending: list[pa.RecordBatch] = []
     size = 0
     for batch in batches:

@@ -1,0 +1,203 @@
+"""`anogan-batch bench --scale N[,N...]`: the real job at N rows, and what it holds as it grows.
+
+For each N: a synthetic patch table (16 x 16 patches cut from real digits, SCAN_PATCHES patches
+a scan, written file by file so that the table is never in memory), a tiny real model (G, D
+and E of width 8, BatchNorm statistics from a few passes: a trained model's costs), then as
+their own processes, as users run them:
+
+- `anogan-batch score` at score's defaults (heatmaps on) but `--batch-size 1024`, on a local
+  Ray: rows/s of each phase from job.json (check ids, resume, score, scans, decide);
+- `anogan-batch publish --to delta` and `--to iceberg` into fresh warehouses.
+
+Memory: the driver's peak RSS is its own getrusage figure (job.json); every other process of
+the command's tree (Ray's workers, named `ray::<task>`; the Delta child) is sampled every
+SAMPLE_S seconds, and the largest peak is reported with its name. A figure, not a test:
+nothing here asserts a speed or a size (docs/performance.md keeps the results).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+SIZE = 16  # patch side of the scale model: the smallest a DCGAN here has
+SCAN_PATCHES = 1_024  # patches a scan (a 32 x 32 grid of patches)
+FILE_ROWS = 250_000  # rows a Parquet file of the synthetic table
+SAMPLE_S = 0.25  # how often the other processes' memory is sampled
+SCORE_FLAGS = ("--batch-size", "1024", "--no-progress")
+SCORE_PHASES = ("check_ids", "resume", "score", "scans", "scans_and_heatmaps", "decide")
+
+
+def run_scale(
+    sizes: list[int], work: str | None = None, score_flags: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The figures of `score` (SCORE_FLAGS, then `score_flags`) and `publish` at each size in
+    `sizes` (rows)."""
+    with tempfile.TemporaryDirectory(prefix="anogan-scale-", dir=work) as tmp:
+        model_dir = _write_model(os.path.join(tmp, "model"))
+        results = {}
+        for rows in sizes:
+            folder = os.path.join(tmp, f"n{rows}")
+            table = write_synthetic_table(os.path.join(folder, "patches"), rows)
+            results[str(rows)] = _measure(model_dir, table, folder, rows, score_flags)
+            _print(rows, results[str(rows)])
+    return {"scale": results, "scale_ratios": _ratios(results)}
+
+
+def write_synthetic_table(path: str, rows: int) -> str:
+    """`rows` patches in files of FILE_ROWS rows: digits resized to SIZE x SIZE, each scan a
+    grid of SCAN_PATCHES patches, labels '0' (scans of even index) and '1'."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from anogan_batch.evaluation.bench import _patches
+    from anogan_batch.io.patches import PATCH_SCHEMA, encode_pixels, patch_id_for
+
+    pool = [encode_pixels(p) for p in _patches(512, SIZE)]
+    side = int(np.sqrt(SCAN_PATCHES))
+    os.makedirs(path, exist_ok=True)
+    for start in range(0, rows, FILE_ROWS):
+        index = np.arange(start, min(rows, start + FILE_ROWS))
+        scan, cell = index // SCAN_PATCHES, index % SCAN_PATCHES
+        x, y = (cell % side) * SIZE, (cell // side) * SIZE
+        scan_ids = [f"scan{s:07d}" for s in scan]
+        n = len(index)
+        table = pa.table(
+            {
+                "patch_id": [
+                    patch_id_for(s, int(a), int(b), SIZE)
+                    for s, a, b in zip(scan_ids, x, y, strict=True)
+                ],
+                "scan_id": scan_ids,
+                "x": pa.array(x, pa.int32()),
+                "y": pa.array(y, pa.int32()),
+                "image": [pool[i % len(pool)] for i in index],
+                "height": pa.array(np.full(n, SIZE), pa.int32()),
+                "width": pa.array(np.full(n, SIZE), pa.int32()),
+                "channels": pa.array(np.ones(n), pa.int32()),
+                "dtype": ["uint8"] * n,
+                "label": [str(s % 2) for s in scan],
+            },
+            schema=PATCH_SCHEMA,
+        )
+        pq.write_table(table, os.path.join(path, f"part-{start // FILE_ROWS:05d}.parquet"))
+    return path
+
+
+def _write_model(model_dir: str) -> str:
+    from anogan_batch.core.modeldir import save_model
+    from anogan_batch.evaluation.bench import _bench_model
+
+    cfg, g, d, e = _bench_model(SIZE, 8, encoder=True)
+    save_model(model_dir, cfg, g, d, {}, encoder=e)
+    return model_dir
+
+
+def _measure(
+    model_dir: str, table: str, folder: str, rows: int, flags: tuple[str, ...]
+) -> dict[str, Any]:
+    from anogan_batch.job.manifest import JobManifest
+
+    out = os.path.join(folder, "job")
+    score = _run_sampled(["score", model_dir, table, out, *SCORE_FLAGS, *flags])
+    run = JobManifest.load(out).runs[-1]
+    phases = run["phase_seconds"]
+    figures: dict[str, Any] = {
+        "rows": rows,
+        "score_flags": [*SCORE_FLAGS, *flags],
+        "score_command_seconds": score["seconds"],
+        "driver_peak_rss_mb": run["driver_peak_rss_mb"],
+        "largest_task_peak_rss_mb": score["largest_peak_mb"],
+        "largest_task": score["largest"],
+        "phase_seconds": phases,
+        "phase_rows_per_s": {p: round(rows / phases[p], 1) for p in SCORE_PHASES if phases.get(p)},
+    }
+    for to in ("delta", "iceberg"):
+        where = ["--warehouse", os.path.join(folder, f"wh-{to}")]
+        publish = _run_sampled(["publish", out, "--to", to, *where])
+        figures[f"publish_{to}"] = {
+            "seconds": publish["seconds"],
+            "rows_per_s": round(rows / publish["seconds"], 1),
+            "driver_peak_rss_mb": publish["root_peak_mb"],
+            "largest_child_peak_rss_mb": publish["largest_peak_mb"],
+        }
+    return figures
+
+
+def _run_sampled(args: list[str]) -> dict[str, Any]:
+    """Run `anogan-batch ARGS` as its own process; its wall time, its peak RSS with the
+    children it reaped (wait4), and the largest sampled peak among the processes below it,
+    with that process's name."""
+    import psutil
+
+    cmd = [sys.executable, "-m", "anogan_batch", *args]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    peaks: dict[str, float] = {}
+    done = threading.Event()
+    with tempfile.TemporaryFile() as log:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+
+        def sample() -> None:
+            root = psutil.Process(proc.pid)
+            while not done.is_set():
+                try:
+                    children = root.children(recursive=True)
+                except psutil.Error:
+                    break
+                for child in children:
+                    try:
+                        name = " ".join(child.cmdline())[:80]
+                        mb = child.memory_info().rss / 2**20
+                    except psutil.Error:
+                        continue
+                    if name.startswith("ray::") or "anogan_batch" in name:
+                        peaks[name] = max(peaks.get(name, 0.0), mb)
+                done.wait(SAMPLE_S)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)  # reaped here: Popen must not wait again
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - started
+        done.set()
+        sampler.join()
+        if proc.returncode != 0:
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"`anogan-batch {args[0]}` failed ({proc.returncode}): {tail}")
+    largest = max(peaks, key=peaks.get) if peaks else None
+    return {
+        "seconds": round(seconds, 2),
+        "root_peak_mb": round(usage.ru_maxrss / 1024, 1),
+        "largest": largest,
+        "largest_peak_mb": round(peaks[largest], 1) if largest else None,
+    }
+
+
+def _ratios(results: dict[str, Any]) -> dict[str, Any]:
+    """The largest size's driver peak over the smallest's (the target: at most 1.2)."""
+    if len(results) < 2:
+        return {}
+    sizes = sorted(results, key=int)
+    small, large = results[sizes[0]], results[sizes[-1]]
+    return {
+        "rows": [int(sizes[0]), int(sizes[-1])],
+        "driver_peak_rss": round(large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"], 3),
+        "largest_task_peak_rss": round(
+            large["largest_task_peak_rss_mb"] / small["largest_task_peak_rss_mb"], 3
+        ),
+    }
+
+
+def _print(rows: int, figures: dict[str, Any]) -> None:
+    print(f"--- {rows:,} rows", flush=True)
+    print(json.dumps(figures, indent=2), flush=True)
