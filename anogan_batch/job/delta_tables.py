@@ -81,7 +81,7 @@ def _in_child(command: str, what: str, *args: str) -> Any:
         return json.loads(r.stdout.strip().splitlines()[-1])
     message = f"{what} failed: {r.stderr.strip()[-2000:]}"
     if is_s3_failure(message):
-        raise OSError(message)  # S3 past its retries: exit 1, rerun (cli.main)
+        raise OSError(message)  # S3 past its retries: exit 1, rerun (cli.run)
     raise InputError(message)
 
 
