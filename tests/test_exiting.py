@@ -90,9 +90,9 @@ def _upload(folder: str, bucket: str, prefix: str) -> None:
 
 
 def _many(run, tries: int = TRIES) -> list[subprocess.CompletedProcess]:
-    """`run` `tries` times, two at a time (as a busy scheduler would)."""
+    """`run(i)` for i in range(tries), two at a time (as a busy scheduler would)."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(lambda _: run(), range(tries)))
+        return list(pool.map(run, range(tries)))
 
 
 def _assert_all_exited(results: list, what: str) -> None:
@@ -108,7 +108,7 @@ def test_a_rerun_of_a_finished_s3_job_exits_every_time(s3_job, tiny_model):
     """A scheduler that retries a finished job (Airflow, Argo, `ray job submit`) gets exit 0
     at once, every time."""
 
-    def rerun() -> subprocess.CompletedProcess:
+    def rerun(_: int) -> subprocess.CompletedProcess:
         return run_cli("score", tiny_model, s3_job["table"], s3_job["job"], *JOB, timeout=60)
 
     results = _many(rerun)
@@ -116,25 +116,28 @@ def test_a_rerun_of_a_finished_s3_job_exits_every_time(s3_job, tiny_model):
     assert all("already succeeded" in r.stderr for r in results)
 
 
-def test_every_s3_command_exits_every_time(s3_job, tmp_path):
-    """The other commands on the same S3 job, each several times: eval, report, publish."""
+def test_every_s3_command_exits_every_time(s3_job, sample, tmp_path):
+    """The other commands on S3, each several times: ingest (scans to a patch table), and
+    eval, report and publish of the same job."""
+    import boto3
+
+    from anogan_batch.io.plots import png_bytes
+
+    for i in range(4):
+        boto3.client("s3").put_object(
+            Bucket="exiting", Key=f"scans/{i}.png", Body=png_bytes(sample["test_images"][i])
+        )
     job = s3_job["job"]
     commands = {
-        "eval": ("eval", job, "--normal-label", "0"),
-        "report": ("report", job, "--html", str(tmp_path / "r.html")),
-        "publish": (
-            "publish",
-            job,
-            "--to",
-            "iceberg",
-            "--warehouse",
-            "s3://exiting/ice",
-            "--catalog-db",
-            str(tmp_path / "c.db"),
-        ),
-    }
+        "ingest": lambda i: ("ingest", "s3://exiting/scans", f"s3://exiting/ingested/{i}",
+                             "--patch-size", "28"),
+        "eval": lambda i: ("eval", job, "--normal-label", "0"),
+        "report": lambda i: ("report", job, "--html", str(tmp_path / f"r{i}.html")),
+        "publish": lambda i: ("publish", job, "--to", "iceberg", "--warehouse",
+                              "s3://exiting/ice", "--catalog-db", str(tmp_path / "c.db")),
+    }  # fmt: skip
     for name, args in commands.items():
-        results = _many(lambda args=args: run_cli(*args, timeout=60), tries=4)
+        results = _many(lambda i, args=args: run_cli(*args(i), timeout=60), tries=4)
         _assert_all_exited(results, name)
 
 
@@ -142,7 +145,7 @@ def test_a_notebook_that_read_s3_exits_every_time(s3_job):
     """The Python API, as a notebook or a script uses it: a table sampled and a model loaded
     from S3, then the interpreter's own exit (no os._exit here)."""
 
-    def notebook() -> subprocess.CompletedProcess:
+    def notebook(_: int) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-c", NOTEBOOK, s3_job["table"], s3_job["model"]]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 

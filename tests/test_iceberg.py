@@ -288,16 +288,16 @@ def test_losing_the_race_to_create_the_namespace_is_not_an_error(tmp_path):
     assert catalog.namespace_exists("site_2")
 
 
-def test_a_job_is_written_a_chunk_at_a_time_and_committed_once(
+def test_a_job_is_written_a_batch_at_a_time_and_committed_once(
     finished_jobs, tmp_path, monkeypatch
 ):
-    """Memory stays bounded however large the job: its rows are read a batch and written a
-    chunk at a time (here 5 rows and a byte), yet they land in one snapshot, each row once."""
+    """Memory stays bounded however large the job: its rows are read and written a batch at
+    a time (here 5 rows, files of 10), yet they land in one snapshot, each row once."""
     from anogan_batch.job import published
     from anogan_batch.job.iceberg import JOB_ID_PROPERTY, load_catalog, publish
 
     monkeypatch.setattr(published, "BATCH_ROWS", 5)
-    monkeypatch.setattr(published, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(published, "DATA_FILE_ROWS", 10)
     target = WarehouseTarget(warehouse=str(tmp_path / "wh"))
     publish(finished_jobs["a"], target)
     table = load_catalog(target).load_table("anogan.patch_scores")
@@ -305,4 +305,4 @@ def test_a_job_is_written_a_chunk_at_a_time_and_committed_once(
     assert len(ids) == len(set(ids)) == 24
     jobs = [s.summary.additional_properties.get(JOB_ID_PROPERTY) for s in table.snapshots()]
     assert len(jobs) == 1 and jobs[0] is not None  # one commit for the whole job
-    assert len(table.inspect.files()) == 5  # 24 rows in chunks of one 5-row batch each
+    assert sorted(table.inspect.files()["record_count"].to_pylist()) == [4, 10, 10]

@@ -164,15 +164,25 @@ def check_patch_ids(
 
 
 def _id_counts_in_driver(path: str, io_cpus: float, rows: int) -> tuple[int, int, list]:
-    """(null ids, repeated ids, first few repeated (id, count)) by pyarrow in this process."""
+    """(null ids, repeated ids, first few repeated (id, count)) by pyarrow in this process.
+
+    By sorting, not by a hash group-by: the ids, their order and one sorted copy are about 2.5
+    times less memory than pyarrow's group-by table (docs/performance.md)."""
     import pyarrow.compute as pc
 
-    ids = open_dataset(path).to_table(columns=["patch_id"])
-    nulls = ids.column("patch_id").null_count
-    counts = ids.group_by("patch_id").aggregate([("patch_id", "count")])
-    repeated = counts.filter(pc.field("patch_id_count") > 1)
-    first = repeated.sort_by("patch_id").slice(0, SHOWN_IDS).to_pylist()
-    return nulls, repeated.num_rows, [(r["patch_id"], r["patch_id_count"]) for r in first]
+    ids = open_dataset(path).to_table(columns=["patch_id"]).column("patch_id")
+    ids = ids.combine_chunks() if ids.num_chunks != 1 else ids.chunk(0)
+    nulls = ids.null_count
+    ordered = ids.take(pc.array_sort_indices(ids, null_placement="at_end"))
+    ordered = ordered[: len(ordered) - nulls]
+    # a repeated id is one equal to its predecessor: (count - 1) entries of it here
+    extra = ordered[1:].filter(pc.equal(ordered[1:], ordered[:-1]))
+    if not len(extra):
+        return nulls, 0, []
+    counts = pc.value_counts(extra)  # id -> count - 1, in order of first appearance: sorted
+    first = counts.slice(0, SHOWN_IDS)
+    pairs = zip(first.field("values").to_pylist(), first.field("counts").to_pylist(), strict=True)
+    return nulls, len(counts), [(pid, n + 1) for pid, n in pairs]
 
 
 def _id_counts_on_ray(path: str, io_cpus: float, rows: int) -> tuple[int, int, list]:
@@ -256,21 +266,31 @@ def count_listed_ids(
 def first_rows(ds: pads.Dataset, columns: list[str], n: int = 1) -> pa.Table:
     """The first `n` rows of the first non-empty file: a cheap sample for up-front checks.
 
-    Read on this thread, file by file, never by a dataset scan stopped early (`Dataset.head`):
-    such a scan leaves Arrow's readahead running, and its calls into the Python S3 handler
-    (io/s3.py) at interpreter exit hang or abort the process (docs/reliability.md)."""
+    Pulled on this thread (`stream_batches`), never by a dataset scan stopped early
+    (`Dataset.head`): such a scan leaves Arrow's readahead running, and its calls into the
+    Python S3 handler (io/s3.py) at interpreter exit hang or abort the process
+    (docs/reliability.md)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     cols = [c for c in columns if c in ds.schema.names]
+    for batch in stream_batches(ds, cols, batch_size=n):
+        if batch.num_rows:
+            return pa.Table.from_batches([batch.slice(0, n)])
+    return ds.schema.empty_table().select(cols)
+
+
+def stream_batches(ds: pads.Dataset, columns: list[str], batch_size: int):
+    """The dataset's rows, `batch_size` at a time, read on this thread file after file as
+    the consumer asks for them. A dataset scan reads ahead of a slow consumer without bound
+    (a publish writing what it read grew by 90 bytes a row, docs/performance.md); this holds
+    one batch. A file's batches have the `columns` it stores (no hive partition keys)."""
+    import pyarrow.parquet as pq
+
     for fragment in ds.get_fragments():
         with ds.filesystem.open_input_file(fragment.path) as f:
             reader = pq.ParquetFile(f, pre_buffer=False)
-            names = [c for c in cols if c in reader.schema_arrow.names]
-            for batch in reader.iter_batches(batch_size=n, columns=names, use_threads=False):
-                if batch.num_rows:
-                    return pa.Table.from_batches([batch.slice(0, n)])
-    return ds.schema.empty_table().select(cols)
+            names = [c for c in columns if c in reader.schema_arrow.names]
+            yield from reader.iter_batches(batch_size=batch_size, columns=names, use_threads=False)
 
 
 def read_columns(path: str, columns: list[str], filter_expr=None) -> pa.Table:

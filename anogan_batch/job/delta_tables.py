@@ -20,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import posixpath
 import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anogan_batch.errors import ConfigError, InputError
 from anogan_batch.io import storage
@@ -39,8 +40,12 @@ from anogan_batch.job.published import (
     finished_job,
     job_rows,
     same_search_jobs,
+    write_data_files,
     write_id_files,
 )
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 APP_PREFIX = "anogan:"  # Delta application transaction id of a published job: anogan:<job_id>
 
@@ -123,35 +128,43 @@ def _publish(out: str, target_json: str) -> dict[str, Any]:
         rows = job_rows(out, manifest, name)
         if rows is not None:
             uri = _uri(_from_json(target_json), name)
-            done[name] = _append_once(uri, object_store_options(uri), rows, app_id)
+            has_model = PARTITION_MODEL in rows.schema.names
+            partition = {PARTITION_MODEL: manifest.model_id} if has_model else {}
+            done[name] = _append_once(uri, object_store_options(uri), rows, app_id, partition)
     return done
 
 
-def _append_once(uri: str, options: dict | None, rows: JobRows, app_id: str) -> Any:
+def _append_once(
+    uri: str, options: dict | None, rows: JobRows, app_id: str, partition: dict[str, str]
+) -> Any:
     """Append rows with the application transaction app_id unless the table holds it. The
     check and the commit read the same table version, so a publish of the same job that
     commits in between is a conflict (Delta's concurrent-transaction check), never a second
     copy. The table is created empty first, so that two first publishes race on creating it,
-    not on appending; conflicts and lost races are retried from a fresh read."""
-    import pyarrow as pa
-    from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+    not on appending; conflicts and lost races are retried from a fresh read.
+
+    The rows are written a batch at a time (`published.write_data_files`) and committed as
+    add actions in one transaction: deltalake's own writer held all of a job's rows in
+    memory (docs/performance.md). `partition`: the job's value of each partition column."""
+    from deltalake import CommitProperties, DeltaTable, Transaction
     from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchError
 
-    partition_by = [PARTITION_MODEL] if PARTITION_MODEL in rows.schema.names else None
+    partition_by = list(partition)
     for attempt in range(1, COMMIT_ATTEMPTS + 1):
         try:
             if not DeltaTable.is_deltatable(uri, storage_options=options):
-                DeltaTable.create(uri, rows.schema, mode="ignore", partition_by=partition_by,
+                partitions = partition_by or None
+                DeltaTable.create(uri, rows.schema, mode="ignore", partition_by=partitions,
                                   storage_options=options)  # fmt: skip
             table = DeltaTable(uri, storage_options=options)
             if table.transaction_version(app_id) is not None:
                 return "already published"
-            write_deltalake(
-                table,
-                pa.RecordBatchReader.from_batches(rows.schema, rows.batches()),
+            schema = _merged_schema(table, rows)
+            table.create_write_transaction(
+                _add_actions(uri, rows, schema, partition),
                 mode="append",
-                partition_by=partition_by,
-                schema_mode="merge",
+                schema=schema,
+                partition_by=partition_by or None,
                 commit_properties=CommitProperties(
                     app_transactions=[Transaction(app_id, 1)], max_commit_retries=20
                 ),
@@ -162,6 +175,34 @@ def _append_once(uri: str, options: dict | None, rows: JobRows, app_id: str) -> 
                 raise
             commit_pause(attempt)
     raise AssertionError("unreachable")
+
+
+def _merged_schema(table: Any, rows: JobRows) -> pa.Schema:
+    """The table's columns, then the job's columns it lacks (a newer version's: old rows read
+    null); the job's rows are written in the table's types."""
+    import pyarrow as pa
+
+    existing = pa.schema(table.schema().to_arrow())
+    return pa.schema([*existing, *(f for f in rows.schema if f.name not in existing.names)])
+
+
+def _add_actions(uri: str, rows: JobRows, schema: pa.Schema, partition: dict[str, str]) -> list:
+    """The job's data files, written at the table's root under new names (no value from data
+    in a path: the partition values live in the log), as Delta add actions."""
+    import time
+    import uuid
+
+    import pyarrow as pa
+    from deltalake.transaction import AddAction
+
+    file_schema = pa.schema([f for f in schema if f.name not in partition])
+    files = write_data_files(rows, uri, file_schema, stem=f"part-anogan-{uuid.uuid4().hex}")
+    now_ms = int(time.time() * 1000)
+    stats = [json.dumps({"numRecords": f.rows}) for f in files]
+    return [
+        AddAction(posixpath.basename(f.uri), f.size, partition, now_ms, True, s)
+        for f, s in zip(files, stats, strict=True)
+    ]
 
 
 def _exists(uri: str, options: dict | None) -> bool:

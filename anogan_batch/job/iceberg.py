@@ -35,11 +35,11 @@ from anogan_batch.job.published import (
     PARTITION_MODEL,
     TABLE_ORDER,
     JobRows,
-    chunks,
     commit_pause,
     finished_job,
     job_rows,
     same_search_jobs,
+    write_data_files,
     write_id_files,
 )
 
@@ -52,7 +52,6 @@ JOB_ID_PROPERTY = "anogan.job_id"  # in each append's snapshot summary: the exac
 # pyiceberg retries a conflicting append by rebasing it onto the new snapshot, past the
 # exactly-once check; with its retries off the conflict reaches _append_once, which checks again
 NO_REBASE = {"commit.retry.num-retries": "0"}
-MAIN_BRANCH = "main"
 
 
 def load_catalog(target: WarehouseTarget) -> Any:
@@ -170,28 +169,41 @@ def _append_once(catalog: Any, identifier: str, rows: JobRows, job_id: str) -> A
 
 
 def _append_streamed(table: Any, rows: JobRows, job_id: str) -> None:
-    """One append snapshot (one commit) whose data files are written a chunk at a time.
+    """One append snapshot (one commit) of data files written a batch at a time.
 
     pyiceberg's `append` takes a whole table in memory, or a stream for unpartitioned tables
-    only (apache/iceberg-python#2152); these tables are partitioned. So this is its append
-    with the data files written chunk by chunk (one file counter, so no name repeats)."""
-    import itertools
+    only (apache/iceberg-python#2152), and fed chunk by chunk it held several at once. So the
+    files are written here (`published.write_data_files`, in the table's columns without
+    Iceberg's field ids, under the table's data folder) and added by `add_files`, which
+    reads their footers: each holds one job, so one day and one model, its partition."""
+    import uuid
 
-    from pyiceberg.io.pyarrow import _dataframe_to_data_files
-
+    schema = _without_ids(table.schema().as_arrow())
+    folder = _storage_uri(f"{table.location()}/data")
+    files = write_data_files(rows, folder, schema, stem=f"anogan-{uuid.uuid4().hex}")
     with table.transaction() as tx:
-        properties = {JOB_ID_PROPERTY: job_id}
-        with tx._append_snapshot_producer(properties, branch=MAIN_BRANCH) as append:
-            counter = itertools.count(0)
-            for chunk in chunks(rows.batches()):
-                for data_file in _dataframe_to_data_files(
-                    table_metadata=tx.table_metadata,
-                    df=_conform(chunk, table),
-                    io=table.io,
-                    write_uuid=append.commit_uuid,
-                    counter=counter,
-                ):
-                    append.append_data_file(data_file)
+        tx.add_files(
+            [_iceberg_uri(f.uri) for f in files],
+            snapshot_properties={JOB_ID_PROPERTY: job_id},
+            check_duplicate_files=False,  # new names; the check would read every manifest
+        )
+
+
+def _without_ids(schema: pa.Schema) -> pa.Schema:
+    """An Arrow schema without field metadata: `add_files` refuses files with field ids."""
+    import pyarrow as pa
+
+    return pa.schema([f.remove_metadata() for f in schema])
+
+
+def _storage_uri(location: str) -> str:
+    """A table location (file:// or s3://) as a path of io/storage."""
+    return location.removeprefix("file://")
+
+
+def _iceberg_uri(path: str) -> str:
+    """A path of io/storage as pyiceberg names files (file:// for local ones)."""
+    return path if "://" in path else "file://" + path
 
 
 def _table_for(catalog: Any, identifier: str, schema: pa.Schema) -> Any:
@@ -245,20 +257,6 @@ def _published(table: Any, job_id: str) -> bool:
         if summary is not None and summary.additional_properties.get(JOB_ID_PROPERTY) == job_id:
             return True
     return False
-
-
-def _conform(rows: pa.Table, table: Any) -> pa.Table:
-    """`rows` in the table's columns and types: a column the table has and the job lacks
-    (written by a newer version) is null."""
-    import pyarrow as pa
-
-    target = table.schema().as_arrow()
-    columns = [
-        rows.column(f.name).cast(f.type) if f.name in rows.column_names
-        else pa.nulls(rows.num_rows, f.type)
-        for f in target
-    ]  # fmt: skip
-    return pa.Table.from_arrays(columns, schema=target)
 
 
 def write_published_ids(target: WarehouseTarget, params: dict[str, Any], dest: str) -> int:

@@ -9,6 +9,7 @@ stay in the job's own Parquet files under `jobs.out`, keyed by `patch_id`.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -47,8 +48,8 @@ def finished_job(out: str) -> JobManifest:
 class JobRows:
     """The rows a job adds to one warehouse table, streamed: each `batches()` call is a new
     pass over the job's files, a batch of at most BATCH_ROWS rows at a time, so a publish
-    holds one batch (or one chunk of CHUNK_BYTES) whatever the job's size, and a commit that
-    lost a race can write its rows again."""
+    holds one batch whatever the job's size, and a commit that lost a race can write its
+    rows again."""
 
     schema: pa.Schema
     rows: int
@@ -63,11 +64,12 @@ class JobRows:
 
 
 BATCH_ROWS = 65_536  # rows a publish reads at a time from the job's files
-CHUNK_BYTES = 64 * 2**20  # rows a publish hands its writer at a time (Iceberg data files)
 
 
 def job_rows(out: str, manifest: JobManifest, name: str) -> JobRows | None:
-    """The rows the job adds to table `name`, with the lineage columns; None when none."""
+    """The rows the job adds to table `name`, with the lineage columns (a batch may hold them
+    in another order, or lack a column a newer version added: `conform` puts them in the
+    table's); None when none."""
     import pyarrow as pa
 
     if name == JOBS:
@@ -76,25 +78,30 @@ def job_rows(out: str, manifest: JobManifest, name: str) -> JobRows | None:
     path = getattr(JobLayout(out), name)
     if not storage.list_files(path, suffixes=(".parquet",)):
         return None
-    from anogan_batch.io.tables import count_rows, open_dataset
+    from anogan_batch.io.tables import count_rows, open_dataset, stream_batches
 
     ds = open_dataset(path)
     rows = count_rows(ds, path)
     if rows == 0:
         return None
     columns = [c for c in ds.schema.names if c not in LEFT_IN_OUT]
-    started = _timestamp(manifest.started_at)
+    # constants as Arrow scalars repeated, never as Python lists of a batch's length: those
+    # leave the interpreter's memory larger after every batch (docs/performance.md)
+    lineage_columns = {
+        "job_id": pa.scalar(manifest.job_id, pa.string()),
+        "model_id": pa.scalar(manifest.model_id, pa.string()),
+    }
+    started = pa.scalar(_timestamp(manifest.started_at), pa.timestamp("us", tz="UTC"))
 
     def lineage(batch: pa.RecordBatch) -> pa.RecordBatch:
         n = batch.num_rows
-        for column, value in (("job_id", manifest.job_id), ("model_id", manifest.model_id)):
+        for column, value in lineage_columns.items():
             if column not in batch.schema.names:
-                batch = batch.append_column(column, pa.array([value] * n, pa.string()))
-        stamps = pa.array([started] * n, pa.timestamp("us", tz="UTC"))
-        return _plain_types(batch.append_column("job_started_at", stamps))
+                batch = batch.append_column(column, pa.repeat(value, n))
+        return _plain_types(batch.append_column("job_started_at", pa.repeat(started, n)))
 
     def batches() -> Iterator[pa.RecordBatch]:
-        for batch in ds.to_batches(columns=columns, batch_size=BATCH_ROWS):
+        for batch in stream_batches(ds, columns, BATCH_ROWS):  # pulled: one batch in memory
             if batch.num_rows:
                 yield lineage(batch)
 
@@ -104,22 +111,59 @@ def job_rows(out: str, manifest: JobManifest, name: str) -> JobRows | None:
     return JobRows(schema, rows, batches)
 
 
-def chunks(batches: Iterable[pa.RecordBatch], limit: int | None = None) -> Iterator[pa.Table]:
-    """Batches gathered into tables of about `limit` (CHUNK_BYTES) bytes each (the last may
-    be smaller)."""
+DATA_FILE_ROWS = 1_000_000  # rows of one data file a publish writes (Iceberg, Delta)
+
+
+@dataclass(frozen=True)
+class DataFileWritten:
+    uri: str  # local path or s3:// URI
+    size: int  # bytes
+    rows: int
+
+
+def write_data_files(
+    rows: JobRows, folder: str, schema: pa.Schema, stem: str
+) -> list[DataFileWritten]:
+    """The job's rows as Parquet files `<stem>-<k>.parquet` under `folder` (local or s3://),
+    DATA_FILE_ROWS rows a file, written a batch at a time in `schema` (a column the job lacks
+    is null, a column `schema` lacks is left out). The warehouse formats then commit these
+    files whole, in one transaction: their own writers held a job's rows in memory (Delta)
+    or several 64 MB chunks of them at once (Iceberg), measured in docs/performance.md."""
+    import pyarrow.parquet as pq
+
+    written: list[DataFileWritten] = []
+    storage.makedirs(folder)
+    batches = rows.batches()
+    for k in itertools.count():
+        uri = storage.join(folder, f"{stem}-{k:05d}.parquet")
+        fs, inner = storage.filesystem_for(uri)
+        count = 0
+        for batch in batches:
+            if count == 0:
+                stream = fs.open_output_stream(inner)
+                writer = pq.ParquetWriter(stream, schema, compression="zstd")
+            writer.write_batch(conform(batch, schema))
+            count += batch.num_rows
+            if count >= DATA_FILE_ROWS:
+                break
+        if count == 0:
+            return written
+        writer.close()
+        stream.close()
+        written.append(DataFileWritten(uri, fs.get_file_info(inner).size, count))
+    raise AssertionError("unreachable")
+
+
+def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """`batch` in `schema`'s columns and types: a column it lacks is null."""
     import pyarrow as pa
 
-    limit = limit or CHUNK_BYTES
-    pending: list[pa.RecordBatch] = []
-    size = 0
-    for batch in batches:
-        pending.append(batch)
-        size += batch.nbytes
-        if size >= limit:
-            yield pa.Table.from_batches(pending)
-            pending, size = [], 0
-    if pending:
-        yield pa.Table.from_batches(pending)
+    names = batch.schema.names
+    columns = [
+        batch.column(f.name).cast(f.type) if f.name in names else pa.nulls(batch.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
 def _jobs_row(out: str, manifest: JobManifest) -> dict[str, Any]:
@@ -221,6 +265,8 @@ def _plain_types(batch: pa.RecordBatch) -> pa.RecordBatch:
     """Hive partition columns may come back dictionary-encoded; Iceberg wants plain strings."""
     import pyarrow as pa
 
+    if not any(pa.types.is_dictionary(f.type) for f in batch.schema):
+        return batch
     fields = [
         pa.field(f.name, f.type.value_type) if pa.types.is_dictionary(f.type) else f
         for f in batch.schema
