@@ -93,3 +93,44 @@ def test_skip_published_needs_tables_to_read(tiny_model, tmp_path):
     for table_format in ("parquet", "delta"):  # delta without a warehouse: per-job tables only
         with pytest.raises(ConfigError, match="skip_published"):
             ScoreJobConfig(tiny_model, "p", "o", table_format=table_format, skip_published=True)
+
+
+def test_a_newer_versions_column_joins_the_table_and_a_missing_one_reads_null(
+    finished_jobs, tmp_path
+):
+    """Job b as a newer version would write it (an extra column) and without `p_value` (as an
+    older one would): the table gains the column, job a's rows read it null, and b's rows
+    read `p_value` null; nothing is rewritten."""
+    import shutil
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    newer = tmp_path / "b-newer"
+    shutil.copytree(finished_jobs["b"], newer)
+    for path in Path(newer, "patch_scores").rglob("*.parquet"):
+        table = pq.read_table(path, partitioning=None).drop_columns(["p_value"])
+        pq.write_table(table.append_column("newcol", [[1.25] * table.num_rows]), path)
+    wh = str(tmp_path / "wh")
+    for job in (finished_jobs["a"], str(newer)):
+        r = run_cli("publish", job, "--to", "delta", "--warehouse", wh)
+        assert r.returncode == 0, r.stderr[-2000:]
+    script = f"""
+import json, os
+from deltalake import DeltaTable
+rows = DeltaTable({wh + "/anogan/patch_scores"!r}).to_pyarrow_table().to_pylist()
+kinds = {{(r["job_id"], r["newcol"], r["p_value"] is None) for r in rows}}
+print(json.dumps(sorted(kinds, key=str)))
+os._exit(0)
+"""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = {tuple(v) for v in json.loads(out.stdout)}
+    jobs = sorted({job for job, _, _ in got})
+    assert len(jobs) == 2 and len(got) == 2, got  # one kind of row per job
+    by_job = {job: (newcol, no_p) for job, newcol, no_p in got}
+    assert set(by_job.values()) == {(None, False), (1.25, True)}, by_job

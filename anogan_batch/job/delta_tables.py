@@ -159,6 +159,7 @@ def _append_once(
             table = DeltaTable(uri, storage_options=options)
             if table.transaction_version(app_id) is not None:
                 return "already published"
+            table = _grown(table, rows, uri, options)
             schema = _merged_schema(table, rows)
             table.create_write_transaction(
                 _add_actions(uri, rows, schema, partition),
@@ -175,6 +176,20 @@ def _append_once(
                 raise
             commit_pause(attempt)
     raise AssertionError("unreachable")
+
+
+def _grown(table: Any, rows: JobRows, uri: str, options: dict | None) -> Any:
+    """The table with any column of the job it lacks added (a newer version's columns; old
+    rows read null): a metadata commit of its own, which a retry finds already made."""
+    import pyarrow as pa
+    from deltalake import DeltaTable, Field
+
+    existing = pa.schema(table.schema().to_arrow()).names
+    missing = [Field.from_arrow(f) for f in rows.schema if f.name not in existing]
+    if not missing:
+        return table
+    table.alter.add_columns(missing)
+    return DeltaTable(uri, storage_options=options)
 
 
 def _merged_schema(table: Any, rows: JobRows) -> pa.Schema:
