@@ -16,17 +16,19 @@ from anogan_batch.core.calibration import benjamini_hochberg, bh_flags, drift, p
 from anogan_batch.io import storage
 from anogan_batch.job.layout import JobLayout
 
+BATCH_ROWS = 65_536  # rows read at a time: pulled (io/tables.stream_batches), one in memory
+
 
 def patch_p_values(out: str, n_calibration: int) -> tuple[int, dict[str, Any]]:
     """(patches flagged, drift of the patch p-values), streamed over OUT/patch_scores."""
-    from anogan_batch.io.tables import open_dataset
+    from anogan_batch.io.tables import open_dataset, stream_batches
 
     counts = np.zeros(n_calibration + 1, dtype=np.int64)
     flagged = 0
     path = JobLayout(out).patch_scores
     if not storage.list_files(path, suffixes=(".parquet",)):
         return 0, drift(counts)
-    for batch in open_dataset(path).to_batches(columns=["p_value", "flagged"]):
+    for batch in stream_batches(open_dataset(path), ["p_value", "flagged"], BATCH_ROWS):
         p = batch.column("p_value").to_numpy(zero_copy_only=False).astype(np.float64)
         counts += p_value_counts(p, n_calibration)
         flagged += int(np.sum(batch.column("flagged").to_numpy(zero_copy_only=False) == True))  # noqa: E712
@@ -42,7 +44,7 @@ def flag_scans(out: str, fdr: float | None) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from anogan_batch.io.tables import count_rows, open_dataset
+    from anogan_batch.io.tables import count_rows, open_dataset, stream_batches
 
     layout = JobLayout(out)
     path, staged = layout.scan_scores, layout.decided
@@ -63,7 +65,7 @@ def flag_scans(out: str, fdr: float | None) -> dict[str, Any]:
     storage.makedirs(staged)
     fs, inner = storage.filesystem_for(storage.join(staged, "part-0.parquet"))
     with fs.open_output_stream(inner) as f, pq.ParquetWriter(f, schema, compression="zstd") as w:
-        for batch in ds.to_batches(columns=columns):
+        for batch in stream_batches(ds, columns, BATCH_ROWS):
             if threshold is None:
                 column = pa.nulls(batch.num_rows, pa.bool_())
             else:
@@ -77,7 +79,9 @@ def flag_scans(out: str, fdr: float | None) -> dict[str, Any]:
 
 def _column(ds, name: str) -> np.ndarray:
     """One float column of a dataset as float64, streamed (NaN for nulls)."""
-    parts = [_floats(b.column(name)) for b in ds.to_batches(columns=[name])]
+    from anogan_batch.io.tables import stream_batches
+
+    parts = [_floats(b.column(name)) for b in stream_batches(ds, [name], BATCH_ROWS)]
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
