@@ -6,7 +6,9 @@ application transaction `anogan:<job_id>`, and a table whose log already holds i
 the same job published twice at once conflicts on that transaction and the loser finds it
 published. Appends from two jobs never conflict; deltalake retries the commit when another
 writer got there first (on S3 its commits are conditional puts, so none overwrites another).
-New columns merge into the table schema (`schema_mode="merge"`).
+A job's rows are written as Parquet files a batch at a time and committed as add actions in
+one transaction (deltalake's own writer holds its whole input); a newer version's columns join
+the table first (`alter.add_columns`).
 
 --skip-published reads the ids back: the `jobs` rows of this model and search, then their
 `patch_id`s from `patch_scores`, streamed through a pyarrow dataset with the filter pushed down.
