@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -201,3 +202,23 @@ def test_redact_hides_every_credential_variable(monkeypatch):
     text = redact("GET ?X-Amz-Security-Token=t0ken-value failed (key s3cr3t-value)")
     assert "t0ken-value" not in text and "s3cr3t-value" not in text
     assert "<AWS_SESSION_TOKEN>" in text
+
+
+def test_a_child_failing_on_s3_runs_again_and_other_failures_do_not(tmp_path, monkeypatch):
+    """deltalake's children (Delta conversion, publish) do idempotent work; object_store gives
+    up on some transient faults at once, so a child that failed on S3 runs again."""
+    from anogan_batch.io.s3 import run_retried_child
+
+    monkeypatch.setenv("ANOGAN_S3_MAX_ATTEMPTS", "4")
+    tries = tmp_path / "tries"
+    script = (
+        "import pathlib, sys; p = pathlib.Path(sys.argv[1]); n = len(p.read_text()) "
+        "if p.exists() else 0; p.write_text('x' * (n + 1)); "
+        "sys.exit(sys.stderr.write(sys.argv[2]) and 1 if n < 2 else 0)"
+    )
+    s3_fault = "OSError: Generic S3 error: connection reset"
+    done = run_retried_child([sys.executable, "-c", script, str(tries), s3_fault])
+    assert done.returncode == 0 and len(tries.read_text()) == 3  # two failures, then done
+    tries.unlink()
+    done = run_retried_child([sys.executable, "-c", script, str(tries), "ValueError: bad row"])
+    assert done.returncode == 1 and len(tries.read_text()) == 1  # not S3: never again

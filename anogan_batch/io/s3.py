@@ -196,6 +196,27 @@ def retry_transient(fn, what: str, policy: S3RetryPolicy | None = None):
     raise AssertionError("unreachable")
 
 
+def run_retried_child(cmd: list[str], policy: S3RetryPolicy | None = None):
+    """Run a child process whose work on S3 is idempotent (deltalake's: a conversion with
+    mode "ignore", an exactly-once publish), and run it again from the start while it fails
+    with an S3 error, up to the policy's attempts, with the same backoff: object_store gives
+    up on some transient faults at once ("Generic S3 error"). -> the last CompletedProcess."""
+    import random
+    import subprocess
+    import time
+
+    policy = policy or S3RetryPolicy.from_env()
+    for attempt in range(1, policy.max_attempts + 1):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode == 0 or attempt == policy.max_attempts:
+            return done
+        if not is_s3_failure(done.stderr):
+            return done
+        log.debug("S3 failure in a child, running it again (%d/%d)", attempt, policy.max_attempts)
+        time.sleep(random.uniform(0, min(10.0, 0.2 * 2**attempt)))
+    raise AssertionError("unreachable")
+
+
 class RetryingS3(pafs.FileSystemHandler):
     """A pyarrow filesystem handler over S3FileSystem that retries whole writes.
 

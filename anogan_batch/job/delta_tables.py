@@ -23,13 +23,12 @@ import dataclasses
 import json
 import os
 import posixpath
-import subprocess
 import sys
 from typing import TYPE_CHECKING, Any
 
 from anogan_batch.errors import ConfigError, InputError
 from anogan_batch.io import storage
-from anogan_batch.io.s3 import is_s3_failure
+from anogan_batch.io.s3 import is_s3_failure, run_retried_child
 from anogan_batch.job.configs import WarehouseTarget
 from anogan_batch.job.layout import JobLayout
 from anogan_batch.job.published import (
@@ -83,7 +82,7 @@ def _from_json(text: str) -> WarehouseTarget:
 
 def _in_child(command: str, what: str, *args: str) -> Any:
     cmd = [sys.executable, "-m", "anogan_batch.job.delta_tables", command, *args]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = run_retried_child(cmd)
     if r.returncode == 0:
         return json.loads(r.stdout.strip().splitlines()[-1])
     message = f"{what} failed: {r.stderr.strip()[-2000:]}"

@@ -57,11 +57,12 @@ def _convert_in_child(uri: str, partitions: tuple[str, ...], name: str) -> None:
     """Run the Delta conversion in a child process. deltalake's native runtime can abort the
     interpreter at exit ("terminate called without an active exception", seen when DuckDB was
     used in the same process); a child that leaves with os._exit keeps that away from the job."""
-    import subprocess
     import sys
 
+    from anogan_batch.io.s3 import run_retried_child
+
     cmd = [sys.executable, "-m", "anogan_batch.job.warehouse", uri, name, *partitions]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = run_retried_child(cmd)  # idempotent: a table that has its log is left as it is
     if r.returncode != 0:
         raise RuntimeError(f"Delta conversion of '{uri}' failed: {r.stderr.strip()[-2000:]}")
 
