@@ -42,15 +42,15 @@ def main() -> None:
     from anogan_batch.core.model import to_model_space
     from anogan_batch.core.modeldir import LoadedModel
     from anogan_batch.core.search import latent_search
-    from anogan_batch.evaluation.bench import _bench_model, _patches
+    from anogan_batch.evaluation.bench import bench_model, digit_patches
 
     device = args.device
     batches = [int(b) for b in args.batches.split(",")]
-    cfg, g, d, e = _bench_model(64, 64, encoder=True)
+    cfg, g, d, e = bench_model(64, 64, encoder=True)
     model = LoadedModel(cfg, copy.deepcopy(g), copy.deepcopy(d), "bench", encoder=e)
     scorer = model.for_scoring(device)
     gs, ds, es = scorer.generator, scorer.discriminator, scorer.encoder
-    x_all = to_model_space(torch.from_numpy(_patches(max(batches), 64)), "uint8").to(device)
+    x_all = to_model_space(torch.from_numpy(digit_patches(max(batches), 64)), "uint8").to(device)
     ids_all = [f"bench-{i}" for i in range(len(x_all))]
     prior = SearchConfig(iterations=100, start="prior")
     searches = {

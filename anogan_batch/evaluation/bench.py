@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 
-def _bench_model(size: int, width: int, seed: int = 0, encoder: bool = False):
+def bench_model(size: int, width: int, seed: int = 0, encoder: bool = False):
     """A DCGAN at its initialisation with BatchNorm statistics from a few train-mode passes,
     and an encoder E when asked (else None): -> cfg, g, d, e. Costs are a trained model's.
     As saved: `LoadedModel.for_scoring` readies them for scoring."""
@@ -62,7 +62,7 @@ def _bench_model(size: int, width: int, seed: int = 0, encoder: bool = False):
     return cfg, g, d, e
 
 
-def _patches(n: int, size: int) -> np.ndarray:
+def digit_patches(n: int, size: int) -> np.ndarray:
     """n real digits from the bundled sample, resized to size x size, uint8 (n, S, S, 1)."""
     from PIL import Image
 
@@ -99,13 +99,13 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
     # the job's fixed start-up (actor start, model load, pipeline start) is paid once per job:
     # enough batches amortise it as a real archive would (docs/performance.md)
     n_job, n_job_default = (32, 32) if quick else (512, 2048)
-    cfg, g, d, _ = _bench_model(size, width)
+    cfg, g, d, _ = bench_model(size, width)
     # G and D as a scorer holds them (BatchNorm folded, channels_last); g itself stays
     # savable for the job
     scorer = LoadedModel(cfg, copy.deepcopy(g), copy.deepcopy(d), "bench").for_scoring("cpu")
     g_search, d_search = scorer.generator, scorer.discriminator
     search = SearchConfig(iterations=iterations)
-    pixels = _patches(max(batch, n_job, n_job_default), size)
+    pixels = digit_patches(max(batch, n_job, n_job_default), size)
     x = to_model_space(torch.from_numpy(pixels), "uint8")
     ids = [f"bench-{i}" for i in range(len(x))]
 
@@ -148,7 +148,7 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
         g_search, d_search, x, ids, [4, 8, 16] if quick else [16, 32, 64, 128]
     )
     # score's defaults (encoder start + polish) on a model with an encoder: what users run
-    cfg_e, g_e, d_e, e = _bench_model(size, width, encoder=True)
+    cfg_e, g_e, d_e, e = bench_model(size, width, encoder=True)
     job = _job_vs_inprocess(cfg_e, g_e, d_e, e, pixels[:n_job_default], SearchConfig(), batch)
     figures.update(job)
     # the random-start search of the figures above: the actor's share of a longer batch
@@ -365,8 +365,8 @@ def _peak_memory(n: int) -> dict[str, Any]:
     from anogan_batch.core.modeldir import save_model
     from anogan_batch.io.tables import write_patch_table
 
-    cfg, g, d, _ = _bench_model(28, 8)
-    digits = _patches(500, 28)
+    cfg, g, d, _ = bench_model(28, 8)
+    digits = digit_patches(500, 28)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="anogan-bench-mem-") as tmp:
         model_dir = os.path.join(tmp, "model")

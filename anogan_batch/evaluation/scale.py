@@ -59,10 +59,11 @@ def write_synthetic_table(path: str, rows: int) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from anogan_batch.evaluation.bench import _patches
-    from anogan_batch.io.patches import PATCH_SCHEMA, encode_pixels, patch_id_for
+    from anogan_batch.evaluation.bench import digit_patches
+    from anogan_batch.io.patches import patch_id_for
+    from anogan_batch.io.tables import patch_table
 
-    pool = [encode_pixels(p) for p in _patches(512, SIZE)]
+    digits = digit_patches(512, SIZE)
     side = int(np.sqrt(SCAN_PATCHES))
     os.makedirs(path, exist_ok=True)
     for start in range(0, rows, FILE_ROWS):
@@ -70,34 +71,24 @@ def write_synthetic_table(path: str, rows: int) -> str:
         scan, cell = index // SCAN_PATCHES, index % SCAN_PATCHES
         x, y = (cell % side) * SIZE, (cell // side) * SIZE
         scan_ids = [f"scan{s:07d}" for s in scan]
-        n = len(index)
-        table = pa.table(
-            {
-                "patch_id": [
-                    patch_id_for(s, int(a), int(b), SIZE)
-                    for s, a, b in zip(scan_ids, x, y, strict=True)
-                ],
-                "scan_id": scan_ids,
-                "x": pa.array(x, pa.int32()),
-                "y": pa.array(y, pa.int32()),
-                "image": [pool[i % len(pool)] for i in index],
-                "height": pa.array(np.full(n, SIZE), pa.int32()),
-                "width": pa.array(np.full(n, SIZE), pa.int32()),
-                "channels": pa.array(np.ones(n), pa.int32()),
-                "dtype": ["uint8"] * n,
-                "label": [str(s % 2) for s in scan],
-            },
-            schema=PATCH_SCHEMA,
-        )
+        ids = [
+            patch_id_for(s, int(a), int(b), SIZE) for s, a, b in zip(scan_ids, x, y, strict=True)
+        ]
+        table = patch_table(digits[index % len(digits)], [str(s % 2) for s in scan], ids=ids,
+                            scan_ids=scan_ids)  # fmt: skip
+        for name, values in (("x", x), ("y", y)):  # patch_table puts a patch at (0, 0)
+            table = table.set_column(
+                table.schema.get_field_index(name), name, pa.array(values, pa.int32())
+            )
         pq.write_table(table, os.path.join(path, f"part-{start // FILE_ROWS:05d}.parquet"))
     return path
 
 
 def _write_model(model_dir: str) -> str:
     from anogan_batch.core.modeldir import save_model
-    from anogan_batch.evaluation.bench import _bench_model
+    from anogan_batch.evaluation.bench import bench_model
 
-    cfg, g, d, e = _bench_model(SIZE, 8, encoder=True)
+    cfg, g, d, e = bench_model(SIZE, 8, encoder=True)
     save_model(model_dir, cfg, g, d, {}, encoder=e)
     return model_dir
 

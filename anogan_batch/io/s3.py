@@ -179,21 +179,20 @@ TRANSIENT_S3_ERRORS = (
 
 def retry_transient(fn, what: str, policy: S3RetryPolicy | None = None):
     """Call `fn` (an idempotent S3 operation) until it does not fail with a transient S3
-    error, at most `max_attempts` times, sleeping an exponential backoff with full jitter."""
-    import random
-    import time
-
-    policy = policy or S3RetryPolicy.from_env()
-    for attempt in range(1, policy.max_attempts + 1):
+    error, at most `max_attempts` times, sleeping `backoff` between tries. The policy is read
+    at the first failure only: this wraps every read of an S3 file."""
+    attempt = 1
+    while True:
         try:
             return fn()
         except OSError as e:
-            if attempt == policy.max_attempts or not any(m in str(e) for m in TRANSIENT_S3_ERRORS):
+            policy = policy or S3RetryPolicy.from_env()
+            if attempt >= policy.max_attempts or not any(m in str(e) for m in TRANSIENT_S3_ERRORS):
                 raise
             log.debug("%s: transient S3 error, retrying (%d/%d): %s", what, attempt,
-                     policy.max_attempts, str(e)[:200])  # fmt: skip
-            time.sleep(random.uniform(0, min(10.0, 0.2 * 2**attempt)))
-    raise AssertionError("unreachable")
+                      policy.max_attempts, str(e)[:200])  # fmt: skip
+            backoff(attempt)
+            attempt += 1
 
 
 def run_retried_child(cmd: list[str], policy: S3RetryPolicy | None = None):
@@ -201,20 +200,26 @@ def run_retried_child(cmd: list[str], policy: S3RetryPolicy | None = None):
     mode "ignore", an exactly-once publish), and run it again from the start while it fails
     with an S3 error, up to the policy's attempts, with the same backoff: object_store gives
     up on some transient faults at once ("Generic S3 error"). -> the last CompletedProcess."""
-    import random
     import subprocess
-    import time
 
     policy = policy or S3RetryPolicy.from_env()
     for attempt in range(1, policy.max_attempts + 1):
         done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode == 0 or attempt == policy.max_attempts:
+        if done.returncode == 0 or not is_s3_failure(done.stderr):
             return done
-        if not is_s3_failure(done.stderr):
-            return done
-        log.debug("S3 failure in a child, running it again (%d/%d)", attempt, policy.max_attempts)
-        time.sleep(random.uniform(0, min(10.0, 0.2 * 2**attempt)))
-    raise AssertionError("unreachable")
+        if attempt < policy.max_attempts:
+            log.debug("S3 failure in a child, running it again (%d/%d)", attempt,
+                      policy.max_attempts)  # fmt: skip
+            backoff(attempt)
+    return done
+
+
+def backoff(attempt: int) -> None:
+    """The policy's pause after failed try `attempt`: exponential, full jitter, 10 s at most."""
+    import random
+    import time
+
+    time.sleep(random.uniform(0, min(10.0, 0.2 * 2**attempt)))
 
 
 class RetryingS3(pafs.FileSystemHandler):

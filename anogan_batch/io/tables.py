@@ -279,13 +279,18 @@ def first_rows(ds: pads.Dataset, columns: list[str], n: int = 1) -> pa.Table:
     return ds.schema.empty_table().select(cols)
 
 
-def stream_batches(ds: pads.Dataset, columns: list[str], batch_size: int):
-    """The dataset's rows, `batch_size` at a time, read on this thread file after file as
-    the consumer asks for them. A dataset scan reads ahead of a slow consumer without bound
-    (a publish writing what it read grew by 90 bytes a row, docs/performance.md); this holds
-    one batch. A file's batches have the `columns` it stores (no hive partition keys)."""
+STREAM_ROWS = 65_536  # rows `stream_batches` pulls at a time unless told otherwise
+
+
+def stream_batches(ds: pads.Dataset, columns: list[str], batch_size: int | None = None):
+    """The dataset's rows, `batch_size` (STREAM_ROWS) at a time, read on this thread file
+    after file as the consumer asks for them. A dataset scan reads ahead of a slow consumer
+    without bound (a publish writing what it read grew by 90 bytes a row,
+    docs/performance.md); this holds one batch. A file's batches have the `columns` it
+    stores (no hive partition keys)."""
     import pyarrow.parquet as pq
 
+    batch_size = batch_size or STREAM_ROWS
     for fragment in ds.get_fragments():
         with ds.filesystem.open_input_file(fragment.path) as f:
             reader = pq.ParquetFile(f, pre_buffer=False)

@@ -16,8 +16,6 @@ from anogan_batch.core.calibration import benjamini_hochberg, bh_flags, drift, p
 from anogan_batch.io import storage
 from anogan_batch.job.layout import JobLayout
 
-BATCH_ROWS = 65_536  # rows read at a time: pulled (io/tables.stream_batches), one in memory
-
 
 def patch_p_values(out: str, n_calibration: int) -> tuple[int, dict[str, Any]]:
     """(patches flagged, drift of the patch p-values), streamed over OUT/patch_scores."""
@@ -28,7 +26,7 @@ def patch_p_values(out: str, n_calibration: int) -> tuple[int, dict[str, Any]]:
     path = JobLayout(out).patch_scores
     if not storage.list_files(path, suffixes=(".parquet",)):
         return 0, drift(counts)
-    for batch in stream_batches(open_dataset(path), ["p_value", "flagged"], BATCH_ROWS):
+    for batch in stream_batches(open_dataset(path), ["p_value", "flagged"]):
         p = batch.column("p_value").to_numpy(zero_copy_only=False).astype(np.float64)
         counts += p_value_counts(p, n_calibration)
         flagged += int(np.sum(batch.column("flagged").to_numpy(zero_copy_only=False) == True))  # noqa: E712
@@ -65,7 +63,7 @@ def flag_scans(out: str, fdr: float | None) -> dict[str, Any]:
     storage.makedirs(staged)
     fs, inner = storage.filesystem_for(storage.join(staged, "part-0.parquet"))
     with fs.open_output_stream(inner) as f, pq.ParquetWriter(f, schema, compression="zstd") as w:
-        for batch in stream_batches(ds, columns, BATCH_ROWS):
+        for batch in stream_batches(ds, columns):
             if threshold is None:
                 column = pa.nulls(batch.num_rows, pa.bool_())
             else:
@@ -81,7 +79,7 @@ def _column(ds, name: str) -> np.ndarray:
     """One float column of a dataset as float64, streamed (NaN for nulls)."""
     from anogan_batch.io.tables import stream_batches
 
-    parts = [_floats(b.column(name)) for b in stream_batches(ds, [name], BATCH_ROWS)]
+    parts = [_floats(b.column(name)) for b in stream_batches(ds, [name])]
     return np.concatenate(parts) if parts else np.zeros(0)
 
 

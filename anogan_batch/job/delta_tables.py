@@ -147,26 +147,26 @@ def _append_once(
     The rows are written a batch at a time (`published.write_data_files`) and committed as
     add actions in one transaction: deltalake's own writer held all of a job's rows in
     memory (docs/performance.md). `partition`: the job's value of each partition column."""
+    import pyarrow as pa
     from deltalake import CommitProperties, DeltaTable, Transaction
     from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchError
 
-    partition_by = list(partition)
+    partition_by = list(partition) or None
     for attempt in range(1, COMMIT_ATTEMPTS + 1):
         try:
             if not DeltaTable.is_deltatable(uri, storage_options=options):
-                partitions = partition_by or None
-                DeltaTable.create(uri, rows.schema, mode="ignore", partition_by=partitions,
+                DeltaTable.create(uri, rows.schema, mode="ignore", partition_by=partition_by,
                                   storage_options=options)  # fmt: skip
             table = DeltaTable(uri, storage_options=options)
             if table.transaction_version(app_id) is not None:
                 return "already published"
-            table = _grown(table, rows, uri, options)
-            schema = _merged_schema(table, rows)
+            table = _grown(table, rows, uri, options)  # now with every column of the job
+            schema = pa.schema(table.schema().to_arrow())
             table.create_write_transaction(
                 _add_actions(uri, rows, schema, partition),
                 mode="append",
                 schema=schema,
-                partition_by=partition_by or None,
+                partition_by=partition_by,
                 commit_properties=CommitProperties(
                     app_transactions=[Transaction(app_id, 1)], max_commit_retries=20
                 ),
@@ -181,7 +181,8 @@ def _append_once(
 
 def _grown(table: Any, rows: JobRows, uri: str, options: dict | None) -> Any:
     """The table with any column of the job it lacks added (a newer version's columns; old
-    rows read null): a metadata commit of its own, which a retry finds already made."""
+    rows read null): a metadata commit of its own, which a retry finds already made. The
+    job's rows are then written in the table's columns and types."""
     import pyarrow as pa
     from deltalake import DeltaTable, Field
 
@@ -191,15 +192,6 @@ def _grown(table: Any, rows: JobRows, uri: str, options: dict | None) -> Any:
         return table
     table.alter.add_columns(missing)
     return DeltaTable(uri, storage_options=options)
-
-
-def _merged_schema(table: Any, rows: JobRows) -> pa.Schema:
-    """The table's columns, then the job's columns it lacks (a newer version's: old rows read
-    null); the job's rows are written in the table's types."""
-    import pyarrow as pa
-
-    existing = pa.schema(table.schema().to_arrow())
-    return pa.schema([*existing, *(f for f in rows.schema if f.name not in existing.names)])
 
 
 def _add_actions(uri: str, rows: JobRows, schema: pa.Schema, partition: dict[str, str]) -> list:
@@ -214,11 +206,13 @@ def _add_actions(uri: str, rows: JobRows, schema: pa.Schema, partition: dict[str
     file_schema = pa.schema([f for f in schema if f.name not in partition])
     files = write_data_files(rows, uri, file_schema, stem=f"part-anogan-{uuid.uuid4().hex}")
     now_ms = int(time.time() * 1000)
-    stats = [json.dumps({"numRecords": f.rows}) for f in files]
     return [
-        AddAction(posixpath.basename(f.uri), f.size, partition, now_ms, True, s)
-        for f, s in zip(files, stats, strict=True)
-    ]
+        AddAction(
+            posixpath.basename(f.uri), f.size, partition, now_ms, True,
+            json.dumps({"numRecords": f.rows}),
+        )
+        for f in files
+    ]  # fmt: skip
 
 
 def _exists(uri: str, options: dict | None) -> bool:

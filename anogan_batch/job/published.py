@@ -47,23 +47,13 @@ def finished_job(out: str) -> JobManifest:
 @dataclass(frozen=True)
 class JobRows:
     """The rows a job adds to one warehouse table, streamed: each `batches()` call is a new
-    pass over the job's files, a batch of at most BATCH_ROWS rows at a time, so a publish
+    pass over the job's files, a batch of `io/tables.STREAM_ROWS` rows at a time, so a publish
     holds one batch whatever the job's size, and a commit that lost a race can write its
     rows again."""
 
     schema: pa.Schema
     rows: int
     batches: Callable[[], Iterator[pa.RecordBatch]]
-
-    def select(self, columns: list[str]) -> JobRows:
-        """The same rows with only `columns`."""
-        import pyarrow as pa
-
-        schema = pa.schema([self.schema.field(c) for c in columns])
-        return JobRows(schema, self.rows, lambda: (b.select(columns) for b in self.batches()))
-
-
-BATCH_ROWS = 65_536  # rows a publish reads at a time from the job's files
 
 
 def job_rows(out: str, manifest: JobManifest, name: str) -> JobRows | None:
@@ -101,7 +91,7 @@ def job_rows(out: str, manifest: JobManifest, name: str) -> JobRows | None:
         return _plain_types(batch.append_column("job_started_at", pa.repeat(started, n)))
 
     def batches() -> Iterator[pa.RecordBatch]:
-        for batch in stream_batches(ds, columns, BATCH_ROWS):  # pulled: one batch in memory
+        for batch in stream_batches(ds, columns):  # pulled: one batch in memory
             if batch.num_rows:
                 yield lineage(batch)
 
