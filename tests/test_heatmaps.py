@@ -175,6 +175,28 @@ def test_a_small_job_groups_its_scans_in_the_driver_exactly_as_ray_does(
     assert len(overlays[None]) == 4 and overlays[None] == overlays[manifest.input_rows]
 
 
+@pytest.mark.parametrize("heatmaps", [False, True])
+def test_scan_scores_from_the_ray_groupby_hold_few_row_groups(
+    mosaic_job, tmp_path, monkeypatch, heatmaps
+):
+    """The groupby yields one row a scan; stored one row group each, a 10 M-patch job's
+    scan_scores footers alone grew the driver by 100 MB when they were counted."""
+    import pyarrow.parquet as pq
+
+    from anogan_batch.job import aggregate
+
+    _, out, _ = mosaic_job
+    monkeypatch.setattr(aggregate, "_partitions", lambda shuffle: 1)  # all 4 scans in one
+    copy = tmp_path / "out"
+    shutil.copytree(out / "patch_scores", copy / "patch_scores")
+    geometry = (P, 1) if heatmaps else None
+    assert aggregate.write_scan_tables(str(copy), str(out.parent / "patches"),
+                                       heatmaps=geometry) == "ray"  # fmt: skip
+    files = list((copy / "scan_scores").glob("*.parquet"))
+    assert sum(pq.read_metadata(f).num_rows for f in files) == 4
+    assert [pq.read_metadata(f).num_row_groups for f in files] == [1] * len(files)
+
+
 CHECK_SCRIPT = """<script>
 window.addEventListener("load", () => {
   const imgs = [...document.images];

@@ -116,6 +116,17 @@ def test_output_files_follow_the_target_size(finished_job):
     assert sorted(sizes)[1] >= 20, sizes  # every file but the last reaches the target
 
 
+def test_output_files_hold_few_large_row_groups(finished_job):
+    """A file's rows are scored in many small batches; stored one row group per batch, a
+    10 M-row job's footers (every reader plans from them) grew the driver by hundreds of MB."""
+    import pyarrow.parquet as pq
+
+    _, out = finished_job
+    for f in (out / "patch_scores").rglob("*.parquet"):
+        meta = pq.read_metadata(f)
+        assert meta.num_row_groups == 1, (f.name, meta.num_rows, meta.num_row_groups)
+
+
 def test_duckdb_reads_the_warehouse_tables(finished_job):
     import duckdb
 

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IO_CPUS = 0.5  # logical CPUs of read/write/aggregate tasks: light work, must never starve
+# Rows of an output row group, in MB of row bytes (a file holds --target-file-mb): a reader
+# holds one at a time, and every reader plans from the footers, whose size grows with the
+# number of row groups (one per scored batch made a 10 M-row job's footers hundreds of MB)
+ROW_GROUP_MB = 64.0
 QUARANTINE_COLUMNS = ("patch_id", "scan_id", "x", "y", "label", "reason", "job_id", "model_id")
 
 
@@ -117,8 +121,9 @@ def _threads_that_fit(node: dict) -> int:
     return threads
 
 
-def make_sink(out: str, rows_per_file: int):
-    """A Parquet sink writing scored rows and quarantined rows to their two tables."""
+def make_sink(out: str, rows_per_file: int, rows_per_group: int):
+    """A Parquet sink writing scored rows and quarantined rows to their two tables, a write
+    task's rows (about `rows_per_file`) in row groups of `rows_per_group` at most."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
@@ -143,13 +148,17 @@ def make_sink(out: str, rows_per_file: int):
                     partitioning_flavor="hive",
                     basename_template=f"{base}-{{i}}.parquet",
                     existing_data_behavior="overwrite_or_ignore",
+                    # the task's rows arrive as one chunk per scored batch: without a
+                    # minimum, each chunk would be a row group of its own
+                    min_rows_per_group=min(rows_per_group, scored.num_rows),
+                    max_rows_per_group=rows_per_group,
                     file_options=pads.ParquetFileFormat().make_write_options(compression="zstd"),
                 )
             if bad.num_rows:
                 qdir = posixpath.join(self.path, JobLayout.QUARANTINE)
                 self.filesystem.create_dir(qdir, recursive=True)
                 with self.filesystem.open_output_stream(f"{qdir}/{base}.parquet") as f:
-                    pq.write_table(bad, f, compression="zstd")
+                    pq.write_table(bad, f, compression="zstd", row_group_size=rows_per_group)
 
         def on_write_complete(self, write_result) -> None:
             pass  # never remove OUT, even when a resumed run writes no rows

@@ -34,6 +34,7 @@ from anogan_batch.job.layout import JobLayout
 from anogan_batch.job.manifest import JobManifest, check_rerun, new_job_id, now
 from anogan_batch.job.pipeline import (
     IO_CPUS,
+    ROW_GROUP_MB,
     Resources,
     build_pipeline,
     make_sink,
@@ -457,7 +458,11 @@ def _execute(
                 skip_ids=skip_ids,
             )
             ds.write_datasink(
-                make_sink(cfg.out, _rows_per_file(cfg, prep)),
+                make_sink(
+                    cfg.out,
+                    rows_per_file=_rows_in(cfg.target_file_mb, prep),
+                    rows_per_group=_rows_in(ROW_GROUP_MB, prep),
+                ),
                 ray_remote_args={"num_cpus": IO_CPUS},
             )
             # memory and busy time for the bench (flat memory, job overhead) and for capacity
@@ -467,8 +472,8 @@ def _execute(
         ctx.checkpoint_config = previous
 
 
-def _rows_per_file(cfg: ScoreJobConfig, prep: Preflight) -> int:
-    """Rows per output file for --target-file-mb (of uncompressed row bytes)."""
+def _rows_in(mb: float, prep: Preflight) -> int:
+    """Output rows in `mb` MB of uncompressed row bytes (for --target-file-mb)."""
     c = prep.card.config
     row_bytes = c.image_size**2 * c.channels * 4 + c.latent_dim * 4 + 256
-    return max(1, int(cfg.target_file_mb * 2**20 / row_bytes))
+    return max(1, int(mb * 2**20 / row_bytes))
