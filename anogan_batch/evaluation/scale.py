@@ -55,7 +55,8 @@ def run_scale(
 
 
 def write_synthetic_table(path: str, rows: int) -> str:
-    """`rows` patches in files of FILE_ROWS rows: digits resized to SIZE x SIZE, each scan a
+    """`rows` patches in files of FILE_ROWS rows: digits resized to SIZE x SIZE (each made
+    unique by a little noise), each scan a
     grid of SCAN_PATCHES patches, labels '0' (scans of even index) and '1'."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -75,14 +76,22 @@ def write_synthetic_table(path: str, rows: int) -> str:
         ids = [
             patch_id_for(s, int(a), int(b), SIZE) for s, a, b in zip(scan_ids, x, y, strict=True)
         ]
-        table = patch_table(digits[index % len(digits)], [str(s % 2) for s in scan], ids=ids,
-                            scan_ids=scan_ids)  # fmt: skip
+        table = patch_table(_unique(digits[index % len(digits)], start),
+                            [str(s % 2) for s in scan], ids=ids, scan_ids=scan_ids)  # fmt: skip
         for name, values in (("x", x), ("y", y)):  # patch_table puts a patch at (0, 0)
             table = table.set_column(
                 table.schema.get_field_index(name), name, pa.array(values, pa.int32())
             )
         pq.write_table(table, os.path.join(path, f"part-{start // FILE_ROWS:05d}.parquet"))
     return path
+
+
+def _unique(patches: np.ndarray, seed: int) -> np.ndarray:
+    """The patches with a little noise each (0-3 grey levels), as real scans' patches are all
+    different: repeated patches dictionary-encode to a few percent of their size, and Ray
+    packs its read tasks by that encoded size (docs/performance.md)."""
+    rng = np.random.default_rng(seed)
+    return np.minimum(patches, 252) + rng.integers(0, 4, patches.shape, dtype=np.uint8)
 
 
 def _write_model(model_dir: str) -> str:
