@@ -40,14 +40,14 @@ class Detector:
     def __init__(
         self, model: LoadedModel, search: SearchConfig | None = None, device: str | None = None
     ) -> None:
+        from anogan_batch.core.devices import pick_device
         from anogan_batch.core.search import resolve_search
-        from anogan_batch.job.scorer import pick_device
 
         self.model = model
         self.search = resolve_search(
             search or SearchConfig(), has_encoder=model.encoder is not None
         )
-        self.device = pick_device(device)
+        self.device = pick_device(device or "auto")
         self.model_dir: str | None = None  # where it was loaded from (its calibrations)
         self._scoring: LoadedModel | None = None  # folded copy on the device, made once
 

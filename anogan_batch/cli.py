@@ -273,6 +273,16 @@ def calibrate(
     )
 
 
+def parse_batch_size(value: str) -> int | None:
+    """'auto' -> None (chosen per device: job/pipeline.auto_batch_size); '256' -> 256."""
+    if value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError("batch_size", value, "use a number of patches or auto") from None
+
+
 def parse_actors(value: str | None) -> tuple[int, int] | None:
     """'4' -> (4, 4); '2-8' or '2:8' -> (2, 8) for an autoscaling pool."""
     if value is None:
@@ -306,8 +316,14 @@ def score(
         float, typer.Option("--lambda", help="λ, weight of the feature loss")
     ] = SearchConfig.lam,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="patches per search")
-    ] = ScoreJobConfig.batch_size,
+        str,
+        typer.Option(
+            "--batch-size",
+            help="patches per actor task, or auto: 1,024 on GPU actors (each actor then "
+            "searches as many at once as its GPU holds, learnt from out-of-memory errors), "
+            "64 on CPU actors",
+        ),
+    ] = "auto",
     actors: Annotated[
         str | None, typer.Option(help="actor pool size K, or MIN-MAX to autoscale")
     ] = None,
@@ -375,11 +391,33 @@ def score(
     target_file_mb: Annotated[
         float, typer.Option("--target-file-mb")
     ] = ScoreJobConfig.target_file_mb,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda ...; default auto")] = None,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="auto (a GPU per actor when the cluster has GPUs, else the CPU), cpu, or "
+            "cuda (GPU actors required; an actor whose torch cannot use its GPU fails the job)"
+        ),
+    ] = ScoreJobConfig.device,
+    gpu_wait: Annotated[
+        float,
+        typer.Option(
+            "--gpu-wait",
+            help="seconds a job that wants GPUs (--device cuda, --gpus-per-actor) waits for "
+            "the autoscaler when the cluster has none yet; then exit 1",
+        ),
+    ] = ScoreJobConfig.gpu_wait_s,
     progress: Annotated[bool, typer.Option(help="show live progress")] = True,
     heatmaps: Annotated[
         bool, typer.Option(help="stitch per-scan heatmaps and PNG overlays after scoring")
     ] = True,
+    residual_maps: Annotated[
+        str,
+        typer.Option(
+            "--residual-maps",
+            help="residual_map stored as compact (float16: within 2^-11 of float32, half the "
+            "bytes), float32, or none (with --no-heatmaps)",
+        ),
+    ] = ScoreJobConfig.residual_maps,
     table_format: Annotated[
         str,
         typer.Option(
@@ -425,7 +463,7 @@ def score(
             precision=precision,
             start=start,
         ),
-        batch_size=batch_size,
+        batch_size=parse_batch_size(batch_size),
         actors=parse_actors(actors),
         gpus_per_actor=gpus_per_actor,
         cpus_per_actor=cpus_per_actor,
@@ -435,8 +473,10 @@ def score(
         fdr=fdr,
         target_file_mb=target_file_mb,
         device=device,
+        gpu_wait_s=gpu_wait,
         progress=progress,
         heatmaps=heatmaps,
+        residual_maps=residual_maps,
         table_format=table_format,
         published=WarehouseTarget(catalog, namespace, warehouse, catalog_db, table_prefix),
         skip_published=skip_published,
@@ -659,8 +699,9 @@ def run(argv: list[str] | None = None) -> int:
 
     Typer (standalone mode) turns usage errors into exit 2; a user error from the library
     surfaces here as `AnoganError`, the one place it becomes exit 2. S3 that stays unreachable
-    past the retry policy is exit 1 with a message naming the endpoint (a rerun resumes);
-    anything else is a bug, exit 1 with its traceback.
+    past the retry policy, and a fault of the machine (`MachineError`: a GPU torch cannot use,
+    a batch failed on several devices), are exit 1 with a message (a rerun resumes); anything
+    else is a bug, exit 1 with its traceback.
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("anogan_batch").setLevel(logging.INFO)
@@ -674,9 +715,10 @@ def run(argv: list[str] | None = None) -> int:
     except Exception as e:
         import traceback
 
+        from anogan_batch.errors import describe_machine_failure
         from anogan_batch.io.s3 import describe_s3_failure
 
-        message = describe_s3_failure(e)
+        message = describe_s3_failure(e) or describe_machine_failure(e)
         if message is None:  # a bug: exit 1 with its traceback
             sys.stderr.write(redact(traceback.format_exc()))
             return 1
@@ -686,8 +728,11 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    """Console entry point: runs the command, then ends the process the orderly way
-    (io/exiting.py: exit handlers run, no interpreter teardown, so no exit-time hang)."""
+    """Console entry point: runs the command (native stderr lines that are not news dropped:
+    io/native_stderr.py), then ends the process the orderly way (io/exiting.py: exit handlers
+    run, no interpreter teardown, so no exit-time hang)."""
     from anogan_batch.io.exiting import leave
+    from anogan_batch.io.native_stderr import filter_native_stderr
 
+    filter_native_stderr()
     leave(run(argv))

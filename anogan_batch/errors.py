@@ -15,6 +15,11 @@ class AnoganError(Exception):
     """Root of all user-facing errors (exit code 2)."""
 
 
+class MachineError(RuntimeError):
+    """A fault of the machine, not of the input: a GPU torch cannot use, a batch that failed
+    on several devices. Exit 1 with the message (no traceback); a rerun resumes the job."""
+
+
 class ConfigError(AnoganError):
     """A configuration field has a bad value."""
 
@@ -45,3 +50,23 @@ def redact(text: str) -> str:
         if value and len(value) >= 4:  # a one-letter "secret" would blank unrelated text
             text = text.replace(value, f"<{name}>")
     return text
+
+
+def describe_machine_failure(exc: BaseException) -> str | None:
+    """The message of a MachineError anywhere in `exc`'s chain, Ray's wrappers included (an
+    actor whose constructor raised reaches the driver as text only), or None."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        marker = f"{MachineError.__name__}: "
+        for line in str(e).splitlines():
+            if marker in line:
+                return line.split(marker, 1)[1].strip()
+        if isinstance(e, MachineError):
+            return str(e)
+        stack += [e.__cause__, e.__context__]
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -215,6 +216,10 @@ def ray_local(s3_server):
     connect_ray()
     yield ray
     ray.shutdown()
+
+
+# an error-level line: Ray's C++ ("[time E pid tid]"), Python's logging, or a traceback
+ERROR_LINE = re.compile(r"^\[[^\]]* E \d+ \d+\]|^ERROR|^Traceback|\bE\d{4} ", re.M)
 
 
 def run_cli_concurrently(*commands: list[str], timeout: int = 300) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 import anogan_batch
 from anogan_batch.core.configs import SearchConfig, TrainConfig
+from anogan_batch.io.patches import decode_map
 from tests.conftest import TINY_TRAIN, make_patch_table
 
 
@@ -43,8 +44,9 @@ def test_a_detector_scores_like_the_job(tmp_path, tiny_model, sample, ray_local)
         assert got.anomaly_score[k] == pytest.approx(row["anomaly_score"], rel=1e-5)
         assert got.residual_score[k] == pytest.approx(row["residual_score"], rel=1e-5)
         assert got.discrimination_score[k] == pytest.approx(row["discrimination_score"], rel=1e-5)
-        residual_map = np.frombuffer(row["residual_map"], "<f4").reshape(28, 28, 1)
-        np.testing.assert_allclose(got.residual_map[k], residual_map, rtol=1e-5, atol=1e-6)
+        # the job stores compact (float16) maps, the Detector float32 ones
+        residual_map = decode_map(row["residual_map"], 28, 28, 1)
+        np.testing.assert_allclose(got.residual_map[k], residual_map, rtol=2**-11, atol=1e-6)
     assert got.reason == [None] * 12
     # pyod's name for the score (default ids '0', '1', ... seed the prior start)
     np.testing.assert_array_equal(

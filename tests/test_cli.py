@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from anogan_batch.io.patches import PATCH_SCHEMA
-from tests.conftest import make_patch_table, run_cli
+from tests.conftest import ERROR_LINE, make_patch_table, run_cli
 
 
 def assert_user_error(result, *needles: str) -> None:
@@ -70,6 +70,7 @@ def test_end_to_end_ingest_train_score_eval_report(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "scored 300/300 patches |" in r.stderr and "patches/s | ETA" in r.stderr  # progress
+    assert not ERROR_LINE.search(r.stderr), r.stderr[-3000:]  # a healthy job: no error line
     job = json.loads((tmp_path / "job" / "job.json").read_text())
     assert job["status"] == "succeeded" and job["scored_rows"] == 300
     r = run_cli("eval", str(tmp_path / "job"), "--normal-label", "0")

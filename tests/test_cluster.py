@@ -100,7 +100,7 @@ def test_killing_a_worker_node_mid_job_loses_and_duplicates_nothing(
     assert manifest.quarantined_rows == 0
 
 
-def test_a_batch_that_raises_is_quarantined_and_the_job_completes(
+def test_a_batch_that_raises_quarantines_only_the_row_that_fails_alone(
     cluster, tmp_path, sample, tiny_model
 ):
     ids = [f"scan{i:03d}#28x28+0+0" for i in range(40)]
@@ -117,8 +117,8 @@ def test_a_batch_that_raises_is_quarantined_and_the_job_completes(
     )
     assert m.status == "succeeded" and m.input_rows == 40
     q = pads.dataset(out / "quarantine").to_table().to_pylist()
-    # the poisoned row's whole batch (8 rows, batches are cut in input order) is quarantined
-    assert m.quarantined_rows == len(q) == 8 and m.scored_rows == 32
-    assert {r["reason"] for r in q} == {"scoring failed: RuntimeError: injected fault"}
-    assert "poison-scan#28x28+0+0" in {r["patch_id"] for r in q}
-    assert not set(scored_ids(out)) & {r["patch_id"] for r in q}
+    # the failing batch is narrowed down to the row whose search fails on its own
+    assert m.quarantined_rows == len(q) == 1 and m.scored_rows == 39
+    assert q[0]["patch_id"] == "poison-scan#28x28+0+0"
+    assert q[0]["reason"] == "scoring failed: RuntimeError: injected fault"
+    assert "poison-scan#28x28+0+0" not in set(scored_ids(out))

@@ -54,7 +54,43 @@ def worker_gpus(spec: dict) -> list[tuple[int, int, int]]:
 
 def gpu_demand(params: dict) -> float:
     _, hi = parse_actors(params["actors"])
-    return hi * params["gpus_per_actor"]
+    return hi * (params["gpus_per_actor"] or 1.0)
+
+
+def flags_off_default(argv: list[str]) -> dict[str, tuple[str, ...]]:
+    """The options of a `score` entrypoint whose values are not score's defaults: its first
+    name -> all its names (--progress/--no-progress)."""
+    import typer.main
+
+    command = typer.main.get_command(app).commands["score"]
+    values = parse_cli(argv)
+    return {
+        p.opts[0]: (*p.opts, *p.secondary_opts)
+        for p in command.params
+        if p.param_type_name == "option" and values[p.name] != p.default
+    }
+
+
+def comments(path: Path) -> str:
+    return "\n".join(line.split("#", 1)[1] for line in path.read_text().splitlines() if "#" in line)
+
+
+SCORE_SPECS = {  # the spec file -> its score entrypoint
+    "jobs/score.yaml": lambda path: load_spec(str(path)).argv,
+    "cluster/kuberay-rayjob.yaml": lambda path: shlex.split(
+        yaml.safe_load(path.read_text())["spec"]["entrypoint"]
+    ),
+}
+
+
+@pytest.mark.parametrize("name", SCORE_SPECS)
+def test_score_specs_keep_score_defaults_but_the_flags_they_comment_on(name):
+    path = ROOT / name
+    off = flags_off_default(SCORE_SPECS[name](path))
+    assert "--device" in off  # GPU specs ask for GPUs
+    assert not set(off) & {"--iterations", "--batch-size", "--precision", "--start"}
+    said = comments(path)
+    assert not [flag for flag, names in off.items() if not any(n in said for n in names)]
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
@@ -206,11 +242,7 @@ def test_submit_a_score_job_through_the_jobs_api(ray_head, tmp_path, tiny_model,
         "--set",
         "ACTORS=1",
         "--set",
-        "GPUS_PER_ACTOR=0",
-        "--set",
-        "BATCH_SIZE=20",
-        "--set",
-        "ITERATIONS=3",
+        "DEVICE=cpu",
         "--timeout",
         "400",
     ]

@@ -15,7 +15,6 @@ from anogan_batch.io.patches import (
     check_columns,
     decode_map,
     decode_patches,
-    encode_maps,
     encode_pixels,
 )
 
@@ -112,10 +111,32 @@ def test_check_columns_names_the_missing_column():
 
 
 def test_residual_map_layout():
+    from anogan_batch.job.scorer import encode_maps
+
     maps = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)  # (B, C, H, W)
-    raw = encode_maps(maps)
-    back = decode_map(raw[1], 4, 4, 3)  # (H, W, C)
-    np.testing.assert_array_equal(back, maps[1].transpose(1, 2, 0))
+    for encoding in ("float32", "compact"):  # integers up to 95: exact in float16 too
+        raw = encode_maps(maps, encoding)
+        back = decode_map(raw[1], 4, 4, 3)  # (H, W, C)
+        np.testing.assert_array_equal(back, maps[1].transpose(1, 2, 0))
+    assert encode_maps(maps, "none") == [None, None]
+    with pytest.raises(ValueError, match="no 4x4x3 map"):
+        decode_map(b"\0" * 10, 4, 4, 3)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(0, 2**32 - 1))
+def test_compact_maps_stay_within_their_documented_error(channels, side, seed):
+    """A residual map's values lie in [0, 2] (pixels in [-1, 1]); float16 keeps each within
+    2^-11 of itself, relative, and within 2^-25 absolute near zero (docs/schema.md)."""
+    from anogan_batch.job.scorer import encode_maps
+
+    rng = np.random.default_rng(seed)
+    maps = (rng.random((3, channels, side, side)) ** rng.uniform(1, 8) * 2).astype(np.float32)
+    for raw, want in zip(encode_maps(maps, "compact"), maps, strict=True):
+        assert len(raw) == 2 * channels * side * side  # half of float32's bytes
+        got = decode_map(raw, side, side, channels)
+        exact = want.transpose(1, 2, 0)
+        assert np.all(np.abs(got - exact) <= np.maximum(2**-11 * exact, 2**-25))
 
 
 # ---- property: any table, any row ------------------------------------------------------------

@@ -13,7 +13,8 @@ import torch
 from anogan_batch.core.configs import POLISH, SearchConfig
 from anogan_batch.core.model import model_input
 from anogan_batch.core.search import latent_search
-from anogan_batch.errors import InputError
+from anogan_batch.errors import ConfigError, InputError
+from anogan_batch.io.patches import decode_map
 from anogan_batch.job.configs import ScoreJobConfig
 from anogan_batch.job.runner import run_score_job
 from tests.conftest import make_patch_table
@@ -85,8 +86,11 @@ def test_job_scores_equal_in_process_scores(finished_job, loaded_tiny, sample):
     # the model has an encoder, so "auto" searched from E(x); job.json says so
     params = json.loads((out / "job.json").read_text())["params"]
     assert (params["start"], params["iterations"], params["lr"]) == ("encoder", 10, POLISH[1])
-    maps = np.stack([np.frombuffer(b, "<f4") for b in table.column("residual_map").to_pylist()])
-    np.testing.assert_allclose(maps.sum(1), table.column("residual_score").to_numpy(), rtol=1e-5)
+    # compact maps (float16, the default): each value within 2^-11 of float32's, so the sum too
+    raw = table.column("residual_map").to_pylist()
+    assert {len(b) for b in raw} == {28 * 28 * 2}
+    maps = np.stack([decode_map(b, 28, 28, 1).ravel() for b in raw])
+    np.testing.assert_allclose(maps.sum(1), table.column("residual_score").to_numpy(), rtol=2**-11)
 
 
 def test_scan_scores_aggregate_patch_scores(finished_job):
@@ -313,6 +317,20 @@ def test_explicit_actor_and_gpu_flags_win():
     assert res.max_actors == 8
     with pytest.raises(InputError, match="gpus-per-actor"):
         _plan([_node(8, gpus=1)], gpus_per_actor=2.0)
+
+
+def test_the_device_decides_whether_actors_take_gpus():
+    # --device cpu on a GPU cluster: CPU actors, no GPU asked for
+    res = _plan([_node(8, gpus=4)], device="cpu")
+    assert (res.gpus_per_actor, res.max_actors) == (0.0, 6)
+    # --device cuda: a GPU an actor, and none in the cluster is an error (after the wait)
+    assert _plan([_node(8, gpus=2)], device="cuda").gpus_per_actor == 1.0
+    with pytest.raises(InputError, match="0 GPUs"):
+        _plan([_node(8)], device="cuda")
+    with pytest.raises(ConfigError, match="gpus_per_actor"):
+        ScoreJobConfig("m", "p", "o", device="cpu", gpus_per_actor=1.0)
+    with pytest.raises(ConfigError, match="'device'"):
+        ScoreJobConfig("m", "p", "o", device="gpu")
 
 
 def test_the_pool_never_outnumbers_the_batches():

@@ -16,6 +16,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from anogan_batch.io import storage
+from anogan_batch.io.patches import decode_map
 from anogan_batch.job.layout import JobLayout
 from tests.conftest import S3_SECRET, read_delta, run_cli
 from tests.s3_faults import EVERY_TENTH, FaultProxy, FaultRates
@@ -48,7 +49,13 @@ def assert_same_rows(got: list[dict], want: list[dict], what: str) -> None:
                 continue
             if isinstance(w[k], float):
                 assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-7), (what, k)
-            elif isinstance(w[k], bytes) and k in ("residual_map", "latent", "heatmap"):
+            elif isinstance(w[k], bytes) and k == "residual_map":
+                np.testing.assert_allclose(
+                    decode_map(g[k], g["height"], g["width"], g["channels"]),
+                    decode_map(w[k], w["height"], w["width"], w["channels"]),
+                    rtol=1e-3, atol=1e-6,
+                )  # fmt: skip
+            elif isinstance(w[k], bytes) and k in ("latent", "heatmap"):
                 np.testing.assert_allclose(
                     np.frombuffer(g[k], "<f4"), np.frombuffer(w[k], "<f4"), rtol=1e-5, atol=1e-6
                 )

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from anogan_batch.core.configs import SearchConfig, TrainConfig
+from anogan_batch.core.devices import pick_device
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
 
@@ -103,14 +104,6 @@ def _spec_of_first_row(table, path: str):
     )
 
 
-def _pick_device(requested: str | None):
-    import torch
-
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 @dataclass
 class FitResult:
     config: Any  # ModelConfig
@@ -164,7 +157,7 @@ def fit_gan(
         feature_layer=cfg.feature_layer,
         **norm_range,
     )
-    device = _pick_device(cfg.device)
+    device = torch.device(pick_device(cfg.device or "auto"))
     torch.manual_seed(cfg.seed)
     rng = torch.Generator().manual_seed(cfg.seed)
     g, d = build_models(model_cfg)
@@ -503,7 +496,7 @@ def calibrate_arrays(
         )
     model = load_model(model_dir)
     search = resolve_search(search or SearchConfig(), has_encoder=model.encoder is not None)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device or "auto")
     model.for_scoring(device)
     scores = []
     for lo in range(0, len(pixels), batch_size):

@@ -94,7 +94,7 @@ def top_patches(out: str, k: int = TOP_K) -> list[dict[str, Any]]:
         z = torch.from_numpy(np.frombuffer(r.pop("latent"), dtype="<f4").copy())[None]
         with torch.no_grad():
             gz = to_pixel_space(model.generator(z))[0].numpy()
-        residual = decode_map(r.pop("residual_map"), h, w, c) / 2.0  # [0, 2] -> [0, 1]
+        raw_map = r.pop("residual_map")  # None: scored with --residual-maps none
         raw = images.get(r["patch_id"])
         if raw is not None:
             # x as the model reads it (contrast-normalised when the model is), on G(z)'s scale
@@ -102,7 +102,8 @@ def top_patches(out: str, k: int = TOP_K) -> list[dict[str, Any]]:
             x_model = model_input(torch.from_numpy(x.copy()), model.config)
             r["x_png"] = png_bytes(to_pixel_space(x_model)[0].numpy())
         r["gz_png"] = png_bytes(gz)
-        r["residual_png"] = png_bytes(residual)
+        if raw_map is not None:
+            r["residual_png"] = png_bytes(decode_map(raw_map, h, w, c) / 2.0)  # [0, 2] -> [0, 1]
     return rows
 
 
@@ -184,7 +185,7 @@ def write_report(out: str, html_path: str | None = None) -> str:
         f"<td>{r['anomaly_score']:.4g}</td>"
         f"<td>{_img(r['x_png'], title='x') if 'x_png' in r else ''}</td>"
         f"<td>{_img(r['gz_png'], title='G(z)')}</td>"
-        f"<td>{_img(r['residual_png'], title='residual')}</td></tr>"
+        f"<td>{_img(r['residual_png'], title='residual') if 'residual_png' in r else ''}</td></tr>"
         for r in top
     )
     scans_html = ""

@@ -20,6 +20,8 @@ import os
 import sys
 from typing import NoReturn
 
+from anogan_batch.io import native_stderr
+
 
 def leave(code: int) -> NoReturn:
     """End this process with exit status `code` once its exit handlers have run."""
@@ -32,4 +34,5 @@ def leave(code: int) -> NoReturn:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing can reach it
                 stream.flush()
+        native_stderr.drain()
         os._exit(code)

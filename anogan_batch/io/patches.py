@@ -7,7 +7,9 @@ Encoding (documented for users in docs/schema.md):
 - `height`, `width`, `channels` (int32) and `dtype` (string) describe `image`. They are optional
   when reading: a table without them is read as the model's own shape and dtype, checked
   against the byte length.
-- `residual_map` in the job output uses the same layout as float32.
+- `residual_map` in the job output uses the same layout, as float16 (`--residual-maps
+  compact`, the default) or float32; the byte length tells which (2 or 4 bytes a value), so a
+  table that grew over jobs of both kinds reads as one (`decode_map`).
 """
 
 from __future__ import annotations
@@ -210,12 +212,19 @@ def _offset_dtype(t: pa.DataType) -> np.dtype:
     return np.dtype("<i8") if pa.types.is_large_binary(t) else np.dtype("<i4")
 
 
-def encode_maps(maps: np.ndarray) -> list[bytes]:
-    """(B, C, S, S) float32 maps from the search -> `residual_map` bytes in (S, S, C) layout."""
-    hwc = np.ascontiguousarray(maps.transpose(0, 2, 3, 1), dtype="<f4")
-    return [row.tobytes() for row in hwc]
+# How `residual_map` is stored (score's --residual-maps, job/configs.RESIDUAL_MAPS; the scorer
+# encodes it): float16 keeps a value of the map (0 to 2) within 2^-11 of itself, relative, at
+# half the bytes of float32
+MAP_DTYPES = {"compact": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
 def decode_map(raw: bytes, height: int, width: int, channels: int) -> np.ndarray:
-    """One `residual_map` value -> float32 array (height, width, channels)."""
-    return np.frombuffer(raw, dtype="<f4").reshape(height, width, channels)
+    """One `residual_map` value (float16 or float32, by its length) -> float32 array
+    (height, width, channels). ValueError when the length fits neither."""
+    values = height * width * channels
+    for dtype in MAP_DTYPES.values():
+        if len(raw) == values * dtype.itemsize:
+            return (
+                np.frombuffer(raw, dtype=dtype).astype(np.float32).reshape(height, width, channels)
+            )
+    raise ValueError(f"residual_map of {len(raw)} bytes is no {height}x{width}x{channels} map")

@@ -130,7 +130,7 @@ def _union_schema():
             ("patch_id", pa.string()),
             ("label", pa.string()),
             ("p_value", pa.float64()),
-            ("data", pa.binary()),  # residual map (float32) or pixels (of `dtype`)
+            ("data", pa.binary()),  # residual map (float16 or float32) or pixels (of `dtype`)
             ("dtype", pa.string()),
         ]
     )
@@ -151,7 +151,7 @@ def to_union_rows(batch, kind: str):
             if name in batch.column_names:
                 cols[name] = batch.column(name)
         if "residual_map" in batch.column_names:
-            cols |= {"data": batch.column("residual_map"), "dtype": pa.array(["float32"] * n)}
+            cols["data"] = batch.column("residual_map")  # float16 or float32: decode_map
     elif kind == IMAGE:
         cols["data"] = batch.column("image")
         if "dtype" in batch.column_names:
@@ -203,13 +203,14 @@ def scan_tiles(
             if x > 0 and y > 0 and recorded is None:  # the size rides in x (width), y (height)
                 recorded = (y, x)
             continue
-        dtype = "float32" if kind == SCORE else (group["dtype"][i] or geometry.dtype)
-        tile = _tile(group["data"][i], dtype, size, channels)
-        if tile is None:
-            continue
         if kind == SCORE:
-            residual.append((x, y, tile))
-        else:
+            tile = _map_tile(group["data"][i], size, channels)
+            if tile is not None:
+                residual.append((x, y, tile))
+            continue
+        dtype = group["dtype"][i] or geometry.dtype
+        tile = _tile(group["data"][i], dtype, size, channels)
+        if tile is not None:
             image.append((x, y, tile / PIXEL_MAX[dtype]))
     return residual, image, recorded
 
@@ -217,6 +218,18 @@ def scan_tiles(
 def _position(value) -> int | None:
     """An x, y (or size) value of the union rows as an int; None for a null (NaN after numpy)."""
     return int(value) if value is not None and np.isfinite(value) else None
+
+
+def _map_tile(data: bytes | None, size: int, channels: int) -> np.ndarray | None:
+    """One patch's residual map as float32 (size, size, channels), or None if it is not one."""
+    from anogan_batch.io.patches import decode_map
+
+    if data is None:
+        return None
+    try:
+        return decode_map(data, size, size, channels)
+    except ValueError:
+        return None
 
 
 def _tile(data: bytes | None, dtype: str | None, size: int, channels: int) -> np.ndarray | None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from anogan_batch.config import check_choice, check_float, check_int
 from anogan_batch.core.configs import SearchConfig
+from anogan_batch.core.devices import check_device
 from anogan_batch.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -104,6 +105,11 @@ class IngestConfig:
 JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
+# --residual-maps: residual_map as float16 (compact: within 2^-11 of float32, relative; half
+# the bytes), float32, or not at all (job/scorer.encode_maps)
+RESIDUAL_MAPS = ("compact", "float32", "none")
+
+
 @dataclass(frozen=True)
 class ScoreJobConfig:
     """Everything `anogan-batch score` takes. Defaults follow the paper and the local machine."""
@@ -112,16 +118,19 @@ class ScoreJobConfig:
     patches: str
     out: str
     search: SearchConfig = field(default_factory=SearchConfig)
-    batch_size: int = 64
+    batch_size: int | None = None  # rows an actor task scores; None: by device (auto)
     actors: tuple[int, int] | None = None  # (min, max) pool size; None: one per node / GPU
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float | None = None  # None: derived from the cluster (see plan_resources)
     job_id: str | None = None
     threshold: float | None = None  # counts patches above it in scan_scores
     target_file_mb: float = 128.0  # approximate size of each output Parquet file
-    device: str | None = None  # None: CUDA when the actor has a GPU, else CPU
+    # auto: CUDA when the cluster has GPUs (one per actor), else the CPU; cuda: GPUs required
+    device: str = "auto"
+    gpu_wait_s: float = 600.0  # how long a job that wants GPUs waits for the autoscaler
     progress: bool = True
     heatmaps: bool = True  # stitch per-scan heatmaps and PNG overlays after scoring
+    residual_maps: str = "compact"  # how residual_map is stored: RESIDUAL_MAPS
     table_format: str = "parquet"  # or "delta": the output tables committed as Delta Lake
     # calibrated decisions (core/calibration.py): patches flagged at p_value <= fpr (the
     # false-positive rate on normal patches), scans by Benjamini-Hochberg at FDR fdr
@@ -134,7 +143,8 @@ class ScoreJobConfig:
     skip_published: bool = False
 
     def __post_init__(self) -> None:
-        check_int("batch_size", self.batch_size, min_value=1)
+        if self.batch_size is not None:
+            check_int("batch_size", self.batch_size, min_value=1)
         if self.actors is not None:
             lo, hi = self.actors
             check_int("actors", lo, min_value=1)
@@ -154,6 +164,14 @@ class ScoreJobConfig:
                 "job_id", self.job_id, "use 1-128 letters, digits, '.', '_' or '-', not first '.'"
             )
         check_choice("table_format", self.table_format, TABLE_FORMATS)
+        check_device(self.device)
+        check_choice("residual_maps", self.residual_maps, RESIDUAL_MAPS)
+        if self.residual_maps == "none" and self.heatmaps:
+            raise ConfigError("residual_maps", "none", "heatmaps are built from the maps: add "
+                              "--no-heatmaps")  # fmt: skip
+        check_float("gpu_wait_s", self.gpu_wait_s, low=0.0)
+        if self.device == "cpu" and self.gpus_per_actor:
+            raise ConfigError("gpus_per_actor", self.gpus_per_actor, "--device cpu uses no GPU")
         if self.skip_published and self.publishes_to is None:
             raise ConfigError(
                 "skip_published",

@@ -71,7 +71,7 @@ def plan_resources(
     cores between its share of the K actors. A pool never outnumbers the job's batches
     (`todo_rows`): an actor without a batch would only cost its start-up."""
     total_gpu = cluster.get("GPU", 0.0)
-    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if total_gpu else 0.0)
+    gpus = gpus_per_actor(cfg, total_gpu)
     if gpus > 0 and gpus > total_gpu:
         raise InputError(f"--gpus-per-actor {gpus} but the Ray cluster has {total_gpu:g} GPUs")
     if cfg.cpus_per_actor is not None:
@@ -91,9 +91,32 @@ def plan_resources(
     else:
         lo = hi = max(1, sum(_cpu_actor_slots(n, cpus) for n in nodes))
     if todo_rows is not None:
-        batches = max(1, math.ceil(todo_rows / cfg.batch_size))
+        batches = max(1, math.ceil(todo_rows / auto_batch_size(cfg, gpus)))
         lo, hi = min(lo, batches), min(hi, batches)
     return Resources(lo, hi, cpus, gpus, threads=max(1, math.ceil(cpus)))
+
+
+def gpus_per_actor(cfg: ScoreJobConfig, cluster_gpus: float) -> float:
+    """GPUs of one scoring actor: --gpus-per-actor; else none with --device cpu, one with
+    --device cuda, and with auto one when the cluster has GPUs."""
+    if cfg.device == "cpu":
+        return 0.0
+    if cfg.gpus_per_actor is not None:
+        return cfg.gpus_per_actor
+    return 1.0 if cfg.device.startswith("cuda") or cluster_gpus else 0.0
+
+
+# --batch-size auto: rows of an actor task. A GPU searches 1,024 patches ~6x faster than 64
+# (docs/performance.md), and a task of 64 would cost the driver 16x more tasks and progress
+# calls; each GPU actor then searches as many at once as its GPU holds (job/scorer.py).
+AUTO_BATCH_GPU, AUTO_BATCH_CPU = 1_024, 64
+
+
+def auto_batch_size(cfg: ScoreJobConfig, gpus: float) -> int:
+    """--batch-size, or auto's choice for actors of `gpus` GPUs each."""
+    if cfg.batch_size is not None:
+        return cfg.batch_size
+    return AUTO_BATCH_GPU if gpus > 0 else AUTO_BATCH_CPU
 
 
 def _cpus(node: dict) -> float:
@@ -234,6 +257,7 @@ def build_pipeline(
             "progress": progress,
             "calibration": calibration,
             "fpr": cfg.fpr,
+            "residual_maps": cfg.residual_maps,
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",

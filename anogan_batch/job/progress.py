@@ -1,4 +1,5 @@
-"""The live progress line of a scoring job and the scorers' telemetry (memory, busy time)."""
+"""The live progress line of a scoring job, the scorers' telemetry (memory, busy time, the
+device each one scores on) and the ledger of device faults per batch (job/scorer.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import threading
 import time
 
 log = logging.getLogger(__name__)
+
+MAX_ACTORS_RECORDED = 256  # job.json lists this many scorers at most (restarts add entries)
 
 
 class Progress:
@@ -23,17 +26,42 @@ class Progress:
                 self.n = 0
                 self.busy = 0.0  # seconds the scorers spent inside their batches
                 self.peak_rss: dict[int, float] = {}  # scorer pid -> peak RSS (MiB)
+                self.actors: list[dict] = []  # each scorer's node, GPUs and device
+                self.limits: dict[int, int | None] = {}  # pid -> patches a search holds
+                self.faults: dict[str, list[tuple[str, str]]] = {}  # batch -> (where, error)
 
-            def add(self, k: int, pid: int = 0, rss_mb: float = 0.0, busy: float = 0.0) -> None:
+            def add(
+                self, k: int, pid: int = 0, rss_mb: float = 0.0, busy: float = 0.0,
+                search_limit: int | None = None,
+            ) -> None:  # fmt: skip
                 self.n += k
                 self.busy += busy
                 self.peak_rss[pid] = max(rss_mb, self.peak_rss.get(pid, 0.0))
+                self.limits[pid] = search_limit
 
             def get(self) -> int:
                 return self.n
 
-            def telemetry(self) -> tuple[float, float]:
-                return max(self.peak_rss.values(), default=0.0), self.busy
+            def register(self, info: dict) -> None:
+                self.actors.append(info)
+
+            def device_fault(self, batch: str, where: str, error: str) -> list:
+                self.faults.setdefault(batch, []).append((where, error[:300]))
+                return self.faults[batch]
+
+            def faults_of(self, batch: str) -> int:
+                return len(self.faults.get(batch, ()))
+
+            def telemetry(self) -> dict:
+                return {
+                    "actor_peak_rss_mb": round(max(self.peak_rss.values(), default=0.0), 1),
+                    "actor_busy_seconds": round(self.busy, 2),
+                    "actors": [
+                        {**a, "search_limit": self.limits.get(a["pid"])}
+                        for a in self.actors[:MAX_ACTORS_RECORDED]
+                    ],
+                    "device_faults": sum(len(f) for f in self.faults.values()),
+                }
 
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -46,14 +74,14 @@ class Progress:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def telemetry(self) -> dict[str, float | None]:
-        """Largest peak RSS any scorer reported and the seconds they spent scoring; None if
-        the counter is gone (it is only telemetry and must never fail a job)."""
+    def telemetry(self) -> dict:
+        """For job.json: the largest peak RSS any scorer reported, the seconds they spent
+        scoring, each scorer's node, GPUs and device, and how many device faults were retried;
+        Nones if the counter is gone (it is only telemetry and must never fail a job)."""
         import ray
 
         try:
-            rss, busy = ray.get(self.actor.telemetry.remote(), timeout=30)
-            return {"actor_peak_rss_mb": round(rss, 1), "actor_busy_seconds": round(busy, 2)}
+            return ray.get(self.actor.telemetry.remote(), timeout=30)
         except Exception:
             log.warning("could not read the scorers' telemetry", exc_info=True)
             return {"actor_peak_rss_mb": None, "actor_busy_seconds": None}

@@ -36,7 +36,9 @@ from anogan_batch.job.pipeline import (
     IO_CPUS,
     ROW_GROUP_MB,
     Resources,
+    auto_batch_size,
     build_pipeline,
+    gpus_per_actor,
     make_sink,
     plan_resources,
     recover_pending,
@@ -222,7 +224,8 @@ def open_manifest(cfg: ScoreJobConfig, prep: Preflight) -> JobManifest:
             params={
                 **ident,
                 "model_dir": cfg.model_dir,
-                "batch_size": cfg.batch_size,
+                "batch_size": cfg.batch_size or "auto",
+                "residual_maps": cfg.residual_maps,
                 "threshold": cfg.threshold,
                 "fdr": cfg.fdr,
             },
@@ -312,10 +315,19 @@ def score(
     """Every unfinished row through the checkpointed pipeline on a planned actor pool."""
     import ray
 
+    from anogan_batch.job.autoscale import wait_for_gpus
+
+    resources = ray.cluster_resources()
+    gpus = gpus_per_actor(cfg, resources.get("GPU", 0.0))
+    if gpus > resources.get("GPU", 0.0):  # a GPU group that scales from zero
+        actors = cfg.actors[1] if cfg.actors else 1
+        resources = wait_for_gpus(gpus, actors, cfg.gpu_wait_s)
+    cfg = replace(cfg, batch_size=auto_batch_size(cfg, gpus))
     nodes = [n for n in ray.nodes() if n["Alive"]]
-    res = plan_resources(cfg, ray.cluster_resources(), nodes, todo_rows=todo)
+    res = plan_resources(cfg, resources, nodes, todo_rows=todo)
     run = manifest.runs[-1]
     run["resources"] = asdict(res)
+    run["batch_size"] = cfg.batch_size
     manifest.save(cfg.out)
     started = time.time()
     _execute(cfg, res, manifest, prep, todo, skip_ids)

@@ -3,16 +3,21 @@
 `PatchScorer` is the callable class Ray Data runs in an actor pool (`map_batches`); it is also
 usable in process (the benchmark's baseline). Each output row carries either scores (`reason`
 null) or a `reason` why the row could not be scored; the job's sink routes the latter to
-`quarantine`. A batch whose search raises is quarantined with the error rather than failing the
-job: one poisoned batch must not cost a night's run.
+`quarantine`, only for reasons of the row's own data: a row that cannot be decoded, whose search
+gives a non-finite score, or whose search fails on its own (a failing batch is narrowed down to
+such rows). Faults of the machine never quarantine (CONTRACT.md): out of memory splits the
+batch; a CUDA error ends the actor so that Ray restarts it and retries the batch, and a batch
+that failed on DEVICE_ATTEMPTS devices fails the job (exit 1; a rerun resumes and retries it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
@@ -40,7 +45,7 @@ def output_schema() -> pa.Schema:
             ("anomaly_score", pa.float64()),
             ("residual_score", pa.float64()),
             ("discrimination_score", pa.float64()),
-            ("residual_map", pa.binary()),  # float32 LE, (height, width, channels)
+            ("residual_map", pa.binary()),  # float16/32 LE, (height, width, channels)
             ("latent", pa.binary()),  # float32 LE, the final z (latent_dim,)
             ("search_steps", pa.int32()),  # steps the search took (fewer with early stopping)
             ("p_value", pa.float64()),  # conformal p-value; null without a calibration
@@ -62,12 +67,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def pick_device(requested: str | None = None) -> str:
-    import torch
-
-    if requested:
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
+# A batch that met a device fault this many times (on whichever devices) fails the job: a
+# fault that follows one batch around the cluster is not the cluster's.
+DEVICE_ATTEMPTS = 3
 
 
 def score_table(
@@ -79,15 +81,18 @@ def score_table(
     device: str,
     calibration: np.ndarray | None = None,
     fpr: float | None = None,
+    limit: SearchLimit | None = None,
+    maps: str = "float32",
 ) -> pa.Table:
     """Score one batch of patch rows in process; returns rows of `output_schema()`.
-    `calibration`: the model's calibration scores for `cfg` (p-values; flags under `fpr`)."""
+    `calibration`: the model's calibration scores for `cfg` (p-values; flags under `fpr`).
+    `limit`: the most patches one search may hold, learnt from out-of-memory errors and kept
+    by the caller from batch to batch (None: the whole batch at once). `maps`: how
+    `residual_map` is stored (job/configs.RESIDUAL_MAPS)."""
     import pyarrow as pa
     import torch
 
-    from anogan_batch.core.model import model_input
-    from anogan_batch.core.search import latent_search
-    from anogan_batch.io.patches import decode_patches, encode_maps, int32_or_null
+    from anogan_batch.io.patches import decode_patches, int32_or_null
 
     spec = model.patch_spec
     n = table.num_rows
@@ -95,34 +100,23 @@ def score_table(
     ok = np.array([r is None for r in reasons], dtype=bool)
     ids = table.column("patch_id").to_pylist()
 
-    anomaly = np.full(n, np.nan)
-    residual = np.full(n, np.nan)
-    discrimination = np.full(n, np.nan)
-    maps: list[bytes | None] = [None] * n
-    latents: list[bytes | None] = [None] * n
-    steps = np.zeros(n, dtype=np.int32)
+    out = _Results(n, maps)
+    limit = limit or SearchLimit()
     idx = np.flatnonzero(ok)
-    if len(idx):
-        try:
-            x = model_input(torch.from_numpy(pixels[idx]), model.config).to(device)
-            result = latent_search(
-                model.generator, model.discriminator, x, [ids[i] for i in idx], cfg, model.encoder
-            )
-            anomaly[idx] = result.anomaly_score
-            residual[idx] = result.residual_score
-            discrimination[idx] = result.discrimination_score
-            steps[idx] = result.steps
-            for j, raw in zip(idx, encode_maps(result.residual_map), strict=True):
-                maps[j] = raw
-            for j, z in zip(idx, result.z.astype("<f4"), strict=True):
-                latents[j] = z.tobytes()
-            bad = ~np.isfinite(anomaly[idx])
-            for j in idx[bad]:
-                reasons[j] = "search produced a non-finite score"
-        except Exception as e:  # quarantine the batch, keep the job alive
-            log.exception("scoring a batch of %d patches failed", len(idx))
-            for j in idx:
-                reasons[j] = f"scoring failed: {type(e).__name__}: {e}"
+    x = torch.from_numpy(pixels[idx])  # stored pixels, (B, H, W, C): the device converts them
+    start = 0
+    while start < len(idx):  # chunks of the limit as it stands (an OOM may lower it)
+        stop = start + (limit.rows or len(idx))
+        chunk = idx[start:stop]
+        _search_into(out, model, x[start:stop], [ids[i] for i in chunk], chunk, cfg, device,
+                     limit)  # fmt: skip
+        start = stop
+    for j, why in out.failed.items():
+        reasons[j] = why
+    for j in idx[~np.isfinite(out.anomaly[idx])]:
+        reasons[j] = reasons[j] or "search produced a non-finite score"
+    anomaly, residual, discrimination = out.anomaly, out.residual, out.discrimination
+    maps, latents, steps = out.maps, out.latents, out.steps
 
     scored = np.array([r is None for r in reasons], dtype=bool)
     nulls = ~scored
@@ -164,6 +158,109 @@ def score_table(
     )
 
 
+def encode_maps(maps: np.ndarray, encoding: str = "float32") -> list[bytes | None]:
+    """(B, C, S, S) float32 maps from the search -> `residual_map` values: (S, S, C) layout,
+    float16 ("compact") or float32 little-endian (io/patches.MAP_DTYPES); "none": no map.
+    torch converts: its float16 conversion is vectorised, 3x numpy's (docs/performance.md)."""
+    import torch
+
+    from anogan_batch.io.patches import MAP_DTYPES
+
+    if encoding == "none":
+        return [None] * len(maps)
+    dtype = torch.float16 if MAP_DTYPES[encoding].itemsize == 2 else torch.float32
+    hwc = torch.from_numpy(maps).permute(0, 2, 3, 1).to(dtype).contiguous().numpy()
+    return [row.tobytes() for row in hwc]
+
+
+class _Results:
+    """Per-row outputs of a batch's searches, filled as (sub-)batches finish."""
+
+    def __init__(self, n: int, maps: str) -> None:
+        self.encoding = maps
+        self.anomaly, self.residual, self.discrimination = (np.full(n, np.nan) for _ in "abc")
+        self.maps: list[bytes | None] = [None] * n
+        self.latents: list[bytes | None] = [None] * n
+        self.steps = np.zeros(n, dtype=np.int32)
+        self.failed: dict[int, str] = {}  # row -> why the search failed on that row alone
+
+    def put(self, at: np.ndarray, result) -> None:
+        self.anomaly[at] = result.anomaly_score
+        self.residual[at] = result.residual_score
+        self.discrimination[at] = result.discrimination_score
+        self.steps[at] = result.steps
+        for j, raw in zip(at, encode_maps(result.residual_map, self.encoding), strict=True):
+            self.maps[j] = raw
+        for j, z in zip(at, result.z.astype("<f4"), strict=True):
+            self.latents[j] = z.tobytes()
+
+
+@dataclass
+class SearchLimit:
+    """The most patches one search holds on this device (None: no limit met yet)."""
+
+    rows: int | None = None
+
+    def lower_to(self, rows: int) -> None:
+        self.rows = max(1, min(self.rows or rows, rows))
+
+
+def _search_into(
+    out: _Results, model, x, ids: list[str], at: np.ndarray, cfg, device, limit: SearchLimit
+) -> None:
+    """Search patches `x` (stored pixels on the CPU; row i is `ids[i]`, output row `at[i]`)
+    into `out`.
+
+    A failure splits the batch in halves and retries each: out of memory, until the halves
+    fit; any other failure of the search, until the rows that fail on their own are found,
+    which are quarantined (a reason of their own data). A patch's result does not depend on
+    its batch, so a split changes nothing. Faults of the device (a CUDA error, out of memory
+    with one patch) are raised: they are never the data's (PatchScorer retries elsewhere)."""
+    from anogan_batch.core import devices
+
+    try:
+        devices.inject_oom(ids)
+        result = device_search(model, x, ids, cfg, device)
+    except Exception as e:
+        oom = devices.is_out_of_memory(e)
+        if devices.is_device_fault(e) and not (oom and len(ids) > 1):
+            raise
+        if len(ids) == 1:
+            log.warning("patch %r fails on its own: quarantined (%s)", ids[0], e)
+            out.failed[int(at[0])] = f"scoring failed: {type(e).__name__}: {e}"
+            return
+        half = len(ids) // 2
+        if oom:
+            _release_cache(device)
+            limit.lower_to(len(ids) - half)  # the larger half: what the next search tries
+        else:
+            log.warning("a search of %d patches failed (%s); narrowing it down", len(ids), e)
+        _search_into(out, model, x[:half], ids[:half], at[:half], cfg, device, limit)
+        _search_into(out, model, x[half:], ids[half:], at[half:], cfg, device, limit)
+        return
+    out.put(at, result)
+
+
+def device_search(model, pixels, ids: list[str], cfg, device: str):
+    """The device's part of a batch: the stored pixels moved to it as they are (uint8 for
+    8-bit scans: a quarter of float32's bytes; from pinned memory to a GPU), normalised and
+    blurred there (core/model.model_input), then searched. -> SearchResult."""
+    from anogan_batch.core.model import model_input
+    from anogan_batch.core.search import latent_search
+
+    if device.startswith("cuda"):
+        pixels = pixels.pin_memory()
+    x = model_input(pixels.to(device, non_blocking=True), model.config)
+    return latent_search(model.generator, model.discriminator, x, ids, cfg, model.encoder)
+
+
+def _release_cache(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def _decisions(anomaly, nulls, calibration, fpr) -> tuple[pa.Array, pa.Array]:
     """(p_value, flagged) columns: conformal p-values against the calibration, and p <= fpr."""
     import pyarrow as pa
@@ -188,44 +285,107 @@ class PatchScorer:
         model: str | ModelCard,
         search: SearchConfig,
         job_id: str,
-        device: str | None = None,
+        device: str = "auto",
         threads: int | None = None,
         progress=None,
         calibration: np.ndarray | None = None,
         fpr: float | None = None,
+        residual_maps: str = "compact",
     ) -> None:
         """`model`: a MODEL_DIR, or the job's ModelCard (model.json already read and checked
-        by the driver; the weights are checked against its model_id as they load)."""
+        by the driver; the weights are checked against its model_id as they load).
+        `progress`: the job's Progress counter actor (rows done, telemetry, device faults)."""
         import torch
 
+        from anogan_batch.core import devices
         from anogan_batch.core.modeldir import ModelCard, load_model
 
         if threads:
             torch.set_num_threads(threads)
-        self.device = pick_device(device)
+        self.device = devices.pick_device(device or "auto", devices.granted_gpus())
         card = model if isinstance(model, ModelCard) else None
         loaded = load_model(card.model_dir if card else str(model), card=card)
         self.model = loaded.for_scoring(self.device)
         self.search = search
         self.job_id = job_id
         self.calibration, self.fpr = calibration, fpr
-        self.progress = progress  # optional Ray actor counting rows done, for the driver's bar
-        log.info(
-            "scorer on pid %d: model %s on %s", os.getpid(), self.model.model_id[:12], self.device
-        )
+        self.progress = progress
+        self.limit = SearchLimit()  # learnt on this device, kept from batch to batch
+        self.residual_maps = residual_maps
+        self.info = {
+            "where": devices.where(),
+            "node_id": devices.node_id(),
+            "gpu_ids": devices.granted_gpus(),
+            "pid": os.getpid(),
+            **devices.describe(self.device),
+        }
+        if progress is not None:
+            progress.register.remote(self.info)
+        log.info("scorer %s: model %s", self.info, self.model.model_id[:12])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
-        out = score_table(
-            self.model,
-            batch,
-            self.search,
-            job_id=self.job_id,
-            device=self.device,
-            calibration=self.calibration,
-            fpr=self.fpr,
-        )
+        try:
+            self._inject_sticky(batch)
+            out = score_table(
+                self.model,
+                batch,
+                self.search,
+                job_id=self.job_id,
+                device=self.device,
+                calibration=self.calibration,
+                fpr=self.fpr,
+                limit=self.limit,
+                maps=self.residual_maps,
+            )
+        except Exception as e:
+            from anogan_batch.core.devices import is_device_fault
+
+            if not is_device_fault(e):
+                raise
+            self._device_fault(batch, e)
         if self.progress is not None:
             busy = time.perf_counter() - started
-            self.progress.add.remote(out.num_rows, os.getpid(), peak_rss_mb(), busy)
+            self.progress.add.remote(
+                out.num_rows, os.getpid(), peak_rss_mb(), busy, self.limit.rows
+            )
         return out
+
+    def _device_fault(self, batch: pa.Table, error: Exception) -> NoReturn:
+        """A device fault scoring `batch`: record it; then end this process, so that Ray
+        restarts the actor (a fresh CUDA context) and retries the batch, or, when the batch
+        has failed DEVICE_ATTEMPTS times, raise MachineError to fail the job."""
+        import ray
+
+        from anogan_batch.errors import MachineError
+
+        if self.progress is None:  # in process: the caller decides
+            raise error
+        first = batch.column("patch_id")[0].as_py() if batch.num_rows else None
+        key = f"{first}|{batch.num_rows}"
+        failures = ray.get(self.progress.device_fault.remote(key, self.info["where"], str(error)))
+        if len(failures) >= DEVICE_ATTEMPTS:
+            tried = "; ".join(f"{w}: {e}" for w, e in failures)
+            raise MachineError(
+                f"a batch of {batch.num_rows} patches (first patch_id {first!r}) failed on "
+                f"{len(failures)} devices: {tried}. Nothing was quarantined; rerun the same "
+                "command to resume the job and retry the batch"
+            ) from error
+        log.warning("device fault on %s: %s; ending this actor to retry the batch",
+                  self.info["where"], error)  # fmt: skip
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(1)
+
+    def _inject_sticky(self, batch: pa.Table) -> None:
+        """The test-only `sticky` failpoint (core/devices.py), given this batch's attempt."""
+        import ray
+
+        from anogan_batch.core import devices
+
+        if not devices.faults_injected() or not batch.num_rows:
+            return
+        ids = batch.column("patch_id").to_pylist()
+        key = f"{ids[0]}|{batch.num_rows}"
+        attempt = ray.get(self.progress.faults_of.remote(key)) if self.progress else 0
+        devices.inject_sticky(ids, attempt)

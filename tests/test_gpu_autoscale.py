@@ -1,0 +1,74 @@
+"""A GPU group that scales from zero (job/autoscale.py): the job asks Ray's autoscaler for
+its GPUs and waits, on a real local cluster with a stand-in autoscaler (a process that reads
+the request as Ray's autoscaler does and answers it by adding a node with a fake GPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from anogan_batch.core.devices import FAULTS_ENV
+from anogan_batch.job.manifest import JobManifest
+from tests.conftest import make_patch_table, run_cli
+
+pytestmark = pytest.mark.cluster
+REPO = str(Path(__file__).resolve().parents[1])
+JOB = ("--iterations", "2", "--batch-size", "8", "--no-progress", "--no-heatmaps")
+
+
+STAND_IN_AUTOSCALER = """
+import json, sys, time
+import ray
+from ray.experimental.internal_kv import _internal_kv_get
+ray.init(address=sys.argv[1], logging_level="ERROR")
+deadline = time.time() + 120
+while time.time() < deadline:
+    raw = _internal_kv_get("autoscaler_resource_request")
+    if raw and json.loads(raw):
+        print(raw.decode(), flush=True)
+        break
+    time.sleep(0.2)
+"""
+
+
+def test_a_gpu_group_that_starts_at_zero_is_asked_for_and_waited_on(
+    tiny_model, tmp_path, sample, s3_server
+):
+    from ray.cluster_utils import Cluster
+
+    table = make_patch_table(tmp_path / "p", sample["test_images"][:24])
+    env = {FAULTS_ENV: "fake_gpu=1", "PYTHONPATH": REPO}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0})
+    try:
+        # past the wait: exit 1 naming what was asked for
+        r = run_cli("score", tiny_model, str(table), str(tmp_path / "late"), *JOB, "--device",
+                    "cuda", "--gpu-wait", "3", env={"RAY_ADDRESS": c.address})  # fmt: skip
+        assert r.returncode == 1, r.stderr[-3000:]
+        assert "asked the autoscaler for 1 x 1 GPU and waited 3s" in r.stderr.splitlines()[-1]
+        # a stand-in autoscaler sees the request and adds a GPU node: the job scores on it
+        watcher = subprocess.Popen([sys.executable, "-c", STAND_IN_AUTOSCALER, c.address],
+                                   stdout=subprocess.PIPE, text=True)  # fmt: skip
+        job = subprocess.Popen(
+            [sys.executable, "-m", "anogan_batch", "score", tiny_model, str(table),
+             str(tmp_path / "out"), *JOB, "--device", "cuda", "--gpu-wait", "120"],
+            env={**os.environ, "RAY_ADDRESS": c.address}, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        requested, _ = watcher.communicate(timeout=150)
+        assert json.loads(requested) == [{"GPU": 1.0, "CPU": 1.0}]
+        gpu_node = c.add_node(num_cpus=4, num_gpus=1)
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err[-3000:]
+        m = JobManifest.load(str(tmp_path / "out"))
+        assert {a["node_id"] for a in m.runs[-1]["actors"]} == {gpu_node.node_id}
+        assert m.scored_rows == 24 and m.status == "succeeded"
+    finally:
+        c.shutdown()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

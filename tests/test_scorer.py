@@ -1,0 +1,135 @@
+"""job/scorer.py in process: a row is quarantined only for a reason of its own data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anogan_batch.core import devices
+from anogan_batch.core import search as search_module
+from anogan_batch.core.configs import SearchConfig
+from anogan_batch.io.patches import patch_id_for
+from anogan_batch.io.tables import patch_table
+from anogan_batch.job.scorer import score_table
+
+SEARCH = SearchConfig(iterations=3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def model(loaded_tiny):
+    return loaded_tiny.for_scoring("cpu")
+
+
+@pytest.fixture(scope="module")
+def rows(sample):
+    ids = [patch_id_for(f"s{i}", 0, 0, 28) for i in range(12)]
+    return patch_table(sample["test_images"][:12][..., None], ids=ids)
+
+
+@pytest.fixture(scope="module")
+def reference(model, rows):
+    return score_table(model, rows, SEARCH, job_id="j", device="cpu")
+
+
+@pytest.fixture
+def faults(monkeypatch):
+    def set_faults(spec: str) -> None:
+        monkeypatch.setenv(devices.FAULTS_ENV, spec)
+        devices._faults.cache_clear()
+
+    yield set_faults
+    monkeypatch.delenv(devices.FAULTS_ENV, raising=False)
+    devices._faults.cache_clear()
+    devices._poisoned.clear()
+
+
+def test_out_of_memory_splits_the_batch_and_changes_no_score(model, rows, reference, faults):
+    faults("oom=1")  # every search of two or more patches runs out of memory
+    calls = []
+    real = search_module.latent_search
+
+    def counting(g, d, x, ids, cfg, encoder=None):
+        calls.append(len(ids))
+        return real(g, d, x, ids, cfg, encoder)
+
+    search_module.latent_search, saved = counting, real
+    try:
+        out = score_table(model, rows, SEARCH, job_id="j", device="cpu")
+    finally:
+        search_module.latent_search = saved
+    assert calls == [1] * 12  # halved down to one patch a search
+    assert out.column("reason").null_count == 12  # nothing quarantined
+    np.testing.assert_allclose(
+        out.column("anomaly_score").to_numpy(), reference.column("anomaly_score").to_numpy(),
+        rtol=1e-5,
+    )  # fmt: skip
+
+
+def test_a_failing_search_quarantines_only_the_rows_that_fail_alone(
+    model, rows, reference, monkeypatch
+):
+    real = search_module.latent_search
+    bad = rows.column("patch_id")[5].as_py()
+
+    def poisoned(g, d, x, ids, cfg, encoder=None):
+        if bad in ids:
+            raise RuntimeError("injected fault")
+        return real(g, d, x, ids, cfg, encoder)
+
+    monkeypatch.setattr(search_module, "latent_search", poisoned)
+    out = score_table(model, rows, SEARCH, job_id="j", device="cpu")
+    reasons = out.column("reason").to_pylist()
+    assert [i for i, r in enumerate(reasons) if r] == [5]
+    assert reasons[5] == "scoring failed: RuntimeError: injected fault"
+    ok = [i for i in range(12) if i != 5]
+    np.testing.assert_allclose(
+        out.column("anomaly_score").to_numpy()[ok],
+        reference.column("anomaly_score").to_numpy()[ok],
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+        torch.OutOfMemoryError("CUDA out of memory"),  # even one patch does not fit
+    ],
+)
+def test_a_fault_of_the_device_is_raised_never_quarantined(model, rows, monkeypatch, error):
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(search_module, "latent_search", failing)
+    with pytest.raises(type(error)):
+        score_table(model, rows, SEARCH, job_id="j", device="cpu")
+
+
+def test_an_actor_learns_how_many_patches_its_device_holds(model, rows, reference, faults):
+    from anogan_batch.job.scorer import SearchLimit
+
+    faults("oom_above=4")  # a device that holds 4 patches a search
+    limit = SearchLimit()
+    first = score_table(model, rows, SEARCH, job_id="j", device="cpu", limit=limit)
+    assert limit.rows == 3  # 12 -> 6 -> 3: the sizes that were tried and fit
+    calls = []
+    real = search_module.latent_search
+
+    def counting(g, d, x, ids, cfg, encoder=None):
+        calls.append(len(ids))
+        return real(g, d, x, ids, cfg, encoder)
+
+    search_module.latent_search = counting
+    try:
+        again = score_table(model, rows, SEARCH, job_id="j", device="cpu", limit=limit)
+    finally:
+        search_module.latent_search = real
+    assert calls == [3, 3, 3, 3]  # the next batch is cut to the limit: no error to learn from
+    for out in (first, again):
+        assert out.column("reason").null_count == 12
+        np.testing.assert_allclose(
+            out.column("anomaly_score").to_numpy(),
+            reference.column("anomaly_score").to_numpy(),
+            rtol=1e-5,
+        )
