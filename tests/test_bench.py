@@ -33,6 +33,8 @@ KEYS = {
     "geval_reference": dict,
     "geval_candidates": list,
     "bf16_vs_fp32": float,
+    "host_patches_per_s": float,
+    "bytes_per_patch": float,
 }
 
 

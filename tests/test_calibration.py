@@ -201,3 +201,44 @@ def test_calibrate_adds_a_search_and_a_job_without_one_says_why(
     assert rows.column("p_value").null_count == 8  # never a p-value from another search
     assert m.decisions["p_values"] is False and "no calibration" in m.decisions["why"]
     assert m.drift is None
+
+
+def test_calibrate_names_the_patches_it_could_not_score_and_raises_device_faults(
+    calibrated, sample, tmp_path, monkeypatch
+):
+    """calibrate scores through the job's loop (core/scoring.py): a patch whose search fails on
+    its own is left out and named in the record; a fault of the device is never a dropped row."""
+    import shutil
+
+    from anogan_batch.core import search as search_module
+    from anogan_batch.core.training import calibrate_arrays
+
+    model = tmp_path / "model"
+    shutil.copytree(calibrated, model)
+    pixels = sample["train_images"][1200:1300][..., None]
+    ids = [f"site-{i}" for i in range(100)]
+    real = search_module.latent_search
+
+    def failing_on(bad: str, error: Exception):
+        def search(g, d, x, patch_ids, cfg, encoder=None):
+            if bad in patch_ids:
+                raise error
+            return real(g, d, x, patch_ids, cfg, encoder)
+
+        return search
+
+    monkeypatch.setattr(search_module, "latent_search",
+                        failing_on("site-7", RuntimeError("injected fault")))  # fmt: skip
+    search = SearchConfig(iterations=2, start="prior")
+    r = calibrate_arrays(str(model), pixels, ids, data={"source": "t"}, search=search)
+    assert r["n"] == 99
+    record = json.loads((model / "model.json").read_text())["calibration"][r["search_key"]]
+    assert record["data"]["excluded"] == 1
+    assert record["data"]["excluded_example"] == [
+        "site-7",
+        "scoring failed: RuntimeError: injected fault",
+    ]
+    device_fault = RuntimeError("CUDA error: unspecified launch failure")
+    monkeypatch.setattr(search_module, "latent_search", failing_on("site-7", device_fault))
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        calibrate_arrays(str(model), pixels, ids, data={"source": "t"}, search=search)

@@ -17,8 +17,10 @@ SEARCH = SearchConfig(iterations=3, seed=1)
 
 
 @pytest.fixture(scope="module")
-def model(loaded_tiny):
-    return loaded_tiny.for_scoring("cpu")
+def model(tiny_model):
+    from anogan_batch.core.modeldir import load_model
+
+    return load_model(tiny_model).for_scoring("cpu")  # its own copy: scoring-ready in place
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +109,7 @@ def test_a_fault_of_the_device_is_raised_never_quarantined(model, rows, monkeypa
 
 
 def test_an_actor_learns_how_many_patches_its_device_holds(model, rows, reference, faults):
-    from anogan_batch.job.scorer import SearchLimit
+    from anogan_batch.core.scoring import SearchLimit
 
     faults("oom_above=4")  # a device that holds 4 patches a search
     limit = SearchLimit()
@@ -133,3 +135,17 @@ def test_an_actor_learns_how_many_patches_its_device_holds(model, rows, referenc
             reference.column("anomaly_score").to_numpy(),
             rtol=1e-5,
         )
+
+
+def test_compact_maps_halve_the_map_bytes_and_none_drops_them(model, rows, reference):
+    compact = score_table(model, rows, SEARCH, job_id="j", device="cpu", encoding="compact")
+    none = score_table(model, rows, SEARCH, job_id="j", device="cpu", encoding="none")
+    full = reference.column("residual_map").to_pylist()
+    assert [len(b) for b in compact.column("residual_map").to_pylist()] == [
+        len(b) // 2 for b in full
+    ]
+    assert none.column("residual_map").null_count == 12
+    assert none.column("reason").null_count == 12  # scored all the same
+    np.testing.assert_array_equal(
+        none.column("anomaly_score").to_numpy(), compact.column("anomaly_score").to_numpy()
+    )

@@ -15,6 +15,7 @@ import copy
 import csv
 import hashlib
 import io
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +27,8 @@ from anogan_batch.core.configs import SearchConfig, TrainConfig
 from anogan_batch.core.devices import pick_device
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -485,9 +488,9 @@ def calibrate_arrays(
     import torch
 
     from anogan_batch.core.calibration import MIN_CALIBRATION, search_key
-    from anogan_batch.core.model import model_input
     from anogan_batch.core.modeldir import load_model, write_calibration
-    from anogan_batch.core.search import latent_search, resolve_search
+    from anogan_batch.core.scoring import SearchLimit, search_batch
+    from anogan_batch.core.search import resolve_search
 
     if len(pixels) < MIN_CALIBRATION:
         raise InputError(
@@ -498,13 +501,22 @@ def calibrate_arrays(
     search = resolve_search(search or SearchConfig(), has_encoder=model.encoder is not None)
     device = pick_device(device or "auto")
     model.for_scoring(device)
-    scores = []
+    # the job's own loop (core/scoring.py): a device fault is raised, never a missing score
+    scores, excluded, limit = [], {}, SearchLimit()
     for lo in range(0, len(pixels), batch_size):
-        x = model_input(torch.from_numpy(pixels[lo : lo + batch_size]), model.config).to(device)
         ids = patch_ids[lo : lo + batch_size]
-        result = latent_search(model.generator, model.discriminator, x, ids, search, model.encoder)
-        scores.append(result.anomaly_score)
+        x = torch.from_numpy(pixels[lo : lo + batch_size])
+        found = search_batch(model, x, ids, search, device, limit)
+        for k, why in found.failed.items():
+            excluded[ids[k]] = why
+        for k in np.flatnonzero(~np.isfinite(found.anomaly)):
+            excluded.setdefault(ids[k], "search produced a non-finite score")
+        scores.append(found.anomaly[np.isfinite(found.anomaly)])
     values = np.concatenate(scores)
-    values = values[np.isfinite(values)]
+    if excluded:  # as the job would quarantine them: named, not dropped in silence
+        first = next(iter(excluded.items()))
+        log.warning("calibration: %d of %d patches not scored, e.g. %r: %s",
+                    len(excluded), len(pixels), *first)  # fmt: skip
+        data = {**data, "excluded": len(excluded), "excluded_example": list(first)}
     calibration_id = write_calibration(model_dir, search, values, data)
     return {"calibration_id": calibration_id, "n": len(values), "search_key": search_key(search)}

@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
@@ -27,6 +26,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from anogan_batch.core.modeldir import LoadedModel, ModelCard
+    from anogan_batch.core.scoring import SearchLimit
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +82,17 @@ def score_table(
     calibration: np.ndarray | None = None,
     fpr: float | None = None,
     limit: SearchLimit | None = None,
-    maps: str = "float32",
+    encoding: str = "float32",
 ) -> pa.Table:
     """Score one batch of patch rows in process; returns rows of `output_schema()`.
     `calibration`: the model's calibration scores for `cfg` (p-values; flags under `fpr`).
     `limit`: the most patches one search may hold, learnt from out-of-memory errors and kept
-    by the caller from batch to batch (None: the whole batch at once). `maps`: how
+    by the caller from batch to batch (None: the whole batch at once). `encoding`: how
     `residual_map` is stored (job/configs.RESIDUAL_MAPS)."""
     import pyarrow as pa
     import torch
 
+    from anogan_batch.core.scoring import search_batch
     from anogan_batch.io.patches import decode_patches, int32_or_null
 
     spec = model.patch_spec
@@ -100,23 +101,25 @@ def score_table(
     ok = np.array([r is None for r in reasons], dtype=bool)
     ids = table.column("patch_id").to_pylist()
 
-    out = _Results(n, maps)
-    limit = limit or SearchLimit()
     idx = np.flatnonzero(ok)
-    x = torch.from_numpy(pixels[idx])  # stored pixels, (B, H, W, C): the device converts them
-    start = 0
-    while start < len(idx):  # chunks of the limit as it stands (an OOM may lower it)
-        stop = start + (limit.rows or len(idx))
-        chunk = idx[start:stop]
-        _search_into(out, model, x[start:stop], [ids[i] for i in chunk], chunk, cfg, device,
-                     limit)  # fmt: skip
-        start = stop
-    for j, why in out.failed.items():
-        reasons[j] = why
-    for j in idx[~np.isfinite(out.anomaly[idx])]:
-        reasons[j] = reasons[j] or "search produced a non-finite score"
-    anomaly, residual, discrimination = out.anomaly, out.residual, out.discrimination
-    maps, latents, steps = out.maps, out.latents, out.steps
+    # stored pixels, (B, H, W, C): the device converts them (core/scoring.device_search)
+    found = search_batch(
+        model, torch.from_numpy(pixels[idx]), [ids[i] for i in idx], cfg, device, limit
+    )
+    for k, why in found.failed.items():
+        reasons[idx[k]] = why
+    bad = ~np.isfinite(found.anomaly)
+    for k in np.flatnonzero(bad):
+        reasons[idx[k]] = reasons[idx[k]] or "search produced a non-finite score"
+    anomaly, residual, discrimination = (np.full(n, np.nan) for _ in range(3))
+    anomaly[idx], residual[idx] = found.anomaly, found.residual
+    discrimination[idx] = found.discrimination
+    steps = np.zeros(n, dtype=np.int32)
+    steps[idx] = found.steps
+    maps: list[bytes | None] = [None] * n
+    latents: list[bytes | None] = [None] * n
+    for j, raw, z in zip(idx, encode_maps(found.residual_map, encoding), found.z, strict=True):
+        maps[j], latents[j] = raw, z.astype("<f4").tobytes()
 
     scored = np.array([r is None for r in reasons], dtype=bool)
     nulls = ~scored
@@ -173,94 +176,6 @@ def encode_maps(maps: np.ndarray, encoding: str = "float32") -> list[bytes | Non
     return [row.tobytes() for row in hwc]
 
 
-class _Results:
-    """Per-row outputs of a batch's searches, filled as (sub-)batches finish."""
-
-    def __init__(self, n: int, maps: str) -> None:
-        self.encoding = maps
-        self.anomaly, self.residual, self.discrimination = (np.full(n, np.nan) for _ in "abc")
-        self.maps: list[bytes | None] = [None] * n
-        self.latents: list[bytes | None] = [None] * n
-        self.steps = np.zeros(n, dtype=np.int32)
-        self.failed: dict[int, str] = {}  # row -> why the search failed on that row alone
-
-    def put(self, at: np.ndarray, result) -> None:
-        self.anomaly[at] = result.anomaly_score
-        self.residual[at] = result.residual_score
-        self.discrimination[at] = result.discrimination_score
-        self.steps[at] = result.steps
-        for j, raw in zip(at, encode_maps(result.residual_map, self.encoding), strict=True):
-            self.maps[j] = raw
-        for j, z in zip(at, result.z.astype("<f4"), strict=True):
-            self.latents[j] = z.tobytes()
-
-
-@dataclass
-class SearchLimit:
-    """The most patches one search holds on this device (None: no limit met yet)."""
-
-    rows: int | None = None
-
-    def lower_to(self, rows: int) -> None:
-        self.rows = max(1, min(self.rows or rows, rows))
-
-
-def _search_into(
-    out: _Results, model, x, ids: list[str], at: np.ndarray, cfg, device, limit: SearchLimit
-) -> None:
-    """Search patches `x` (stored pixels on the CPU; row i is `ids[i]`, output row `at[i]`)
-    into `out`.
-
-    A failure splits the batch in halves and retries each: out of memory, until the halves
-    fit; any other failure of the search, until the rows that fail on their own are found,
-    which are quarantined (a reason of their own data). A patch's result does not depend on
-    its batch, so a split changes nothing. Faults of the device (a CUDA error, out of memory
-    with one patch) are raised: they are never the data's (PatchScorer retries elsewhere)."""
-    from anogan_batch.core import devices
-
-    try:
-        devices.inject_oom(ids)
-        result = device_search(model, x, ids, cfg, device)
-    except Exception as e:
-        oom = devices.is_out_of_memory(e)
-        if devices.is_device_fault(e) and not (oom and len(ids) > 1):
-            raise
-        if len(ids) == 1:
-            log.warning("patch %r fails on its own: quarantined (%s)", ids[0], e)
-            out.failed[int(at[0])] = f"scoring failed: {type(e).__name__}: {e}"
-            return
-        half = len(ids) // 2
-        if oom:
-            _release_cache(device)
-            limit.lower_to(len(ids) - half)  # the larger half: what the next search tries
-        else:
-            log.warning("a search of %d patches failed (%s); narrowing it down", len(ids), e)
-        _search_into(out, model, x[:half], ids[:half], at[:half], cfg, device, limit)
-        _search_into(out, model, x[half:], ids[half:], at[half:], cfg, device, limit)
-        return
-    out.put(at, result)
-
-
-def device_search(model, pixels, ids: list[str], cfg, device: str):
-    """The device's part of a batch: the stored pixels moved to it as they are (uint8 for
-    8-bit scans: a quarter of float32's bytes; from pinned memory to a GPU), normalised and
-    blurred there (core/model.model_input), then searched. -> SearchResult."""
-    from anogan_batch.core.model import model_input
-    from anogan_batch.core.search import latent_search
-
-    if device.startswith("cuda"):
-        pixels = pixels.pin_memory()
-    x = model_input(pixels.to(device, non_blocking=True), model.config)
-    return latent_search(model.generator, model.discriminator, x, ids, cfg, model.encoder)
-
-
-def _release_cache(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
 def _decisions(anomaly, nulls, calibration, fpr) -> tuple[pa.Array, pa.Array]:
     """(p_value, flagged) columns: conformal p-values against the calibration, and p <= fpr."""
     import pyarrow as pa
@@ -299,6 +214,7 @@ class PatchScorer:
 
         from anogan_batch.core import devices
         from anogan_batch.core.modeldir import ModelCard, load_model
+        from anogan_batch.core.scoring import SearchLimit
 
         if threads:
             torch.set_num_threads(threads)
@@ -336,7 +252,7 @@ class PatchScorer:
                 calibration=self.calibration,
                 fpr=self.fpr,
                 limit=self.limit,
-                maps=self.residual_maps,
+                encoding=self.residual_maps,
             )
         except Exception as e:
             from anogan_batch.core.devices import is_device_fault
