@@ -56,3 +56,23 @@ def test_quick_bench_writes_every_key(tmp_path):
     assert figures["job_search_gamma5"] == {"start": "prior", "iterations": 5}
     assert figures["job_phase_seconds"]["score"] > 0
     assert "batched_vs_loop" in r.stdout  # the human table
+
+
+@pytest.mark.slow  # a Ray job of its own: about 40 s
+def test_the_device_check_runs_here_on_the_cpu(tmp_path):
+    """scripts/device_check.py is run on a lent GPU only now and then: it must keep working."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "device_check.py"
+    r = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--rows", "128", "--actors", "1",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    figures = json.loads((tmp_path / "device_check.json").read_text())
+    assert set(figures["search_patches_per_s"]) >= {"64", "1024", "auto"}
+    assert figures["ray_job"]["1"]["patches_per_s"] > 0
+    assert figures["search_vs_matmul_peak"] > 0
