@@ -270,3 +270,10 @@ def test_start_auto_and_encoder_without_one(loaded_tiny, batch):
     # auto without an encoder argument is the paper's random start
     plain = latent_search(g, d, x[:4], ids[:4], SearchConfig(iterations=0))
     np.testing.assert_allclose(plain.z, initial_latents(ids[:4], 0, g.latent_dim).numpy())
+
+
+def test_float64_sums_are_taken_a_few_patches_at_a_time_and_equal_the_whole():
+    from anogan_batch.core.search import SUM_ROWS, _sums64
+
+    values = torch.rand(2 * SUM_ROWS + 5, 3, 7, 7)
+    assert torch.equal(_sums64(values), values.double().flatten(1).sum(1))
