@@ -8,6 +8,7 @@ bad rows it must quarantine. Each case comes with what the product must do with 
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import struct
@@ -73,7 +74,34 @@ def valid_files(size: int = 32, seed: int = 0) -> dict[str, bytes]:
     buf = io.BytesIO()
     write_dicom(buf, img.astype(np.uint16) * 16)
     out[".dcm"] = buf.getvalue()
+    out[".nii"] = nifti_bytes(img)
+    out[".nii.gz"] = gzip.compress(out[".nii"])
     return out
+
+
+def nifti_bytes(values: np.ndarray, slope: float | None = None) -> bytes:
+    """A NIfTI-1 image or volume as nibabel writes it (identity affine)."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(values, np.eye(4))
+    if slope is not None:
+        image.header.set_slope_inter(slope, 0.0)
+    return image.to_bytes()
+
+
+def nifti_bombs() -> dict[str, bytes]:
+    """A .nii whose header declares 100,000 x 100,000 x 10 voxels over 16 bytes of data, and a
+    .nii.gz of 4 x 4 x 4 declared voxels followed by 200 MB of zeros (1 MB compressed)."""
+    head = bytearray(nifti_bytes(np.zeros((4, 4, 4), np.uint8)))
+    # dim[0..3] sit at byte 40 of the header: (rank, x, y, z) as int16
+    head[40:48] = struct.pack("<hhhh", 3, 32_000, 32_000, 10)
+    honest = nifti_bytes(np.zeros((4, 4, 4), np.uint8))
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+    tail = b"".join(z.compress(b"\0" * 2**20) for _ in range(200)) + z.flush()
+    return {
+        ".nii": bytes(head[: len(honest) - 48]),
+        ".nii.gz": gzip.compress(honest) + tail,  # gzip members, one stream to gunzip
+    }
 
 
 # ---- decompression bombs ---------------------------------------------------------------------
@@ -172,6 +200,8 @@ def ingest_corpus(root: Path, *, unreadable: bool = True) -> dict[str, Case]:
     put("bomb/npy.npy", npy_bomb(), Case("declares 10,000,000,000 values"))
     put("bomb/tif.tif", tiff_bomb(), Case("declares 10,000,000,000 values"))
     put("bomb/jpg.jpg", jpeg_bomb(good[".jpg"]), Case("declares 4,290,250,000 values"))
+    bombs = nifti_bombs()
+    put("bomb/nii.nii", bombs[".nii"], Case("declares 10,240,000,000 values"))
     (root / "bomb").mkdir(exist_ok=True)
     dicom_bomb(root / "bomb" / "dcm.dcm")
     cases["bomb/dcm.dcm"] = Case("declares 4,294,836,225,000 values")

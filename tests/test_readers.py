@@ -81,3 +81,52 @@ def test_headers_are_checked_before_anything_is_allocated():
 
 def test_every_format_has_a_reader():
     assert set(READERS) >= set(EXTS)
+
+
+def test_nifti_volumes_are_cut_along_k_with_their_scaling():
+    import gzip
+
+    import numpy as np
+
+    from anogan_batch.io.readers import read_nifti
+    from tests.corpus import nifti_bytes
+
+    volume = np.arange(5 * 6 * 3, dtype=np.int16).reshape(5, 6, 3)
+    for raw in (nifti_bytes(volume, slope=2.0), gzip.compress(nifti_bytes(volume, slope=2.0))):
+        images = read_nifti(raw, ReadOptions())
+        assert [img.suffix for img in images] == ["@0000", "@0001", "@0002"]
+        for k, img in enumerate(images):
+            np.testing.assert_array_equal(img.values, volume[:, :, k] * 2.0)
+
+
+def test_a_nifti_is_checked_before_a_voxel_is_decompressed_or_allocated(monkeypatch):
+    import gzip
+
+    from anogan_batch.io.readers import read_nifti
+    from tests.corpus import nifti_bombs
+
+    bombs = nifti_bombs()
+    with pytest.raises(ValueError, match="declares 10,240,000,000 values"):
+        read_nifti(bombs[".nii"], ReadOptions())
+    # 4 x 4 x 4 declared, 200 MB of zeros after: only the declared bytes are decompressed
+    decompressed = []
+    real_read = gzip.GzipFile.read
+
+    def counting_read(self, size=-1):
+        data = real_read(self, size)
+        decompressed.append(len(data))
+        return data
+
+    monkeypatch.setattr(gzip.GzipFile, "read", counting_read)
+    images = read_nifti(bombs[".nii.gz"], ReadOptions())
+    assert len(images) == 4 and images[0].values.shape == (4, 4)
+    assert sum(decompressed) < 2**21  # the header's read and the declared voxels, not 200 MB
+
+
+def test_nifti_file_names_lose_both_suffixes():
+    from anogan_batch.io.readers import suffix_of
+    from anogan_batch.job.ingest import scan_id_for
+
+    assert suffix_of("ct/Head.NII.GZ") == ".nii.gz" and scan_id_for("ct/head.nii.gz") == "ct/head"
+    assert suffix_of("a.tar.gz") == ".gz" and scan_id_for("a.tar.gz") == "a.tar"
+    assert suffix_of(".nii.gz") == ".gz" and scan_id_for("x/.hidden") == "x/.hidden"

@@ -16,13 +16,14 @@ then applies the one documented normalisation:
   that advice rather than guessed.
 
 A new format is a function `(raw: bytes, opts: ReadOptions) -> list[Image]` and one line in
-`READERS`.
+`READERS`; `suffix_of` knows the one two-part suffix, `.nii.gz`.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -181,6 +182,55 @@ def read_dicom(raw: bytes, opts: ReadOptions) -> list[Image]:
     return images
 
 
+NIFTI_HEADER_BYTES = 348  # a NIfTI-1 header; NIfTI-2's is 540
+NIFTI_MAX_HEADER_BYTES = 1 << 20  # header and extensions read before any voxel
+
+
+def read_nifti(raw: bytes, opts: ReadOptions) -> list[Image]:
+    """NIfTI-1/2 (.nii, .nii.gz) via nibabel: a 2-D image, or a 3-D volume cut into slices
+    along its third (k) axis, scl_slope / scl_inter applied. The header's dimensions are
+    checked against the budget before a voxel is decompressed or allocated, and only the
+    bytes they need are ever decompressed (a small .nii.gz can hold gigabytes)."""
+    import nibabel as nib
+
+    head = _gunzip_prefix(raw, NIFTI_MAX_HEADER_BYTES)
+    version = _nifti_version(head)
+    header_class = nib.Nifti2Header if version == 2 else nib.Nifti1Header
+    header = header_class.from_fileobj(io.BytesIO(head), check=False)
+    shape = tuple(int(d) for d in header.get_data_shape())
+    while len(shape) > 3 and shape[-1] == 1:  # a 4-D file of one volume
+        shape = shape[:-1]
+    if not 2 <= len(shape) <= 3 or min(shape) < 1:
+        raise ValueError(f"NIfTI image of shape {shape}: expected a 2-D image or a 3-D volume")
+    count = math.prod(shape)
+    check_size(count, opts, "NIfTI file")
+    needed = int(header.get_data_offset()) + count * header.get_data_dtype().itemsize
+    data = _gunzip_prefix(raw, needed)
+    if len(data) < needed:
+        raise ValueError(f"NIfTI data of shape {shape} needs {needed:,} bytes, has {len(data):,}")
+    image = nib.Nifti2Image if version == 2 else nib.Nifti1Image
+    arr = np.asanyarray(image.from_bytes(data).dataobj).reshape(shape)
+    if arr.ndim == 2:
+        return [Image("", arr)]
+    return _slices(list(np.moveaxis(arr, 2, 0)))
+
+
+def _nifti_version(head: bytes) -> int:
+    """1 or 2, from sizeof_hdr (348 or 540, in either byte order)."""
+    size = int.from_bytes(head[:4], "little")
+    return 2 if size == 540 or int.from_bytes(head[:4], "big") == 540 else 1
+
+
+def _gunzip_prefix(raw: bytes, limit: int) -> bytes:
+    """The first `limit` bytes of `raw`, decompressed if it is gzip: never more."""
+    import gzip
+
+    if raw[:2] != b"\x1f\x8b":
+        return raw[:limit]
+    with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+        return f.read(limit)
+
+
 READERS: dict[str, Reader] = {
     ".png": read_pil,
     ".jpg": read_pil,
@@ -190,7 +240,19 @@ READERS: dict[str, Reader] = {
     ".npy": read_npy,
     ".dcm": read_dicom,
     ".dicom": read_dicom,
+    ".nii": read_nifti,
+    ".nii.gz": read_nifti,
 }
+COMPOUND_SUFFIXES = (".nii.gz",)
+
+
+def suffix_of(name: str) -> str:
+    """A file name's format suffix, lower case: ".png", ".nii.gz", or "" for none."""
+    lower = posixpath.basename(name).lower()
+    for compound in COMPOUND_SUFFIXES:
+        if lower.endswith(compound) and len(lower) > len(compound):
+            return compound
+    return posixpath.splitext(lower)[1]
 
 
 def normalisation_of(dtype: str, window: tuple[float, float] | None) -> dict:

@@ -32,11 +32,12 @@ import numpy as np
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
 from anogan_batch.io.patches import PATCH_SCHEMA, encode_pixels, patch_id_for
-from anogan_batch.io.readers import READERS, foreground_mask, to_stored
+from anogan_batch.io.readers import READERS, foreground_mask, suffix_of, to_stored
 from anogan_batch.io.storage import Listed
 from anogan_batch.job.configs import AUTO_RAY_FILES, IngestConfig
 
-VOLUME_SUFFIXES = (".npy", ".tif", ".tiff", ".dcm", ".dicom")  # files whose slices get '@0007'
+# files whose slices get '@0007'
+VOLUME_SUFFIXES = (".npy", ".tif", ".tiff", ".dcm", ".dicom", ".nii", ".nii.gz")
 SCAN_FIELDS = (
     "path", "scan_id", "label", "height", "width", "channels", "dtype",
     "n_patches", "n_skipped", "normalisation", "reason",
@@ -73,8 +74,10 @@ def cut_patches(pixels: np.ndarray, patch: int, step: int) -> Iterator[tuple[int
 
 
 def scan_id_for(name: str) -> str:
-    """A file's scan_id: its path relative to SRC ('/'-separated), without the extension."""
-    return name.rsplit(".", 1)[0] if "." in posixpath.basename(name) else name
+    """A file's scan_id: its path relative to SRC ('/'-separated), without the extension
+    (both parts of '.nii.gz')."""
+    suffix = suffix_of(name)
+    return name[: -len(suffix)] if suffix else name
 
 
 def label_for(src: str, name: str) -> str:
@@ -124,7 +127,7 @@ SLICE_ID = re.compile(r"(.*)@\d{4,}")
 
 
 def _suffix(name: str) -> str:
-    return posixpath.splitext(name)[1].lower()
+    return suffix_of(name)
 
 
 def _scan_row(path: str, **values) -> dict:
