@@ -14,7 +14,7 @@ import pytest
 
 from anogan_batch.core.devices import FAULTS_ENV
 from anogan_batch.job.manifest import JobManifest
-from tests.conftest import make_patch_table, run_cli
+from tests.conftest import make_patch_table
 
 pytestmark = pytest.mark.cluster
 REPO = str(Path(__file__).resolve().parents[1])
@@ -36,6 +36,17 @@ while time.time() < deadline:
 """
 
 
+def test_past_the_wait_the_job_ends_naming_what_it_asked_for(ray_local):
+    """On the suite's local Ray (no GPU, no autoscaler to answer)."""
+    from anogan_batch.errors import MachineError, describe_machine_failure
+    from anogan_batch.job.autoscale import wait_for_gpus
+
+    with pytest.raises(MachineError) as e:
+        wait_for_gpus(0.5, 3, timeout_s=1.0)
+    assert "asked the autoscaler for 3 x 0.5 GPU and waited 1s" in str(e.value)
+    assert describe_machine_failure(e.value) == str(e.value)  # exit 1 with this message
+
+
 def test_a_gpu_group_that_starts_at_zero_is_asked_for_and_waited_on(
     tiny_model, tmp_path, sample, s3_server
 ):
@@ -47,11 +58,6 @@ def test_a_gpu_group_that_starts_at_zero_is_asked_for_and_waited_on(
     os.environ.update(env)
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0})
     try:
-        # past the wait: exit 1 naming what was asked for
-        r = run_cli("score", tiny_model, str(table), str(tmp_path / "late"), *JOB, "--device",
-                    "cuda", "--gpu-wait", "3", env={"RAY_ADDRESS": c.address})  # fmt: skip
-        assert r.returncode == 1, r.stderr[-3000:]
-        assert "asked the autoscaler for 1 x 1 GPU and waited 3s" in r.stderr.splitlines()[-1]
         # a stand-in autoscaler sees the request and adds a GPU node: the job scores on it
         watcher = subprocess.Popen([sys.executable, "-c", STAND_IN_AUTOSCALER, c.address],
                                    stdout=subprocess.PIPE, text=True)  # fmt: skip

@@ -82,6 +82,7 @@ def test_one_actor_per_gpu_none_on_the_cpu_node_and_faults_retried(
     assert m.status == "succeeded" and m.quarantined_rows == 0
 
 
+@pytest.mark.slow  # three actor restarts and a rerun: 20-50 s on 2 cores
 def test_a_batch_that_fails_on_every_device_fails_the_job_and_a_rerun_finishes_it(
     gpu_cluster, tiny_model, tmp_path, sample
 ):
