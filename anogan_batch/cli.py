@@ -79,7 +79,11 @@ def ingest(
     ] = None,
     min_foreground: Annotated[
         float,
-        typer.Option("--min-foreground", help="skip patches with less Otsu foreground (0-1)"),
+        typer.Option(
+            "--min-foreground",
+            help="skip patches with less foreground (0-1): saturated pixels of colour scans, "
+            "above the intensity's Otsu threshold for grayscale",
+        ),
     ] = IngestConfig.min_foreground,
     engine: Annotated[
         str, typer.Option(help=f"auto (Ray above {AUTO_RAY_FILES} files), local, or ray")

@@ -219,3 +219,55 @@ def test_reingest_replaces_and_foreign_folders_are_refused(scans, tmp_path):
     (tmp_path / "mine" / "keep.txt").write_text("x")
     with pytest.raises(InputError, match="not empty"):
         ingest(str(root), str(tmp_path / "mine"), IngestConfig(patch_size=16))
+
+
+def he_slide(h: int = 600, w: int = 700, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A brightfield-like RGB slide: near-white glass, two separate stained tissue regions
+    (eosin pink and haematoxylin purple, the second darker). -> (image, tissue mask)."""
+    rng = np.random.default_rng(seed)
+    img = (np.full((h, w, 3), 236) + rng.integers(0, 10, (h, w, 3))).astype(np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    pink = (yy - 150) ** 2 + (xx - 170) ** 2 < 100**2
+    purple = (yy - 430) ** 2 + (xx - 520) ** 2 < 120**2
+    for region, colour in ((pink, (205, 120, 175)), (purple, (115, 75, 150))):
+        noise = rng.integers(-20, 20, (int(region.sum()), 3))
+        img[region] = np.clip(np.array(colour) + noise, 0, 255)
+    return img, pink | purple
+
+
+def test_colour_slides_are_masked_by_saturation_keeping_every_tissue_region():
+    from anogan_batch.io.readers import foreground_mask
+
+    img, tissue = he_slide()
+    mask = foreground_mask(img)
+    assert mask.shape == tissue.shape
+    assert mask[tissue].mean() > 0.97  # both regions, the dark purple one too
+    assert mask[~tissue].mean() < 0.02  # bright glass is background, not foreground
+    # all glass: nothing; all tissue (no glass for Otsu to split off): everything
+    assert foreground_mask(he_slide()[0][:80, -80:]).mean() < 0.01
+    assert foreground_mask(img[100:200, 120:220]).mean() > 0.97
+
+
+def test_large_scans_are_masked_on_a_strided_copy():
+    from anogan_batch.io.readers import _intensity_mask, foreground_mask
+
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:1100, :1000]
+    gray = np.where((yy - 500) ** 2 + (xx - 480) ** 2 < 300**2, 180, 30)
+    gray = (gray + rng.integers(0, 20, gray.shape)).astype(np.uint8)
+    mask = foreground_mask(gray[..., None])  # computed at stride 2
+    assert mask.shape == (1100, 1000)
+    assert (mask == _intensity_mask(gray / 255.0)).mean() > 0.99
+
+
+def test_min_foreground_keeps_the_tissue_patches_of_a_colour_slide(tmp_path):
+    img, tissue = he_slide()
+    src = tmp_path / "slides"
+    src.mkdir()
+    Image.fromarray(img).save(src / "s.png")
+    out = tmp_path / "p"
+    s = ingest(str(src), str(out), IngestConfig(patch_size=50, min_foreground=0.5))
+    t = pads.dataset(out).to_table(columns=["x", "y"]).to_pylist()
+    assert s.patches == len(t) > 20 and s.skipped_patches > 100
+    for r in t:  # each kept patch is mostly tissue
+        assert tissue[r["y"] : r["y"] + 50, r["x"] : r["x"] + 50].mean() >= 0.4

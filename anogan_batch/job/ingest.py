@@ -4,8 +4,8 @@ Every file under SRC whose extension has a reader (see `readers.READERS`) is rea
 normalised for storage (`readers.to_stored`), and cut into P x P patches on a grid of stride S.
 When the grid does not reach the right or bottom border, one more row/column of patches flush
 with the border is added, so every pixel is covered (heatmaps need full coverage). With
-`min_foreground`, patches whose share of Otsu-foreground pixels is below it are skipped, as the
-paper scores only patches inside the retina.
+`min_foreground`, patches whose share of foreground pixels (readers.foreground_mask) is below
+it are skipped, as the paper scores only patches inside the retina.
 
 Work is split into chunks of files. A chunk writes its own Parquet parts, named after its first
 file, so a retried chunk overwrites rather than duplicates. Each chunk returns one small row per
