@@ -10,7 +10,10 @@ The bench's model (64x64 patches, width 64, with an encoder) at score's defaults
    encoded: `score_table`), patches/s at the job's batch;
 3. the Ray job (`anogan-batch score`, its own process, a local Ray) on this device with one
    actor and with two actors sharing it, patches/s from job.json, and job ÷ in-process;
-4. the search's achieved FLOP/s against this device's measured dense matmul peak.
+4. the search's achieved FLOP/s against this device's measured dense matmul peak;
+
+and, on a GPU, the search at the job's batch under the settings to choose by measurement
+(cuDNN autotuning, TF32 matmuls, bf16).
 
 Prints each figure as it comes and writes them all to DIR/device_check.json.
 """
@@ -25,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 
 def timed(fn, n: int, device: str, repeats: int = 2) -> float:
@@ -104,6 +108,27 @@ def main() -> None:
         if gpu:
             search_rates[f"{label}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     report("search_patches_per_s", search_rates)
+
+    # 1b. settings to choose by measurement (a GPU only): cuDNN autotuning, TF32, bf16
+    if gpu:
+        x = torch.from_numpy(pixels[:auto])
+        settings = {}
+        for name, bench_mode, tf32, precision in (
+            ("default", False, torch.backends.cuda.matmul.allow_tf32, "fp32"),
+            ("cudnn_benchmark", True, torch.backends.cuda.matmul.allow_tf32, "fp32"),
+            ("tf32_matmul", False, True, "fp32"),
+            ("bf16", False, torch.backends.cuda.matmul.allow_tf32, "bf16"),
+        ):
+            saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
+            torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = bench_mode, tf32
+            run = replace(search, precision=precision)
+            settings[name] = round(
+                timed(lambda run=run: device_search(model, x, ids[:auto], run, device), auto,
+                      device),
+                1,
+            )  # fmt: skip
+            torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved
+        report("settings_patches_per_s", settings)
 
     # 2. the scorer's whole per-batch path in process, at the job's batch
     rows = patch_table(pixels[:auto], ids=ids[:auto])
