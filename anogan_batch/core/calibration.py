@@ -137,3 +137,40 @@ def split_by_scan(scan_ids: list[str], fraction: float, seed: int = 0) -> np.nda
 
     unique = {s: draw(s) < fraction for s in set(scan_ids)}
     return np.array([unique[s] for s in scan_ids], dtype=bool)
+
+
+# ---- the overlay's colour scale, anchored in the model's normal residuals -----------------
+
+# An overlay colours a pixel whose smoothed residual exceeds HEAT_QUANTILES[0] of the normal
+# calibration patches' pixels, and shows it at full colour from HEAT_QUANTILES[1]: about one
+# normal pixel in a hundred is tinted, one in a thousand fully coloured, for every model.
+HEAT_QUANTILES = (0.99, 0.999)
+HEAT_PATCHES = 2_000  # calibration patches whose pixels the quantiles are taken over, at most
+
+
+def heat_radius(patch_size: int) -> int:
+    """The box blur radius an overlay smooths residuals with: stroke-wide misalignments of
+    one pixel are not lesions."""
+    return max(1, patch_size // 7)
+
+
+def box_blur(a: np.ndarray, radius: int) -> np.ndarray:
+    """Mean over a (2r+1)^2 window (edges replicated), separable via cumulative sums."""
+    for axis in (0, 1):
+        pad = [(radius + 1, radius) if i == axis else (0, 0) for i in range(2)]
+        c = np.cumsum(np.pad(a, pad, mode="edge"), axis=axis, dtype=np.float64)
+        n = c.shape[axis]
+        a = c.take(range(2 * radius + 1, n), axis) - c.take(range(n - 2 * radius - 1), axis)
+        a = a / (2 * radius + 1)
+    return a
+
+
+def normal_heat(maps: list[np.ndarray], patch_size: int) -> dict[str, Any]:
+    """The overlay scale of a calibration: HEAT_QUANTILES of the smoothed, channel-averaged
+    residual over the pixels of normal patches (`maps`: (N, C, S, S) float32 arrays)."""
+    radius = heat_radius(patch_size)
+    patches = [m for batch in maps for m in batch][:HEAT_PATCHES]
+    values = np.concatenate([box_blur(m.mean(axis=0), radius).ravel() for m in patches])
+    floor, full = (float(v) for v in np.quantile(values, HEAT_QUANTILES))
+    return {"quantiles": list(HEAT_QUANTILES), "floor": floor, "full": max(full, floor * 1.01),
+            "radius": radius, "patches": len(patches)}  # fmt: skip

@@ -340,10 +340,15 @@ CALIBRATION_DIR = "calibration"  # <search_key>.parquet: the calibration scores 
 
 
 def write_calibration(
-    model_dir: str, search: SearchConfig, scores: np.ndarray, data: dict[str, Any]
+    model_dir: str,
+    search: SearchConfig,
+    scores: np.ndarray,
+    data: dict[str, Any],
+    heat: dict[str, Any] | None = None,
 ) -> str:
     """Store the anomaly scores of held-out normal patches for `search` (resolved) in MODEL_DIR
-    and record them in model.json (which data, when). The weights and model_id are untouched.
+    and record them in model.json (which data, when; `heat`: the overlay scale their residuals
+    give, core/calibration.normal_heat). The weights and model_id are untouched.
     -> the calibration_id."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -366,6 +371,7 @@ def write_calibration(
         "search": asdict(search),
         "file": f"{CALIBRATION_DIR}/{key}.parquet",
         "data": data,
+        **({"heat": heat} if heat else {}),
     }
     storage.write_json(storage.join(model_dir, MODEL_JSON), doc)
     return calibration_id

@@ -487,7 +487,12 @@ def calibrate_arrays(
     for that search. -> {calibration_id, n, search_key}."""
     import torch
 
-    from anogan_batch.core.calibration import MIN_CALIBRATION, search_key
+    from anogan_batch.core.calibration import (
+        HEAT_PATCHES,
+        MIN_CALIBRATION,
+        normal_heat,
+        search_key,
+    )
     from anogan_batch.core.modeldir import load_model, write_calibration
     from anogan_batch.core.scoring import SearchLimit, search_batch
     from anogan_batch.core.search import resolve_search
@@ -502,7 +507,7 @@ def calibrate_arrays(
     device = pick_device(device or "auto")
     model.for_scoring(device)
     # the job's own loop (core/scoring.py): a device fault is raised, never a missing score
-    scores, excluded, limit = [], {}, SearchLimit()
+    scores, maps, excluded, limit = [], [], {}, SearchLimit()
     for lo in range(0, len(pixels), batch_size):
         ids = patch_ids[lo : lo + batch_size]
         x = torch.from_numpy(pixels[lo : lo + batch_size])
@@ -511,12 +516,16 @@ def calibrate_arrays(
             excluded[ids[k]] = why
         for k in np.flatnonzero(~np.isfinite(found.anomaly)):
             excluded.setdefault(ids[k], "search produced a non-finite score")
-        scores.append(found.anomaly[np.isfinite(found.anomaly)])
+        finite = np.isfinite(found.anomaly)
+        scores.append(found.anomaly[finite])
+        if sum(len(m) for m in maps) < HEAT_PATCHES:
+            maps.append(found.residual_map[finite])
     values = np.concatenate(scores)
     if excluded:  # as the job would quarantine them: named, not dropped in silence
         first = next(iter(excluded.items()))
         log.warning("calibration: %d of %d patches not scored, e.g. %r: %s",
                     len(excluded), len(pixels), *first)  # fmt: skip
         data = {**data, "excluded": len(excluded), "excluded_example": list(first)}
-    calibration_id = write_calibration(model_dir, search, values, data)
+    heat = normal_heat(maps, model.config.image_size)
+    calibration_id = write_calibration(model_dir, search, values, data, heat=heat)
     return {"calibration_id": calibration_id, "n": len(values), "search_key": search_key(search)}

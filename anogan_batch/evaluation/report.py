@@ -120,6 +120,28 @@ def _overlays(out: str, scan_ids: list[str]) -> str:
     return f'<div class="charts" id="top-scans">{"".join(cells)}</div>' if cells else ""
 
 
+def _heat_legend(manifest) -> str:
+    """What the overlay's colours mean, as the job's last run drew them."""
+    from anogan_batch.core.calibration import HEAT_QUANTILES
+
+    scale = next((r["overlay_scale"] for r in reversed(manifest.runs) if "overlay_scale" in r),
+                 None)  # fmt: skip
+    if scale is None:
+        return ""
+    tinted, full = scale["tinted_from"], scale["full_from"]
+    if scale.get("anchored") != "calibration":
+        return (
+            f"Colours: the smoothed residual on a fixed scale, tinted from {tinted:g} and full "
+            f"from {full:g} (model units); the model has no calibrated scale."
+        )
+    low, high = (f"{100 * q:g} %" for q in HEAT_QUANTILES)
+    return (
+        f"Colours are anchored in the model's normal patches: a pixel is tinted where its "
+        f"smoothed residual exceeds {low} of normal pixels' (from {tinted:.3g}), and at full "
+        f"colour above {high} (from {full:.3g}). Normal tissue stays dark."
+    )
+
+
 def _model_dir(manifest) -> str:
     model_dir = manifest.params.get("model_dir")
     if not model_dir:
@@ -246,7 +268,7 @@ th {{ background: #f4f4f4; }}
 <table id="top-patches"><thead><tr><th>patch_id</th><th>label</th><th>anomaly_score</th>
 <th>x</th><th>G(z)</th><th>residual</th></tr></thead><tbody>{top_rows}</tbody></table>
 <h2>Top scans</h2>
-<p>Heatmap overlays of the most anomalous scans: bright, hot colours where the residual is large.
+<p>Heatmap overlays of the most anomalous scans. {escape(_heat_legend(manifest))}
 </p>{scans_html}
 </body></html>
 """

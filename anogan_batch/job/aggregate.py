@@ -180,7 +180,7 @@ def scan_row(
         geometry = HeatmapGeometry(*heatmaps)
         residual, image, recorded = scan_tiles(group, geometry)
         overlay = JobLayout(out).overlay(str(group["scan_id"][0]))
-        row |= render_scan(residual, image, geometry.size, overlay, recorded)
+        row |= render_scan(residual, image, geometry.size, overlay, recorded, tuple(geometry.heat))
     return row
 
 

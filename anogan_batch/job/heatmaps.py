@@ -11,8 +11,11 @@ it the patch grid's extent is used). `render_scan` turns them into:
 - the overlay PNG (OUT/overlays/, named by `layout.file_stem(scan_id)`): the scan in gray with
   the heatmap on top ("hot" colours, opaque where the residual is large). For display only,
   the heatmap is smoothed by a box blur of radius P/7 (single-pixel stroke misalignments are
-  not lesions) and mapped from [HEAT_FLOOR, HEAT_SCALE] onto the colour scale. The scale is
-  fixed, not per scan, so overlays compare across scans and jobs.
+  not lesions) and mapped onto the colour scale from the model's calibration: tinted above
+  the 99th percentile of its normal patches' smoothed pixel residuals, full colour from the
+  99.9th (core/calibration.normal_heat), so normal tissue stays dark and one scale holds for
+  every scan and job of the model. A model without that record gets the fixed scale
+  [HEAT_FLOOR, HEAT_SCALE]; either way, never a per-scan scale.
 
 Positions and sizes come from input tables, so they are bounded before they size an array: a
 tile outside its scan is left out, and a scan larger than MAX_HEATMAP_PIXELS gets no heatmap
@@ -31,10 +34,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from anogan_batch.core.calibration import box_blur, heat_radius
 from anogan_batch.io import storage
 
+# The fixed scale of a model whose calibration has no `heat` record (model space spans 0..2):
 HEAT_FLOOR = 0.1  # smoothed residual per pixel below which nothing is drawn
-HEAT_SCALE = 0.35  # smoothed residual shown at full colour (model space spans 0..2)
+HEAT_SCALE = 0.35  # smoothed residual shown at full colour
 # Largest scan (height x width) that gets a heatmap: its stitching holds a few float64 copies
 # of it, so this bounds the memory one scan may ask for.
 MAX_HEATMAP_PIXELS = 2**25
@@ -52,6 +57,7 @@ class HeatmapGeometry(NamedTuple):
     size: int
     channels: int
     dtype: str | None = None
+    heat: tuple[float, float] = (HEAT_FLOOR, HEAT_SCALE)  # the overlay's (tinted, full colour)
 
 
 def stitch(tiles: list[Tile], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,23 +73,19 @@ def stitch(tiles: list[Tile], height: int, width: int) -> tuple[np.ndarray, np.n
     return mean.astype(np.float32), count
 
 
-def box_blur(a: np.ndarray, radius: int) -> np.ndarray:
-    """Mean over a (2r+1)^2 window (edges replicated), separable via cumulative sums."""
-    for axis in (0, 1):
-        pad = [(radius + 1, radius) if i == axis else (0, 0) for i in range(2)]
-        c = np.cumsum(np.pad(a, pad, mode="edge"), axis=axis, dtype=np.float64)
-        n = c.shape[axis]
-        a = c.take(range(2 * radius + 1, n), axis) - c.take(range(n - 2 * radius - 1), axis)
-        a = a / (2 * radius + 1)
-    return a
-
-
-def colorize(scan: np.ndarray, heat: np.ndarray, radius: int = 0) -> np.ndarray:
-    """Scan in [0, 1] (H, W, C) and heat (H, W) -> RGB uint8 overlay."""
+def colorize(
+    scan: np.ndarray,
+    heat: np.ndarray,
+    radius: int = 0,
+    scale: tuple[float, float] = (HEAT_FLOOR, HEAT_SCALE),
+) -> np.ndarray:
+    """Scan in [0, 1] (H, W, C) and heat (H, W) -> RGB uint8 overlay; `scale`: the smoothed
+    residual from which a pixel is tinted, and from which it is at full colour."""
     gray = scan.mean(axis=2) if scan.shape[2] != 3 else None
     base = np.repeat(gray[:, :, None], 3, axis=2) if gray is not None else scan
     shown = box_blur(heat, radius) if radius else heat
-    t = np.clip((shown - HEAT_FLOOR) / (HEAT_SCALE - HEAT_FLOOR), 0.0, 1.0)[:, :, None]
+    floor, full = scale
+    t = np.clip((shown - floor) / (full - floor), 0.0, 1.0)[:, :, None]
     hot = np.concatenate(
         [np.clip(3 * t, 0, 1), np.clip(3 * t - 1, 0, 1), np.clip(3 * t - 2, 0, 1)], 2
     )
@@ -114,10 +116,12 @@ def render_scan(
     size: int,
     overlay: str,
     recorded: tuple[int, int] | None = None,
+    scale: tuple[float, float] = (HEAT_FLOOR, HEAT_SCALE),
 ) -> dict:
     """One scan's residual tiles and pixel tiles (scaled to [0, 1]) -> its heatmap columns;
     writes the overlay PNG to `overlay` as a side effect (a retried task overwrites it).
-    `recorded`: the scan's (height, width) from ingest, when known."""
+    `recorded`: the scan's (height, width) from ingest, when known; `scale`: the overlay's
+    (HeatmapGeometry.heat)."""
     from anogan_batch.io.plots import png_bytes
 
     height, width = canvas_size(residual, image, size, recorded)
@@ -129,7 +133,7 @@ def render_scan(
     residual, image = inside(residual, height, width), inside(image, height, width)
     heat = stitch(residual, height, width)[0].mean(axis=2).astype(np.float32)
     scan = stitch(image, height, width)[0] if image else np.zeros((height, width, 1), np.float32)
-    storage.write_bytes(overlay, png_bytes(colorize(scan, heat, max(1, size // 7))))
+    storage.write_bytes(overlay, png_bytes(colorize(scan, heat, heat_radius(size), scale)))
     return {
         "height": np.array([height], dtype=np.int32),
         "width": np.array([width], dtype=np.int32),

@@ -346,6 +346,14 @@ def write_scans(cfg: ScoreJobConfig, prep: Preflight, manifest: JobManifest, run
 
     if not manifest.scored_rows:
         return
+    if cfg.heatmaps:
+        floor, full = _heatmap_geometry(prep).heat
+        anchored = "calibration" if prep.calibration_info.get("heat") else "fixed"
+        run.record["overlay_scale"] = {
+            "tinted_from": floor,
+            "full_from": full,
+            "anchored": anchored,
+        }
     run.record["scans_grouped_in"] = write_scan_tables(
         cfg.out,
         cfg.patches,
@@ -429,7 +437,9 @@ def _heatmap_geometry(prep: Preflight):
     from anogan_batch.job.heatmaps import HeatmapGeometry
 
     config = prep.card.config
-    return HeatmapGeometry(config.image_size, config.channels, config.pixel_dtype)
+    geometry = HeatmapGeometry(config.image_size, config.channels, config.pixel_dtype)
+    heat = prep.calibration_info.get("heat")  # the model's normal residuals, when recorded
+    return geometry._replace(heat=(heat["floor"], heat["full"])) if heat else geometry
 
 
 def _execute(
