@@ -36,13 +36,21 @@ while time.time() < deadline:
 """
 
 
-def test_past_the_wait_the_job_ends_naming_what_it_asked_for(ray_local):
-    """On the suite's local Ray (no GPU, no autoscaler to answer)."""
+def test_past_the_wait_the_job_ends_naming_what_it_asked_for(ray_local, monkeypatch):
+    """On the suite's local Ray (no GPU), with an autoscaler that never answers: the request
+    is made, withdrawn after the wait, and the error names it (the request's way into Ray's
+    autoscaler is the next test's, through a real cluster)."""
+    import ray.autoscaler.sdk
+
     from anogan_batch.errors import MachineError, describe_machine_failure
     from anogan_batch.job.autoscale import wait_for_gpus
 
+    requests = []
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources",
+                        lambda bundles: requests.append(bundles))  # fmt: skip
     with pytest.raises(MachineError) as e:
         wait_for_gpus(0.5, 3, timeout_s=1.0)
+    assert requests == [[{"GPU": 0.5, "CPU": 1.0}] * 3, []]  # asked for, then withdrawn
     assert "asked the autoscaler for 3 x 0.5 GPU and waited 1s" in str(e.value)
     assert describe_machine_failure(e.value) == str(e.value)  # exit 1 with this message
 
