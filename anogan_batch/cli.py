@@ -562,17 +562,18 @@ def heatmap(
     """Fetch one scan's anomaly heatmap by scan_id (and where its overlay PNG is)."""
     import numpy as np
 
-    from anogan_batch.job.heatmaps import heatmap_for
+    from anogan_batch.job.heatmaps import heat_grid_for
     from anogan_batch.job.layout import JobLayout
 
-    heat = heatmap_for(out, scan_id)
+    heat, cell = heat_grid_for(out, scan_id)
     if npy:
         np.save(npy, heat)
     overlay = JobLayout(out).overlay(scan_id)
+    row, col = divmod(int(heat.argmax()), heat.shape[1])
     _echo(
-        f"{scan_id}: {heat.shape[0]}x{heat.shape[1]} heatmap, max {heat.max():.3f} at "
-        f"(x={int(heat.argmax() % heat.shape[1])}, y={int(heat.argmax() // heat.shape[1])}); "
-        f"overlay {overlay}" + (f"; saved to {npy}" if npy else "")
+        f"{scan_id}: {heat.shape[0]}x{heat.shape[1]} heat grid of {cell}x{cell}-pixel cells, "
+        f"max {heat.max():.3f} at (x={col * cell}, y={row * cell}); overlay {overlay}"
+        + (f"; saved to {npy}" if npy else "")
     )
 
 

@@ -384,7 +384,7 @@ def quarantine_table(root: Path, images: list[bytes], size: int) -> tuple[Path, 
         ("null-image", "scan-ni", 0, 0, None, r"image is null"),
         ("short-image", "scan-si", 0, 0, good[:-1], r"image has \d+ bytes"),
         ("long-image", "scan-li", 0, 0, good + b"\0", r"image has \d+ bytes"),
-        ("huge-x", "scan-huge", 2**31 - 1 - size, 0, good, None),  # scored; no heatmap
+        ("huge-x", "scan-huge", 2**31 - 1 - size, 0, good, None),  # scored; a coarse heatmap
     ]
     rows += [(f"hostile-{k}", s, 0, 0, good, None) for k, s in enumerate(HOSTILE_SCAN_IDS)]
     first = pa.table(

@@ -290,7 +290,7 @@ def test_a_calibrated_scale_darkens_normal_digits_and_keeps_anomalies_hot(sample
 
     import torch
 
-    from anogan_batch.core.calibration import box_blur, heat_radius
+    from anogan_batch.core.calibration import box_blur, cell_means, heat_blur_cells, heat_cell
     from anogan_batch.core.modeldir import load_model
     from anogan_batch.core.scoring import search_batch
     from anogan_batch.core.search import resolve_search
@@ -310,9 +310,10 @@ def test_a_calibrated_scale_darkens_normal_digits_and_keeps_anomalies_hot(sample
     def tinted(images: np.ndarray, above: float) -> float:
         ids = [f"t{i}" for i in range(len(images))]
         found = search_batch(model, torch.from_numpy(images[..., None]), ids, search, "cpu")
-        radius = heat_radius(images.shape[1])
-        return float(np.mean([(box_blur(m.mean(axis=0), radius) > above).mean()
-                              for m in found.residual_map]))  # fmt: skip
+        side = images.shape[1]
+        cells = cell_means(found.residual_map, heat_cell(side))
+        return float(np.mean([(box_blur(g, heat_blur_cells(side)) > above).mean()
+                              for g in cells]))  # fmt: skip
 
     zeros = sample["test_images"][sample["test_labels"] == 0][:50]
     others = sample["test_images"][sample["test_labels"] != 0][:50]

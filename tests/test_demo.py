@@ -50,6 +50,10 @@ def test_demo_runs_and_finds_the_lesions(tmp_path, capsys):
     assert "patch AUROC" in out and "scan  AUROC" in out
     assert "scans flagged at FDR 0.1" in out  # the bundled calibration gives p-values
     assert len(list((tmp_path / "job" / "overlays").rglob("*.png"))) == 24
+    # the overlays colour the lesions and leave normal tissue dark (docs/calibration.md)
+    shares = metrics["overlays"]
+    assert shares["coloured_in_lesion_tiles"] >= 0.8 and shares["normal_scans_coloured"] <= 0.01
+    assert "of coloured pixels in lesion tiles" in out
 
 
 def test_bundled_model_and_its_retrain_script_follow_train_args():

@@ -103,3 +103,19 @@ def test_machine_failures_are_found_in_ray_wrappers():
     text = RuntimeError("ray::MapWorker failed:\n  anogan_batch.errors.MachineError: node x ...")
     assert describe_machine_failure(text) == "node x ..."
     assert describe_machine_failure(RuntimeError("a bug")) is None
+
+
+def test_a_search_holds_what_the_free_memory_fits():
+    gib = 2**30
+    assert devices.rows_that_fit(40 * gib, 8 * 2**20) == int(40 * gib * devices.MEMORY_SHARE) // (
+        8 * 2**20
+    )
+    assert devices.rows_that_fit(10 * 2**20, 2**30) == 1  # never less than one patch
+    assert devices.rows_that_fit(4 * gib, 2**20, share=0.5) == 2048
+    with pytest.raises(ValueError):
+        devices.rows_that_fit(gib, 0)
+
+
+def test_the_cpu_gets_no_gpu_settings():
+    assert devices.configure("cpu") == {}
+    assert set(devices.CUDA_SETTINGS) == {"cudnn_tf32", "matmul_tf32", "cudnn_benchmark"}

@@ -11,21 +11,65 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
+from anogan_batch.core.calibration import cell_means, heat_cell
 from anogan_batch.io.patches import decode_map
-from anogan_batch.job.heatmaps import heatmap_for, stitch
+from anogan_batch.job.heatmaps import Cells, grid_shape, heat_grid_for, heatmap_for, stitch_cells
 from anogan_batch.job.layout import JobLayout
 from tests.conftest import run_cli
 
 P, STRIDE = 28, 14  # overlapping patches: every inner pixel is covered by up to 4 of them
 
 
-def test_stitch_averages_overlaps():
-    a, b = np.full((2, 2, 1), 1.0), np.full((2, 2, 1), 3.0)
-    mean, count = stitch([(0, 0, a), (1, 0, b)], height=2, width=4)
-    np.testing.assert_array_equal(mean[:, :, 0], [[1, 2, 3, 0], [1, 2, 3, 0]])
-    np.testing.assert_array_equal(count, [[1, 2, 1, 0], [1, 2, 1, 0]])
+def test_stitch_averages_overlapping_cells():
+    # patches of 16 pixels, cells of 2 (8 x 8 a patch): two patches overlapping by 8 pixels
+    assert heat_cell(16) == 2
+    a, b = np.full((8, 8), 1.0, np.float32), np.full((8, 8), 3.0, np.float32)
+    cells = Cells(np.array([0, 8]), np.array([0, 0]), np.stack([a, b]), None)
+    heat, thumb = stitch_cells(cells, 16, grid_shape(16, 32, 2))
+    assert heat.shape == (8, 16) and thumb is None
+    np.testing.assert_array_equal(heat[0], [1] * 4 + [2] * 4 + [3] * 4 + [0] * 4)
+    # off the cell grid (x = 3): the nearest cell; outside the scan: left out
+    cells = Cells(np.array([3, 30]), np.array([0, 0]), np.stack([a, b]), None)
+    heat, _ = stitch_cells(cells, 16, grid_shape(16, 32, 2))
+    np.testing.assert_array_equal(heat[0], [0, 0] + [1] * 8 + [0] * 5 + [3])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    side=st.sampled_from([16, 28, 31, 64]),
+    channels=st.sampled_from([1, 3]),
+    dtype=st.sampled_from(["uint8", "uint16", "float32"]),
+    seed=st.integers(0, 2**16),
+)
+def test_a_patch_s_cells_are_its_map_and_pixels_averaged_per_cell(side, channels, dtype, seed):
+    from anogan_batch.config import PIXEL_MAX
+    from anogan_batch.job.heatmaps import patch_cells, patch_thumbs
+
+    rng = np.random.default_rng(seed)
+    maps = rng.random((3, channels, side, side), dtype=np.float32) * 2
+    full = PIXEL_MAX[dtype]
+    pixels = (rng.random((3, side, side, channels)) * full).astype(dtype)
+    cell = heat_cell(side)
+    g = side // cell
+    heat = patch_cells(maps, side).view("<f2").reshape(3, g, g).astype(np.float32)
+    np.testing.assert_allclose(heat, cell_means(maps, cell), rtol=2**-10, atol=1e-6)
+    thumb = patch_thumbs(pixels, side, full).reshape(3, g, g, channels).astype(np.float64)
+    want = pixels.astype(np.float64).reshape(3, g, cell, g, cell, channels).mean(axis=(2, 4))
+    np.testing.assert_allclose(thumb, want / full * 255, atol=0.5 + 1e-3)
+
+
+def test_a_scan_too_large_for_a_fine_grid_gets_coarser_cells():
+    from anogan_batch.job.heatmaps import MAX_GRID_CELLS
+
+    h, w, cell = grid_shape(100_000, 100_000, 8)  # a slide of 10^10 pixels
+    assert h * w <= MAX_GRID_CELLS and cell % 8 == 0 and h == -(-100_000 // cell)
+    assert grid_shape(2_000, 3_000, 8) == (250, 375, 8)  # small scans keep the patch cells
+    h, w, cell = grid_shape(28, 2**31 - 1, 2)  # a hostile size: the grid stays bounded
+    assert h * w <= MAX_GRID_CELLS
 
 
 @pytest.fixture(scope="module")
@@ -68,19 +112,27 @@ def mosaic_job(ray_local, tiny_model, sample, tmp_path_factory):
     return run_score_job(cfg), out, lesions
 
 
-def test_heatmap_is_the_stitched_residual_maps(mosaic_job):
+def test_heatmap_is_the_stitched_cells_of_the_residual_maps(mosaic_job):
     manifest, out, _ = mosaic_job
     scores = pads.dataset(out / "patch_scores", partitioning="hive").to_table()
     assert manifest.scored_rows == scores.num_rows == 4 * 9
+    cell = heat_cell(P)
+    g = P // cell
     for scan_id in ("normal/a", "lesion/b"):
         rows = [r for r in scores.to_pylist() if r["scan_id"] == scan_id]
-        tiles = [(r["x"], r["y"], decode_map(r["residual_map"], P, P, 1)) for r in rows]
-        want = stitch(tiles, 56, 56)[0][:, :, 0]
-        got = heatmap_for(str(out), scan_id)
-        assert got.shape == (56, 56)
-        np.testing.assert_allclose(got, want, rtol=1e-6)
+        # the same stitching done by hand, from the float16 residual maps (compact)
+        total, count = np.zeros((56 // cell,) * 2), np.zeros((56 // cell,) * 2)
+        for r in rows:
+            m = decode_map(r["residual_map"], P, P, 1).transpose(2, 0, 1)[None]
+            y, x = r["y"] // cell, r["x"] // cell
+            total[y : y + g, x : x + g] += cell_means(m, cell)[0]
+            count[y : y + g, x : x + g] += 1
+        got, got_cell = heat_grid_for(str(out), scan_id)
+        assert got.shape == (28, 28) and got_cell == cell
+        # cells from float32 maps in the scorer, stored as float16: float16's rounding
+        np.testing.assert_allclose(got, total / np.maximum(count, 1), rtol=2e-3, atol=1e-4)
         overlay = Image.open(JobLayout(str(out)).overlay(scan_id))
-        assert overlay.size == (56, 56) and overlay.mode == "RGB"
+        assert overlay.size == (56, 56) and overlay.mode == "RGB"  # the grid, enlarged x2
     table = pads.dataset(out / "heatmaps").to_table(columns=["scan_id", "overlay", "max_score"])
     assert sorted(table.column("scan_id").to_pylist()) == [
         "lesion/a",
@@ -90,11 +142,30 @@ def test_heatmap_is_the_stitched_residual_maps(mosaic_job):
     ]
 
 
+def test_scan_phase_reads_no_input_pixels(mosaic_job, tmp_path):
+    """The heatmaps come from the job's own heat cells: with the patch table's pixels gone,
+    the scan tables are written all the same."""
+    from anogan_batch.job.aggregate import write_scan_tables
+
+    manifest, out, _ = mosaic_job
+    copy = tmp_path / "out"
+    shutil.copytree(out / "patch_scores", copy / "patch_scores")
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    shutil.copy(out.parent / "patches" / "_scans.parquet", patches / "_scans.parquet")
+    write_scan_tables(str(copy), str(patches), heatmaps=(P, 1), rows=manifest.input_rows)
+    for scan_id in ("normal/a", "lesion/a"):
+        np.testing.assert_array_equal(
+            heatmap_for(str(copy), scan_id), heatmap_for(str(out), scan_id)
+        )
+
+
 def test_lesions_light_up(mosaic_job):
     _, out, lesions = mosaic_job
     for scan_id, tile in lesions.items():
-        heat = heatmap_for(str(out), scan_id)
-        tile_heat = [heat[y : y + P, x : x + P].mean() for y in (0, P) for x in (0, P)]
+        heat, cell = heat_grid_for(str(out), scan_id)
+        g = P // cell
+        tile_heat = [heat[y : y + g, x : x + g].mean() for y in (0, g) for x in (0, g)]
         assert int(np.argmax(tile_heat)) == tile, (scan_id, tile_heat)
 
 
@@ -102,7 +173,7 @@ def test_heatmap_cli_fetches_one_scan(mosaic_job, tmp_path):
     _, out, _ = mosaic_job
     r = run_cli("heatmap", str(out), "lesion/a", "--npy", str(tmp_path / "h.npy"))
     assert r.returncode == 0, r.stderr
-    assert "lesion/a: 56x56 heatmap" in r.stdout
+    assert "lesion/a: 28x28 heat grid of 2x2-pixel cells" in r.stdout
     np.testing.assert_array_equal(np.load(tmp_path / "h.npy"), heatmap_for(str(out), "lesion/a"))
     r = run_cli("heatmap", str(out), "no/such/scan")
     assert r.returncode == 2 and "no heatmap for scan_id 'no/such/scan'" in r.stderr
@@ -136,9 +207,10 @@ def test_only_small_jobs_group_in_the_driver():
 
     assert groups_in_driver(36, (28, 1)) and groups_in_driver(LOCAL_ROWS, None)
     assert not groups_in_driver(LOCAL_ROWS + 1, None)
-    # 64x64 grey patches with heatmaps: maps and pixels pass 128 MiB past ~4,000
-    assert groups_in_driver(4_000, (64, 1)) and not groups_in_driver(4_100, (64, 1))
-    assert not groups_in_driver(1_000, (256, 3))  # large colour patches: bytes, not rows
+    # heat cells are a few hundred bytes a patch: rows decide for usual patch sides
+    assert groups_in_driver(LOCAL_ROWS, (64, 1)) and groups_in_driver(LOCAL_ROWS, (256, 3))
+    # a prime side has one-pixel cells: 63,001 cells x 5 bytes a patch pass 128 MiB
+    assert not groups_in_driver(1_000, (251, 3))
 
 
 @pytest.mark.parametrize("with_threshold", [False, True])

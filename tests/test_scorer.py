@@ -149,3 +149,69 @@ def test_compact_maps_halve_the_map_bytes_and_none_drops_them(model, rows, refer
     np.testing.assert_array_equal(
         none.column("anomaly_score").to_numpy(), compact.column("anomaly_score").to_numpy()
     )
+
+
+def test_batches_on_two_threads_overlap_host_work_with_one_search_at_a_time(
+    model, rows, reference, monkeypatch
+):
+    """An actor runs two calls at once (job/pipeline): its device thread searches one batch at
+    a time, while the other call decodes its rows; the rows are those of a serial call."""
+    import threading
+    import time
+
+    from anogan_batch.io import patches as patches_module
+    from anogan_batch.job.scorer import DeviceThread
+
+    events: list[tuple[str, float, float]] = []  # (what, start, end)
+    searching: list[int] = []
+    threads: set[int] = set()
+    started = threading.Event()
+    real_search, real_decode = search_module.latent_search, patches_module.decode_patches
+
+    def slow_search(g, d, x, ids, cfg, encoder=None):
+        searching.append(1)
+        threads.add(threading.get_ident())
+        assert len(searching) == 1, "two searches on the device at once"
+        start = time.perf_counter()
+        started.set()
+        time.sleep(0.4)
+        try:
+            return real_search(g, d, x, ids, cfg, encoder)
+        finally:
+            searching.pop()
+            events.append(("search", start, time.perf_counter()))
+
+    def timed_decode(table, spec):
+        start = time.perf_counter()
+        out = real_decode(table, spec)
+        events.append(("decode", start, time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(search_module, "latent_search", slow_search)
+    monkeypatch.setattr(patches_module, "decode_patches", timed_decode)
+    searcher = DeviceThread()
+    halves = [rows.slice(0, 6), rows.slice(6, 6)]
+    outs: dict[int, object] = {}
+
+    def call(i: int) -> None:
+        outs[i] = score_table(model, halves[i], SEARCH, job_id="j", device="cpu",
+                              searcher=searcher)  # fmt: skip
+
+    first = threading.Thread(target=call, args=(0,))
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=call, args=(1,))
+    second.start()
+    first.join()
+    second.join()
+    (s0, e0), (s1, _) = sorted((s, e) for w, s, e in events if w == "search")
+    decoded = sorted((s, e) for w, s, e in events if w == "decode")[1]  # the second call's
+    assert s0 < decoded[0] and decoded[1] < e0, "the second call's decode waited on the search"
+    assert e0 <= s1  # one search at a time
+    assert len(threads) == 1 and threading.get_ident() not in threads  # on the device thread
+    assert searcher.take_busy() >= 2 * 0.4  # the device's busy time: the searches
+    assert searcher.take_busy() == 0.0
+    expected = reference.column("anomaly_score").to_numpy()
+    for i in range(2):
+        got = outs[i].column("anomaly_score").to_numpy()
+        np.testing.assert_allclose(got, expected[i * 6 : i * 6 + 6], rtol=1e-5)

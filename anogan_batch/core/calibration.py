@@ -141,17 +141,42 @@ def split_by_scan(scan_ids: list[str], fraction: float, seed: int = 0) -> np.nda
 
 # ---- the overlay's colour scale, anchored in the model's normal residuals -----------------
 
-# An overlay colours a pixel whose smoothed residual exceeds HEAT_QUANTILES[0] of the normal
-# calibration patches' pixels, and shows it at full colour from HEAT_QUANTILES[1]: about one
-# normal pixel in a hundred is tinted, one in a thousand fully coloured, for every model.
-HEAT_QUANTILES = (0.99, 0.999)
-HEAT_PATCHES = 2_000  # calibration patches whose pixels the quantiles are taken over, at most
+# An overlay colours a heat-grid cell whose smoothed heat exceeds HEAT_QUANTILES[0] of the
+# normal calibration patches' cells, and shows it at full colour from HEAT_QUANTILES[1]: one
+# normal cell in 2,000 is tinted, one in 20,000 fully coloured, for every model (lower
+# quantiles left normal tissue's specks a large share of the colour: docs/calibration.md).
+HEAT_QUANTILES = (0.9995, 0.99995)
+HEAT_PATCHES = 2_000  # calibration patches whose cells the quantiles are taken over, at most
 
 
 def heat_radius(patch_size: int) -> int:
-    """The box blur radius an overlay smooths residuals with: stroke-wide misalignments of
-    one pixel are not lesions."""
+    """The box blur radius, in pixels, an overlay smooths residuals with: stroke-wide
+    misalignments of one pixel are not lesions."""
     return max(1, patch_size // 7)
+
+
+def heat_cell(patch_size: int) -> int:
+    """The side, in pixels, of one cell of a heat grid: the largest divisor of the patch side
+    up to a 1/8 of it, so that a patch holds a whole number of cells (at most 8 x 8 of them
+    for a side with such a divisor) and a scan's grid is 1/cell of its size a side."""
+    top = max(1, patch_size // 8)
+    return max(d for d in range(1, top + 1) if patch_size % d == 0)
+
+
+def heat_blur_cells(patch_size: int) -> int:
+    """`heat_radius` in cells of `heat_cell`: the blur the overlay applies to a heat grid."""
+    return max(1, round(heat_radius(patch_size) / heat_cell(patch_size)))
+
+
+def cell_means(maps: np.ndarray, cell: int) -> np.ndarray:
+    """Residual maps (B, C, S, S) -> their channel-mean residual per cell, (B, S/cell, S/cell)
+    float32: what a heat grid holds of a patch."""
+    b, c, s, _ = maps.shape
+    g = s // cell
+    # (B, C, g, cell, g, cell): summed over the cell's pixels, then over the channels
+    return maps.reshape(b, c, g, cell, g, cell).sum(axis=(3, 5), dtype=np.float32).mean(
+        axis=1
+    ) / np.float32(cell * cell)
 
 
 def box_blur(a: np.ndarray, radius: int) -> np.ndarray:
@@ -166,11 +191,13 @@ def box_blur(a: np.ndarray, radius: int) -> np.ndarray:
 
 
 def normal_heat(maps: list[np.ndarray], patch_size: int) -> dict[str, Any]:
-    """The overlay scale of a calibration: HEAT_QUANTILES of the smoothed, channel-averaged
-    residual over the pixels of normal patches (`maps`: (N, C, S, S) float32 arrays)."""
-    radius = heat_radius(patch_size)
-    patches = [m for batch in maps for m in batch][:HEAT_PATCHES]
-    values = np.concatenate([box_blur(m.mean(axis=0), radius).ravel() for m in patches])
+    """The overlay scale of a calibration: HEAT_QUANTILES of the heat an overlay shows over
+    normal patches (`maps`: (N, C, S, S) float32 arrays): their cells' channel-mean residual
+    (`cell_means`), smoothed by `heat_blur_cells`, as a scan's heat grid is."""
+    cell, radius = heat_cell(patch_size), heat_blur_cells(patch_size)
+    patches = np.concatenate([np.asarray(m) for m in maps])[:HEAT_PATCHES]
+    cells = cell_means(patches, cell)
+    values = np.concatenate([box_blur(g, radius).ravel() for g in cells])
     floor, full = (float(v) for v in np.quantile(values, HEAT_QUANTILES))
     return {"quantiles": list(HEAT_QUANTILES), "floor": floor, "full": max(full, floor * 1.01),
-            "radius": radius, "patches": len(patches)}  # fmt: skip
+            "cell": cell, "radius": radius, "patches": len(patches)}  # fmt: skip

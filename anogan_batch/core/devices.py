@@ -103,6 +103,60 @@ def describe(device: str) -> dict[str, Any]:
     }
 
 
+# Numeric settings per device kind, set in one place (configure) and recorded in job.json.
+# Chosen by measurement (docs/performance.md, "Per-device settings"): bf16 gained 3-10 % on
+# the H200 and moves scores, so every device searches in fp32; cuDNN's own TF32 (torch's
+# default, under which the H200's figures were measured) stays; TF32 matmuls stay off (the
+# networks are convolutions); cuDNN autotuning stays off: it picks kernels per batch shape,
+# and a patch's score must not depend on its batch (CONTRACT.md).
+CUDA_SETTINGS = {"cudnn_tf32": True, "matmul_tf32": False, "cudnn_benchmark": False}
+# Share of a GPU's free memory the searches of one actor may fill (the rest: the CUDA
+# context, the caching allocator's slack, a second actor's model copy).
+MEMORY_SHARE = 0.6
+
+
+def configure(device: str) -> dict[str, Any]:
+    """Apply the per-device numeric settings for `device`; returns them, for job.json."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return {}
+    torch.backends.cudnn.allow_tf32 = CUDA_SETTINGS["cudnn_tf32"]
+    torch.backends.cuda.matmul.allow_tf32 = CUDA_SETTINGS["matmul_tf32"]
+    torch.backends.cudnn.benchmark = CUDA_SETTINGS["cudnn_benchmark"]
+    return dict(CUDA_SETTINGS)
+
+
+def rows_that_fit(free_bytes: int, per_patch_bytes: float, share: float = MEMORY_SHARE) -> int:
+    """How many patches one search may hold: `share` of the free memory over the measured
+    footprint of one patch (at least 1)."""
+    if per_patch_bytes <= 0:
+        raise ValueError(f"per-patch footprint must be positive, got {per_patch_bytes}")
+    return max(1, int(free_bytes * share // per_patch_bytes))
+
+
+def search_footprint(search, channels: int, size: int, device: str, probe: int = 32) -> float:
+    """Bytes of device memory one patch of a search takes, measured: the peak allocation of
+    `search(pixels)` on `probe` patches of zeros ((B, size, size, channels) uint8) over the
+    allocation before it, per patch. CUDA only."""
+    import torch
+
+    dev = torch.device(device)
+    torch.cuda.synchronize(dev)
+    before = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    search(torch.zeros((probe, size, size, channels), dtype=torch.uint8))
+    torch.cuda.synchronize(dev)
+    return max(1.0, (torch.cuda.max_memory_allocated(dev) - before) / probe)
+
+
+def free_memory(device: str) -> int:
+    """Free bytes on a CUDA device."""
+    import torch
+
+    return int(torch.cuda.mem_get_info(torch.device(device))[0])
+
+
 def granted_gpus() -> list[str]:
     """The GPU ids Ray granted this process ([] outside Ray or without GPUs)."""
     try:

@@ -182,7 +182,53 @@ def run_demo(out: str, *, train: bool = False, iterations: int | None = None) ->
             f"({scan['n_normal']} normal, {scan['n_anomalous']} lesion scans)"
         )
     say(decisions_line(manifest.decisions or {}, job))
-    return metrics
+    shares = overlay_shares(job, truth)
+    say(
+        f"overlays: {100 * shares['coloured_in_lesion_tiles']:.1f} % of coloured pixels in "
+        f"lesion tiles; normal scans {100 * shares['normal_scans_coloured']:.1f} % coloured"
+    )
+    return metrics | {"overlays": shares}
+
+
+def overlay_shares(job: str, truth: str) -> dict[str, float]:
+    """How a demo job's overlay PNGs colour, against the truth: the share of coloured pixels
+    (the scan underneath is gray, so colour is where R, G, B differ) that lie in lesion tiles,
+    and the share of normal scans' pixels that are coloured."""
+    from PIL import Image
+
+    from anogan_batch.io.tables import read_columns
+    from anogan_batch.job.layout import JobLayout
+
+    lesion = {
+        line.split(",")[0]
+        for line in storage.read_bytes(truth).decode().splitlines()[1:]
+        if line.endswith(",lesion")
+    }
+    layout = JobLayout(job)
+    patches = read_columns(layout.patch_scores, ["patch_id", "scan_id", "x", "y"]).to_pylist()
+    tiles: dict[str, list[tuple[int, int]]] = {}
+    for r in patches:
+        if r["patch_id"] in lesion:
+            tiles.setdefault(r["scan_id"], []).append((r["x"], r["y"]))
+    sizes = read_columns(layout.heatmaps, ["scan_id", "height", "width"]).to_pylist()
+    in_lesions = coloured = normal_coloured = normal_pixels = 0
+    for scan in sizes:
+        rgb = np.asarray(Image.open(layout.overlay(scan["scan_id"])).convert("RGB"), np.int16)
+        colour = (rgb[..., 0] != rgb[..., 1]) | (rgb[..., 1] != rgb[..., 2])
+        inside = np.zeros_like(colour)
+        sy, sx = colour.shape[0] / scan["height"], colour.shape[1] / scan["width"]
+        for x, y in tiles.get(scan["scan_id"], []):
+            rows = slice(round(y * sy), round((y + PATCH_SIZE) * sy))
+            inside[rows, round(x * sx) : round((x + PATCH_SIZE) * sx)] = True
+        coloured += int(colour.sum())
+        in_lesions += int((colour & inside).sum())
+        if scan["scan_id"].startswith("normal/"):
+            normal_coloured += int(colour.sum())
+            normal_pixels += colour.size
+    return {
+        "coloured_in_lesion_tiles": in_lesions / max(1, coloured),
+        "normal_scans_coloured": normal_coloured / max(1, normal_pixels),
+    }
 
 
 def decisions_line(decisions: dict, job: str) -> str:

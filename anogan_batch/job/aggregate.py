@@ -1,10 +1,11 @@
 """Per-scan tables of a finished job: one groupby by scan_id, on the cluster (Ray Data).
 
 One hash-partitioned shuffle by `scan_id` brings together, for every scan: its patch scores,
-and (for heatmaps) its patches' residual maps and pixels and the scan's size from the patch
-table's `_scans.parquet`. Each group yields one row: the scan's score summary, plus its stitched
-heatmap and overlay PNG (see heatmaps.py). The driver never holds patch rows; it only streams
-the small summary columns from OUT/heatmaps into OUT/scan_scores.
+and (for heatmaps) its patches' heat cells and thumbnails (the scorer's `heat` and `thumb`: a
+few hundred bytes a patch, never the residual maps or the input table's pixels) and the scan's
+size from the patch table's `_scans.parquet`. Each group yields one row: the scan's score
+summary, plus its heat grid and overlay PNG (see heatmaps.py). The driver never holds patch
+rows; it only streams the small summary columns from OUT/heatmaps into OUT/scan_scores.
 
 A small job (`LOCAL_ROWS`, `LOCAL_BYTES`) is grouped in the driver instead, by the same
 functions: Ray Data's shuffle costs 7-20 s of start-up on any job, which is most of a small
@@ -21,11 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from anogan_batch.config import PIXEL_MAX
-from anogan_batch.core.calibration import bonferroni
+from anogan_batch.core.calibration import bonferroni, heat_cell
 from anogan_batch.io import storage
-from anogan_batch.io.patches import DTYPES
-from anogan_batch.job.heatmaps import MAP_COLUMNS, HeatmapGeometry, render_scan
+from anogan_batch.job.heatmaps import MAP_COLUMNS, Cells, HeatmapGeometry, render_scan
 from anogan_batch.job.layout import JobLayout
 
 SUMMARY_COLUMNS = (
@@ -33,7 +32,7 @@ SUMMARY_COLUMNS = (
     "n_above_threshold", "max_patch_id", "max_x", "max_y", "label", "p_value",
 )  # fmt: skip
 # what each input contributes to the shuffle ("kind" tells them apart)
-SCORE, IMAGE, SIZE = "score", "image", "size"
+SCORE, SIZE = "score", "size"
 # Jobs up to these sizes are grouped in the driver: its memory holds about twice the bytes,
 # and one core groups them faster than a Ray shuffle starts (docs/performance.md).
 LOCAL_BYTES = 128 * 2**20
@@ -43,7 +42,7 @@ PARTITION_BYTES = 64 * 2**20
 # Scans a row group of scan_scores holds (about 200 bytes each). The groupby yields one row a
 # scan, and stored as such every scan cost a row group's footer (about 30 bytes a column):
 # 100 MB of footers in the driver that counted a 10 M-patch job's scans. OUT/heatmaps keeps
-# one row group a scan: a heatmap is up to MAX_HEATMAP_PIXELS x 4 bytes, and `heatmap_for`
+# one row group a scan: a heatmap is up to MAX_GRID_CELLS x 4 bytes, and `heatmap_for`
 # reads one scan's row group.
 SCAN_GROUP_ROWS = 65_536
 
@@ -102,6 +101,9 @@ def scan_schema(heatmaps: bool):
     maps = [
         ("height", pa.int32()),
         ("width", pa.int32()),
+        ("cell", pa.int32()),
+        ("grid_height", pa.int32()),
+        ("grid_width", pa.int32()),
         ("heatmap", pa.binary()),
         ("max_heat", pa.float64()),
         ("mean_heat", pa.float64()),
@@ -130,8 +132,8 @@ def _union_schema():
             ("patch_id", pa.string()),
             ("label", pa.string()),
             ("p_value", pa.float64()),
-            ("data", pa.binary()),  # residual map (float16 or float32) or pixels (of `dtype`)
-            ("dtype", pa.string()),
+            ("heat", pa.binary()),  # the patch's heat cells (float16)
+            ("thumb", pa.binary()),  # its pixels per cell (uint8)
         ]
     )
 
@@ -150,12 +152,9 @@ def to_union_rows(batch, kind: str):
         for name in ("anomaly_score", "patch_id", "label", "p_value"):
             if name in batch.column_names:
                 cols[name] = batch.column(name)
-        if "residual_map" in batch.column_names:
-            cols["data"] = batch.column("residual_map")  # float16 or float32: decode_map
-    elif kind == IMAGE:
-        cols["data"] = batch.column("image")
-        if "dtype" in batch.column_names:
-            cols["dtype"] = batch.column("dtype")
+        for name in ("heat", "thumb"):
+            if name in batch.column_names:
+                cols[name] = batch.column(name)
     schema = _union_schema()
     arrays = [cols[f.name].cast(f.type) if f.name in cols else pa.nulls(n, f.type) for f in schema]
     return pa.Table.from_arrays(arrays, schema=schema)
@@ -178,41 +177,46 @@ def scan_row(
     row = scan_summary({k: v[scored] for k, v in group.items()}, threshold)
     if heatmaps:
         geometry = HeatmapGeometry(*heatmaps)
-        residual, image, recorded = scan_tiles(group, geometry)
+        cells, recorded = scan_cells(group, geometry)
         overlay = JobLayout(out).overlay(str(group["scan_id"][0]))
-        row |= render_scan(residual, image, geometry.size, overlay, recorded, tuple(geometry.heat))
+        row |= render_scan(cells, geometry.size, overlay, recorded, tuple(geometry.heat))
     return row
 
 
-def scan_tiles(
+def scan_cells(
     group: dict[str, np.ndarray], geometry: HeatmapGeometry
-) -> tuple[list, list, tuple[int, int] | None]:
-    """A scan's union rows -> (residual tiles, pixel tiles in [0, 1], recorded (height, width)).
+) -> tuple[Cells, tuple[int, int] | None]:
+    """A scan's union rows -> (its patches' heat cells, recorded (height, width)).
 
-    Residual maps are the job's own output. Pixels and sizes come from the input table: a row
-    whose dtype is not a pixel dtype, whose bytes do not fill a patch, or whose size is not
-    positive is left out of the picture (its patch was quarantined or never scored).
+    Heat cells are the job's own output; sizes come from the input table: a patch whose
+    position is negative or whose cells do not fit the model's grid is left out of the
+    picture (a job of another model wrote it), and so is a size that is not positive.
     """
-    size, channels = geometry.size, geometry.channels
-    residual, image, recorded = [], [], None
+    g = geometry.size // heat_cell(geometry.size)
+    xs, ys, heats, thumbs, recorded = [], [], [], [], None
     for i in range(len(group["kind"])):
-        kind, x, y = group["kind"][i], _position(group["x"][i]), _position(group["y"][i])
-        if x is None or y is None:
+        x, y = _position(group["x"][i]), _position(group["y"][i])
+        if x is None or y is None or x < 0 or y < 0:
             continue
-        if kind == SIZE:
+        if group["kind"][i] == SIZE:
             if x > 0 and y > 0 and recorded is None:  # the size rides in x (width), y (height)
                 recorded = (y, x)
             continue
-        if kind == SCORE:
-            tile = _map_tile(group["data"][i], size, channels)
-            if tile is not None:
-                residual.append((x, y, tile))
+        heat = _cells(group["heat"][i], g * g, "<f2")
+        if heat is None:
             continue
-        dtype = group["dtype"][i] or geometry.dtype
-        tile = _tile(group["data"][i], dtype, size, channels)
-        if tile is not None:
-            image.append((x, y, tile / PIXEL_MAX[dtype]))
-    return residual, image, recorded
+        xs.append(x)
+        ys.append(y)
+        heats.append(heat.reshape(g, g))
+        thumb = _cells(group["thumb"][i], g * g * geometry.channels, np.uint8)
+        thumbs.append(thumb.reshape(g, g, -1) if thumb is not None else None)
+    whole = all(t is not None for t in thumbs)
+    return Cells(
+        np.asarray(xs, np.int64),
+        np.asarray(ys, np.int64),
+        np.asarray(heats, np.float32).reshape(-1, g, g),
+        np.asarray(thumbs, np.float32).reshape(-1, g, g, geometry.channels) if whole else None,
+    ), recorded
 
 
 def _position(value) -> int | None:
@@ -220,25 +224,12 @@ def _position(value) -> int | None:
     return int(value) if value is not None and np.isfinite(value) else None
 
 
-def _map_tile(data: bytes | None, size: int, channels: int) -> np.ndarray | None:
-    """One patch's residual map as float32 (size, size, channels), or None if it is not one."""
-    from anogan_batch.io.patches import decode_map
-
-    if data is None:
+def _cells(data: bytes | None, count: int, dtype) -> np.ndarray | None:
+    """`count` values of `dtype` from a patch's bytes, or None if they are not that."""
+    width = np.dtype(dtype).itemsize
+    if data is None or len(data) != count * width:
         return None
-    try:
-        return decode_map(data, size, size, channels)
-    except ValueError:
-        return None
-
-
-def _tile(data: bytes | None, dtype: str | None, size: int, channels: int) -> np.ndarray | None:
-    """One patch's bytes as float32 (size, size, channels), or None if they are not one."""
-    if data is None or dtype not in DTYPES:
-        return None
-    if len(data) != size * size * channels * DTYPES[dtype].itemsize:
-        return None
-    return np.frombuffer(data, dtype=DTYPES[dtype]).reshape(size, size, channels).astype(np.float32)
+    return np.frombuffer(data, dtype=dtype).astype(np.float32)
 
 
 def _partitions(shuffle: int | None) -> int:
@@ -256,12 +247,13 @@ def _partitions(shuffle: int | None) -> int:
 
 def shuffle_bytes(rows: int, heatmaps: tuple | None) -> int:
     """A bound on the shuffle's input for a job of `rows` patches, from its geometry alone
-    (no metadata reads): the summary columns, plus with heatmaps a float32 residual map and
-    the pixels (at most 4 bytes each) per patch."""
+    (no metadata reads): the summary columns, plus with heatmaps a patch's heat cells
+    (float16) and thumbnail (a byte a cell and channel)."""
     per_row = 256
     if heatmaps:
         size, channels = heatmaps[:2]
-        per_row += size * size * channels * 8
+        cells = (size // heat_cell(size)) ** 2
+        per_row += cells * (2 + channels)
     return rows * per_row
 
 
@@ -280,7 +272,7 @@ def write_scan_tables(
     rows: int | None = None,
 ) -> str:
     """Write OUT/scan_scores, and with `heatmaps=(patch_size, channels)` OUT/heatmaps and
-    OUT/overlays, from OUT/patch_scores (and the patch table's pixels).
+    OUT/overlays, from OUT/patch_scores (and the patch table's recorded scan sizes).
 
     `rows` (the patch table's row count) lets a small job be grouped in the driver; without
     it, or above `LOCAL_ROWS` rows or `LOCAL_BYTES` of `shuffle_bytes`, the groupby runs on
@@ -325,15 +317,10 @@ def _inputs(out: str, patches: str, heatmaps: tuple | None) -> list[tuple[str, l
     from anogan_batch.io.tables import table_columns
 
     score_cols = ["scan_id", "x", "y", "anomaly_score", "patch_id", "label"]
-    if "p_value" in table_columns(JobLayout(out).patch_scores):
-        score_cols.append("p_value")
-    if heatmaps:
-        score_cols.append("residual_map")
+    stored = table_columns(JobLayout(out).patch_scores)
+    score_cols += [c for c in ("p_value",) + (("heat", "thumb") if heatmaps else ()) if c in stored]
     inputs = [(JobLayout(out).patch_scores, score_cols, SCORE)]
     if heatmaps:
-        names = table_columns(patches)
-        cols = [c for c in ("scan_id", "x", "y", "image", "dtype") if c in names]
-        inputs.append((patches, cols, IMAGE))
         scans_file = storage.join(patches, "_scans.parquet")
         if storage.exists(scans_file):
             inputs.append((scans_file, ["scan_id", "height", "width"], SIZE))

@@ -1,76 +1,154 @@
-"""Per-scan anomaly heatmaps: patch residual maps stitched back into full-size scan maps.
+"""Per-scan anomaly heatmaps: heat grids stitched from the cells each scored patch carries.
 
-The per-scan groupby of aggregate.py brings together, for every scan, its patches' residual
-maps (from OUT/patch_scores), their pixels (from the input patch table, for the overlay's
-background) and the scan's size (from the table's `_scans.parquet`, written by ingest; without
-it the patch grid's extent is used). `render_scan` turns them into:
+A heat grid has one cell per `cell` x `cell` pixels of the scan (core/calibration.heat_cell:
+up to 1/8 of the patch side, so a patch holds a whole number of cells). The scorer writes, with
+each patch's scores, its `heat` (the channel-mean residual per cell, float16) and its `thumb`
+(its pixels averaged per cell, uint8): a few hundred bytes a patch, so the per-scan groupby of
+aggregate.py moves those and never the residual maps or the input table's pixels again. Cells
+where patches overlap hold the mean of their patches' cells; cells no scored patch covers
+(masked background, quarantined patches) are 0. A patch whose position is not a multiple of the
+cell lands on the nearest cell.
 
-- the heatmap: per pixel, the mean over channels of |x - G(z)| (model space, so 0..2), averaged
-  over every patch covering the pixel (overlapping strides); pixels no scored patch covers
-  (masked background) are 0;
-- the overlay PNG (OUT/overlays/, named by `layout.file_stem(scan_id)`): the scan in gray with
-  the heatmap on top ("hot" colours, opaque where the residual is large). For display only,
-  the heatmap is smoothed by a box blur of radius P/7 (single-pixel stroke misalignments are
-  not lesions) and mapped onto the colour scale from the model's calibration: tinted above
-  the 99th percentile of its normal patches' smoothed pixel residuals, full colour from the
-  99.9th (core/calibration.normal_heat), so normal tissue stays dark and one scale holds for
-  every scan and job of the model. A model without that record gets the fixed scale
-  [HEAT_FLOOR, HEAT_SCALE]; either way, never a per-scan scale.
+A scan whose grid would pass MAX_GRID_CELLS (a gigapixel slide) gets a coarser grid: `cell`
+grows by a whole factor until it fits, so a heatmap and its overlay never need memory in
+proportion to the scan's pixels, only to the grid's.
 
-Positions and sizes come from input tables, so they are bounded before they size an array: a
-tile outside its scan is left out, and a scan larger than MAX_HEATMAP_PIXELS gets no heatmap
-(`heatmap_skipped` says why) rather than an allocation the data asked for.
+The overlay PNG (OUT/overlays/, named by `layout.file_stem(scan_id)`) is the thumbnail grid in
+gray with the heat on top ("hot" colours), enlarged by whole pixels towards the scan's size up
+to MAX_OVERLAY_PIXELS. For display only, the heat is smoothed by a box blur
+(core/calibration.heat_blur_cells) and mapped onto the colour scale from the model's
+calibration: tinted above the 99th percentile of its normal patches' smoothed cell heat, full
+colour from the 99.9th (core/calibration.normal_heat), so normal tissue stays dark and one scale
+holds for every scan and job of the model. A model without that record gets the fixed scale
+[HEAT_FLOOR, HEAT_SCALE]; either way, never a per-scan scale.
 
-OUT/heatmaps/ is a Parquet table, one row per scan: the scan_scores columns plus height, width,
-heatmap (float32 little-endian bytes, row-major height x width), max_heat, mean_heat, overlay
-(path of the PNG) and heatmap_skipped.
-`heatmap_for(OUT, scan_id)` fetches one scan's map, reading only the row groups whose scan_id
+OUT/heatmaps/ is a Parquet table, one row per scan: the scan_scores columns plus height, width
+(the scan's, in pixels), cell (pixels per grid cell a side), grid_height, grid_width, heatmap
+(float32 little-endian bytes, row-major grid_height x grid_width), max_heat, mean_heat, overlay
+(path of the PNG) and heatmap_skipped (why a scan has no heatmap, else null).
+`heatmap_for(OUT, scan_id)` fetches one scan's grid, reading only the row groups whose scan_id
 statistics can match.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
 
-from anogan_batch.core.calibration import box_blur, heat_radius
+from anogan_batch.core.calibration import box_blur, heat_blur_cells, heat_cell
 from anogan_batch.io import storage
 
 # The fixed scale of a model whose calibration has no `heat` record (model space spans 0..2):
-HEAT_FLOOR = 0.1  # smoothed residual per pixel below which nothing is drawn
+HEAT_FLOOR = 0.1  # smoothed residual per cell below which nothing is drawn
 HEAT_SCALE = 0.35  # smoothed residual shown at full colour
-# Largest scan (height x width) that gets a heatmap: its stitching holds a few float64 copies
-# of it, so this bounds the memory one scan may ask for.
-MAX_HEATMAP_PIXELS = 2**25
+# Most cells a scan's grid holds (a float64 sum and a count each while stitching): a larger
+# scan gets coarser cells.
+MAX_GRID_CELLS = 2**22
+# Most pixels an overlay PNG holds: a grid smaller than this is enlarged by whole pixels.
+MAX_OVERLAY_PIXELS = 2**22
+# Patches stitched at a time: bounds the index arrays of a scan with millions of patches.
+STITCH_CHUNK = 65_536
 MAP_COLUMNS = (
-    "height", "width", "heatmap", "max_heat", "mean_heat", "overlay", "heatmap_skipped",
+    "height", "width", "cell", "grid_height", "grid_width", "heatmap", "max_heat", "mean_heat",
+    "overlay", "heatmap_skipped",
 )  # fmt: skip
-
-Tile = tuple[int, int, np.ndarray]  # (x, y, pixels (P, P, C))
 
 
 class HeatmapGeometry(NamedTuple):
-    """What a job's tiles look like: the model's patch side, channels and stored dtype (the
-    pixel dtype of rows whose table has no `dtype` column)."""
+    """What a job's patches look like: the model's patch side and channels."""
 
     size: int
     channels: int
-    dtype: str | None = None
     heat: tuple[float, float] = (HEAT_FLOOR, HEAT_SCALE)  # the overlay's (tinted, full colour)
 
 
-def stitch(tiles: list[Tile], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y, tile (P, P, C)) -> (mean-over-overlaps image (H, W, C), coverage count (H, W))."""
-    channels = tiles[0][2].shape[2] if tiles else 1
-    total = np.zeros((height, width, channels), dtype=np.float64)
-    count = np.zeros((height, width), dtype=np.int32)
-    for x, y, tile in tiles:
-        p_h, p_w = tile.shape[:2]
-        total[y : y + p_h, x : x + p_w] += tile
-        count[y : y + p_h, x : x + p_w] += 1
-    mean = total / np.maximum(count, 1)[:, :, None]
-    return mean.astype(np.float32), count
+class Cells(NamedTuple):
+    """A scan's scored patches as the grid sees them."""
+
+    x: np.ndarray  # (N,) int64 top-left pixel
+    y: np.ndarray  # (N,) int64
+    heat: np.ndarray  # (N, G, G) float32, G = patch side / cell
+    thumb: np.ndarray | None  # (N, G, G, C) float32 in [0, 255]; None without thumbnails
+
+
+def patch_cells(maps: np.ndarray, size: int) -> np.ndarray:
+    """Residual maps (B, C, S, S) float32 -> `heat` values: (B, G * G) float16 each, the
+    channel mean per cell (core/calibration.cell_means, by torch: 5x numpy's speed here)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(maps)
+    if x.shape[1] > 1:
+        x = x.mean(dim=1, keepdim=True)
+    cell = heat_cell(size)
+    cells = F.avg_pool2d(x, cell).to(torch.float16)  # (B, 1, G, G)
+    return cells.reshape(len(maps), (size // cell) ** 2).numpy()
+
+
+def patch_thumbs(pixels: np.ndarray, size: int, full_scale: float) -> np.ndarray:
+    """Stored pixels (B, S, S, C) -> `thumb` values: (B, G * G * C) uint8, the pixels' mean
+    per cell on 0..255 (`full_scale`: the stored dtype's full scale)."""
+    import torch
+
+    cell = heat_cell(size)
+    x = torch.from_numpy(np.ascontiguousarray(pixels))
+    b, s, _, c = x.shape
+    g = s // cell
+    # summed over a cell's columns, then its rows: two contiguous reductions
+    sums = x.reshape(b, s, g, cell, c).sum(dim=3, dtype=torch.float32)
+    sums = sums.reshape(b, g, cell, g, c).sum(dim=2)
+    shade = sums.mul_(255.0 / (full_scale * cell * cell)).round_().clamp_(0, 255)
+    return shade.to(torch.uint8).reshape(b, g * g * c).numpy()
+
+
+def grid_shape(height: int, width: int, cell: int) -> tuple[int, int, int]:
+    """(grid height, grid width, cell) for a height x width scan: `cell` grown by a whole
+    factor until the grid holds at most MAX_GRID_CELLS."""
+
+    def cells(factor: int) -> int:
+        return math.ceil(height / (cell * factor)) * math.ceil(width / (cell * factor))
+
+    factor = max(1, math.isqrt(cells(1) // MAX_GRID_CELLS))
+    while cells(factor) > MAX_GRID_CELLS:
+        factor += 1
+    step = cell * factor
+    return math.ceil(height / step), math.ceil(width / step), step
+
+
+def stitch_cells(
+    cells: Cells, size: int, shape: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A scan's patch cells -> (heat grid (gh, gw) float32, thumbnail grid (gh, gw, C) float32
+    in [0, 1] or None): the mean of the patch cells that fall in each grid cell, 0 where none
+    does. `shape`: grid_shape's (gh, gw, grid cell in pixels)."""
+    gh, gw, step = shape
+    cell = heat_cell(size)
+    g = size // cell
+    sums = np.zeros(gh * gw, np.float64)
+    counts = np.zeros(gh * gw, np.float64)
+    channels = cells.thumb.shape[3] if cells.thumb is not None else 0
+    shades = np.zeros((channels, gh * gw), np.float64)
+    offsets = np.arange(g) * cell
+    for lo in range(0, len(cells.x), STITCH_CHUNK):
+        x, y = cells.x[lo : lo + STITCH_CHUNK], cells.y[lo : lo + STITCH_CHUNK]
+        # the pixel each patch cell starts at (nearest cell), then the grid cell it lands in
+        cx = ((x[:, None] + cell // 2) // cell * cell + offsets) // step  # (n, G)
+        cy = ((y[:, None] + cell // 2) // cell * cell + offsets) // step
+        inside = (cy[:, :, None] < gh) & (cx[:, None, :] < gw)  # (n, G, G); x, y >= 0
+        index = (cy[:, :, None] * gw + cx[:, None, :])[inside]
+        sums += np.bincount(index, cells.heat[lo : lo + STITCH_CHUNK][inside], gh * gw)
+        counts += np.bincount(index, minlength=gh * gw)
+        for k in range(channels):
+            part = cells.thumb[lo : lo + STITCH_CHUNK, :, :, k][inside]
+            shades[k] += np.bincount(index, part, gh * gw)
+    seen = np.maximum(counts, 1)
+    heat = (sums / seen).reshape(gh, gw).astype(np.float32)
+    if not channels:
+        return heat, None
+    thumb = (shades / seen / 255.0).T.reshape(gh, gw, channels).astype(np.float32)
+    return heat, thumb
 
 
 def colorize(
@@ -80,7 +158,7 @@ def colorize(
     scale: tuple[float, float] = (HEAT_FLOOR, HEAT_SCALE),
 ) -> np.ndarray:
     """Scan in [0, 1] (H, W, C) and heat (H, W) -> RGB uint8 overlay; `scale`: the smoothed
-    residual from which a pixel is tinted, and from which it is at full colour."""
+    heat from which a pixel is tinted, and from which it is at full colour."""
     gray = scan.mean(axis=2) if scan.shape[2] != 3 else None
     base = np.repeat(gray[:, :, None], 3, axis=2) if gray is not None else scan
     shown = box_blur(heat, radius) if radius else heat
@@ -93,50 +171,48 @@ def colorize(
     return np.rint((base * (1 - alpha) + hot * alpha) * 255).astype(np.uint8)
 
 
-def canvas_size(residual: list[Tile], image: list[Tile], size: int, recorded) -> tuple[int, int]:
-    """(height, width) of a scan: as ingest recorded it, else the patch grid's extent."""
+def enlarge(image: np.ndarray, step: int) -> np.ndarray:
+    """An overlay (gh, gw, 3) enlarged by whole pixels: towards `step` (one grid cell's
+    pixels) a side, within MAX_OVERLAY_PIXELS."""
+    gh, gw = image.shape[:2]
+    k = max(1, min(step, math.isqrt(MAX_OVERLAY_PIXELS // max(1, gh * gw))))
+    return np.repeat(np.repeat(image, k, axis=0), k, axis=1) if k > 1 else image
+
+
+def canvas_size(cells: Cells, size: int, recorded) -> tuple[int, int]:
+    """(height, width) of a scan: as ingest recorded it, else the patches' extent."""
     if recorded is not None:
         return recorded
-    tiles = residual + image
-    return max(y for _, y, _ in tiles) + size, max(x for x, _, _ in tiles) + size
-
-
-def inside(tiles: list[Tile], height: int, width: int) -> list[Tile]:
-    """The tiles that lie wholly inside a height x width scan."""
-    return [
-        (x, y, t)
-        for x, y, t in tiles
-        if x >= 0 and y >= 0 and x + t.shape[1] <= width and y + t.shape[0] <= height
-    ]
+    return int(cells.y.max()) + size, int(cells.x.max()) + size
 
 
 def render_scan(
-    residual: list[Tile],
-    image: list[Tile],
+    cells: Cells,
     size: int,
     overlay: str,
     recorded: tuple[int, int] | None = None,
     scale: tuple[float, float] = (HEAT_FLOOR, HEAT_SCALE),
 ) -> dict:
-    """One scan's residual tiles and pixel tiles (scaled to [0, 1]) -> its heatmap columns;
-    writes the overlay PNG to `overlay` as a side effect (a retried task overwrites it).
-    `recorded`: the scan's (height, width) from ingest, when known; `scale`: the overlay's
-    (HeatmapGeometry.heat)."""
+    """One scan's patch cells -> its heatmap columns; writes the overlay PNG to `overlay` as a
+    side effect (a retried task overwrites it). `recorded`: the scan's (height, width) from
+    ingest, when known; `scale`: the overlay's (HeatmapGeometry.heat)."""
     from anogan_batch.io.plots import png_bytes
 
-    height, width = canvas_size(residual, image, size, recorded)
-    if height * width > MAX_HEATMAP_PIXELS:
-        return _skipped(
-            height, width, f"scan is {height}x{width}, over the {MAX_HEATMAP_PIXELS:,}-pixel "
-            "heatmap limit",
-        )  # fmt: skip
-    residual, image = inside(residual, height, width), inside(image, height, width)
-    heat = stitch(residual, height, width)[0].mean(axis=2).astype(np.float32)
-    scan = stitch(image, height, width)[0] if image else np.zeros((height, width, 1), np.float32)
-    storage.write_bytes(overlay, png_bytes(colorize(scan, heat, heat_radius(size), scale)))
+    if not len(cells.x):
+        return _skipped(*(recorded or (0, 0)), "no scored patch carries heat cells")
+    height, width = canvas_size(cells, size, recorded)
+    shape = grid_shape(height, width, heat_cell(size))
+    heat, thumb = stitch_cells(cells, size, shape)
+    if thumb is None:
+        thumb = np.zeros((*heat.shape, 1), np.float32)
+    radius = heat_blur_cells(size)
+    storage.write_bytes(overlay, png_bytes(enlarge(colorize(thumb, heat, radius, scale), shape[2])))
     return {
         "height": np.array([height], dtype=np.int32),
         "width": np.array([width], dtype=np.int32),
+        "cell": np.array([shape[2]], dtype=np.int32),
+        "grid_height": np.array([heat.shape[0]], dtype=np.int32),
+        "grid_width": np.array([heat.shape[1]], dtype=np.int32),
         "heatmap": [heat.astype("<f4").tobytes()],
         "max_heat": [float(heat.max())],
         "mean_heat": [float(heat.mean())],
@@ -147,19 +223,25 @@ def render_scan(
 
 def _skipped(height: int, width: int, why: str) -> dict:
     bounded = [min(v, np.iinfo(np.int32).max) for v in (height, width)]
+    nulls = {k: [None] for k in ("cell", "grid_height", "grid_width", "heatmap", "max_heat",
+                                 "mean_heat", "overlay")}  # fmt: skip
     return {
         "height": np.array(bounded[:1], dtype=np.int32),
         "width": np.array(bounded[1:], dtype=np.int32),
-        "heatmap": [None],
-        "max_heat": [None],
-        "mean_heat": [None],
-        "overlay": [None],
+        **nulls,
         "heatmap_skipped": [why],
     }
 
 
 def heatmap_for(out: str, scan_id: str) -> np.ndarray:
-    """One scan's heatmap (height, width) float32 from OUT/heatmaps; InputError if absent."""
+    """One scan's heat grid (grid_height, grid_width) float32 from OUT/heatmaps; InputError if
+    absent. A cell is `heat_grid_for(...)[1]` pixels of the scan a side."""
+    return heat_grid_for(out, scan_id)[0]
+
+
+def heat_grid_for(out: str, scan_id: str) -> tuple[np.ndarray, int]:
+    """(one scan's heat grid, its cell side in pixels) from OUT/heatmaps; InputError if
+    absent."""
     import pyarrow.dataset as pads
 
     from anogan_batch.errors import InputError
@@ -167,12 +249,16 @@ def heatmap_for(out: str, scan_id: str) -> np.ndarray:
     from anogan_batch.job.layout import JobLayout
 
     ds = open_dataset(JobLayout(out).heatmaps)
-    columns = [c for c in ("height", "width", "heatmap", "heatmap_skipped") if c in ds.schema.names]
+    wanted = ("cell", "grid_height", "grid_width", "heatmap", "heatmap_skipped")
+    columns = [c for c in wanted if c in ds.schema.names]
+    if "grid_height" not in columns:
+        raise InputError(f"'{out}/heatmaps' was written by an older version: rerun the job")
     rows = ds.to_table(columns=columns, filter=pads.field("scan_id") == scan_id)
     if rows.num_rows == 0:
         raise InputError(f"no heatmap for scan_id {scan_id!r} in '{out}/heatmaps'")
     if rows.column("heatmap")[0].as_py() is None:
-        why = rows.column("heatmap_skipped")[0].as_py() if "heatmap_skipped" in columns else None
+        why = rows.column("heatmap_skipped")[0].as_py()
         raise InputError(f"scan_id {scan_id!r} has no heatmap: {why}")
-    h, w = rows.column("height")[0].as_py(), rows.column("width")[0].as_py()
-    return np.frombuffer(rows.column("heatmap")[0].as_py(), dtype="<f4").reshape(h, w)
+    h, w = rows.column("grid_height")[0].as_py(), rows.column("grid_width")[0].as_py()
+    grid = np.frombuffer(rows.column("heatmap")[0].as_py(), dtype="<f4").reshape(h, w)
+    return grid, int(rows.column("cell")[0].as_py())

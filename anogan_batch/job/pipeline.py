@@ -228,7 +228,7 @@ def build_pipeline(
     (--skip-published)."""
     from ray.data import ActorPoolStrategy
 
-    from anogan_batch.job.scorer import PatchScorer
+    from anogan_batch.job.scorer import CONCURRENT_CALLS, PatchScorer
 
     ds = ray_read_parquet(
         cfg.patches,
@@ -261,7 +261,15 @@ def build_pipeline(
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+        # GPU actors run two calls at once: PatchScorer's device thread searches one batch
+        # while another decodes its rows or encodes its results. CPU actors one: their host
+        # work is under 1 % of a batch, and a second call cost 90 MB (docs/performance.md)
+        compute=ActorPoolStrategy(
+            min_size=res.min_actors,
+            max_size=res.max_actors,
+            max_concurrent_calls_per_actor=CONCURRENT_CALLS if res.gpus_per_actor else 1,
+            enable_true_multi_threading=True,
+        ),
         num_cpus=res.cpus_per_actor,
         num_gpus=res.gpus_per_actor,
     )

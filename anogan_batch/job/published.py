@@ -3,8 +3,8 @@ job/delta_tables.py): which tables, in which order, which columns, and the `jobs
 
 The tables are `patch_scores`, `scan_scores`, `quarantine` (each with the lineage columns
 `job_id`, `model_id`, `job_started_at`) and `jobs`, published in that order: a job is complete
-in the warehouse once its `jobs` row exists. `residual_map` and `latent` (several KB a patch)
-stay in the job's own Parquet files under `jobs.out`, keyed by `patch_id`.
+in the warehouse once its `jobs` row exists. `residual_map`, `latent`, `heat` and `thumb`
+(per-patch arrays) stay in the job's own Parquet files under `jobs.out`, keyed by `patch_id`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 JOBS = "jobs"  # the warehouse's own table: one row per job
 TABLE_ORDER = (JobLayout.PATCH_SCORES, JobLayout.SCAN_SCORES, JobLayout.QUARANTINE, JOBS)
 # Per patch, several KB: they stay in the job's Parquet files (docs/warehouse.md).
-LEFT_IN_OUT = ("residual_map", "latent")
+LEFT_IN_OUT = ("residual_map", "latent", "heat", "thumb")
 # The columns both formats partition by (when a table has them): a day of jobs, a model.
 PARTITION_DAY, PARTITION_MODEL = "job_started_at", "model_id"
 

@@ -437,7 +437,7 @@ def _heatmap_geometry(prep: Preflight):
     from anogan_batch.job.heatmaps import HeatmapGeometry
 
     config = prep.card.config
-    geometry = HeatmapGeometry(config.image_size, config.channels, config.pixel_dtype)
+    geometry = HeatmapGeometry(config.image_size, config.channels)
     heat = prep.calibration_info.get("heat")  # the model's normal residuals, when recorded
     return geometry._replace(heat=(heat["floor"], heat["full"])) if heat else geometry
 

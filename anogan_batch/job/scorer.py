@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, NoReturn
 
@@ -47,6 +48,10 @@ def output_schema() -> pa.Schema:
             ("discrimination_score", pa.float64()),
             ("residual_map", pa.binary()),  # float16/32 LE, (height, width, channels)
             ("latent", pa.binary()),  # float32 LE, the final z (latent_dim,)
+            # the patch's cells of a heat grid (job/heatmaps.py): float16 LE (G, G) residual
+            # means, and uint8 (G, G, C) pixel means, G = side / core/calibration.heat_cell
+            ("heat", pa.binary()),
+            ("thumb", pa.binary()),
             ("search_steps", pa.int32()),  # steps the search took (fewer with early stopping)
             ("p_value", pa.float64()),  # conformal p-value; null without a calibration
             ("flagged", pa.bool_()),  # p_value <= --fpr; null without --fpr or a calibration
@@ -67,6 +72,44 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+class DeviceThread:
+    """The one thread that runs an actor's searches, and the seconds it spent in them (the
+    device's busy time). Batches of one actor arrive on CONCURRENT_CALLS threads
+    (job/pipeline): while this thread searches one, another decodes its rows or encodes its
+    results. One thread, not a lock, so that the search's large temporaries always come from
+    the same allocator arena (two threads taking turns kept two arenas at peak: +300 MB an
+    actor, docs/performance.md)."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        self._count = threading.Lock()
+        self.busy = 0.0
+
+    def run(self, fn, *args):
+        """fn(*args) on the device thread, after the searches queued before it."""
+        return self._pool.submit(self._timed, fn, *args).result()
+
+    def _timed(self, fn, *args):
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            with self._count:
+                self.busy += time.perf_counter() - started
+
+    def take_busy(self) -> float:
+        """Busy seconds since the last call."""
+        with self._count:
+            busy, self.busy = self.busy, 0.0
+        return busy
+
+
+# Calls one GPU scoring actor runs at once: the device thread searches one batch while the
+# host decodes the next or encodes the last (docs/performance.md).
+CONCURRENT_CALLS = 2
+
 # A batch that met a device fault this many times (on whichever devices) fails the job: a
 # fault that follows one batch around the cluster is not the cluster's.
 DEVICE_ATTEMPTS = 3
@@ -83,17 +126,22 @@ def score_table(
     fpr: float | None = None,
     limit: SearchLimit | None = None,
     encoding: str = "float32",
+    searcher: DeviceThread | None = None,
 ) -> pa.Table:
     """Score one batch of patch rows in process; returns rows of `output_schema()`.
     `calibration`: the model's calibration scores for `cfg` (p-values; flags under `fpr`).
     `limit`: the most patches one search may hold, learnt from out-of-memory errors and kept
     by the caller from batch to batch (None: the whole batch at once). `encoding`: how
-    `residual_map` is stored (job/configs.RESIDUAL_MAPS)."""
+    `residual_map` is stored (job/configs.RESIDUAL_MAPS). `searcher`: the thread the search
+    runs on, so that other calls' decoding and encoding overlap it (PatchScorer); None: this
+    one."""
     import pyarrow as pa
     import torch
 
+    from anogan_batch.config import PIXEL_MAX
     from anogan_batch.core.scoring import search_batch
     from anogan_batch.io.patches import decode_patches, int32_or_null
+    from anogan_batch.job.heatmaps import patch_cells, patch_thumbs
 
     spec = model.patch_spec
     n = table.num_rows
@@ -103,9 +151,11 @@ def score_table(
 
     idx = np.flatnonzero(ok)
     # stored pixels, (B, H, W, C): the device converts them (core/scoring.device_search)
-    found = search_batch(
-        model, torch.from_numpy(pixels[idx]), [ids[i] for i in idx], cfg, device, limit
-    )
+    search = searcher.run if searcher is not None else lambda fn, *a: fn(*a)
+    found = search(
+        search_batch, model, torch.from_numpy(pixels[idx]), [ids[i] for i in idx], cfg, device,
+        limit,
+    )  # fmt: skip
     for k, why in found.failed.items():
         reasons[idx[k]] = why
     bad = ~np.isfinite(found.anomaly)
@@ -118,8 +168,13 @@ def score_table(
     steps[idx] = found.steps
     maps: list[bytes | None] = [None] * n
     latents: list[bytes | None] = [None] * n
-    for j, raw, z in zip(idx, encode_maps(found.residual_map, encoding), found.z, strict=True):
-        maps[j], latents[j] = raw, z.astype("<f4").tobytes()
+    heats: list[bytes | None] = [None] * n
+    thumbs: list[bytes | None] = [None] * n
+    cells = patch_cells(found.residual_map, spec.size)
+    shades = patch_thumbs(pixels[idx], spec.size, PIXEL_MAX[spec.dtype])
+    for k, (j, raw) in enumerate(zip(idx, encode_maps(found.residual_map, encoding), strict=True)):
+        maps[j], latents[j] = raw, found.z[k].astype("<f4").tobytes()
+        heats[j], thumbs[j] = cells[k].tobytes(), shades[k].tobytes()
 
     scored = np.array([r is None for r in reasons], dtype=bool)
     nulls = ~scored
@@ -146,6 +201,12 @@ def score_table(
             ),
             "latent": pa.array(
                 [z if k else None for z, k in zip(latents, scored, strict=True)], pa.binary()
+            ),
+            "heat": pa.array(
+                [h if k else None for h, k in zip(heats, scored, strict=True)], pa.binary()
+            ),
+            "thumb": pa.array(
+                [t if k else None for t, k in zip(thumbs, scored, strict=True)], pa.binary()
             ),
             "search_steps": pa.array(steps, pa.int32(), mask=nulls),
             "p_value": p_values,
@@ -219,6 +280,7 @@ class PatchScorer:
         if threads:
             torch.set_num_threads(threads)
         self.device = devices.pick_device(device or "auto", devices.granted_gpus())
+        settings = devices.configure(self.device)
         card = model if isinstance(model, ModelCard) else None
         loaded = load_model(card.model_dir if card else str(model), card=card)
         self.model = loaded.for_scoring(self.device)
@@ -226,21 +288,46 @@ class PatchScorer:
         self.job_id = job_id
         self.calibration, self.fpr = calibration, fpr
         self.progress = progress
-        self.limit = SearchLimit()  # learnt on this device, kept from batch to batch
         self.residual_maps = residual_maps
+        self.searcher = DeviceThread()
+        fit, per_patch = self._rows_that_fit()
+        # from the device's free memory, then lowered by any out-of-memory error
+        self.limit = SearchLimit(fit)
         self.info = {
             "where": devices.where(),
             "node_id": devices.node_id(),
             "gpu_ids": devices.granted_gpus(),
             "pid": os.getpid(),
             **devices.describe(self.device),
+            "settings": settings,
+            "patch_footprint_mb": per_patch and round(per_patch / 2**20, 3),
+            "memory_limit": fit,
         }
         if progress is not None:
             progress.register.remote(self.info)
         log.info("scorer %s: model %s", self.info, self.model.model_id[:12])
 
+    def _rows_that_fit(self) -> tuple[int | None, float | None]:
+        """On a GPU: (patches one search may hold in the free memory, measured bytes per
+        patch); elsewhere (None, None), no limit."""
+        from dataclasses import replace
+
+        from anogan_batch.core import devices
+        from anogan_batch.core.scoring import device_search
+
+        if not self.device.startswith("cuda"):
+            return None, None
+        probe = replace(self.search, iterations=min(self.search.iterations or 1, 2))
+        c = self.model.config
+
+        def search(pixels):
+            ids = [f"probe-{i}" for i in range(len(pixels))]
+            return device_search(self.model, pixels, ids, probe, self.device)
+
+        per_patch = devices.search_footprint(search, c.channels, c.image_size, self.device)
+        return devices.rows_that_fit(devices.free_memory(self.device), per_patch), per_patch
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        started = time.perf_counter()
         try:
             self._inject_sticky(batch)
             out = score_table(
@@ -253,6 +340,7 @@ class PatchScorer:
                 fpr=self.fpr,
                 limit=self.limit,
                 encoding=self.residual_maps,
+                searcher=self.searcher,
             )
         except Exception as e:
             from anogan_batch.core.devices import is_device_fault
@@ -261,7 +349,7 @@ class PatchScorer:
                 raise
             self._device_fault(batch, e)
         if self.progress is not None:
-            busy = time.perf_counter() - started
+            busy = self.searcher.take_busy()
             self.progress.add.remote(
                 out.num_rows, os.getpid(), peak_rss_mb(), busy, self.limit.rows
             )
