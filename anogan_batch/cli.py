@@ -97,10 +97,21 @@ def ingest(
             "before decoding",
         ),
     ] = IngestConfig.max_pixels,
+    mpp: Annotated[
+        float | None,
+        typer.Option(
+            help="µm per pixel to read slides at: the nearest pyramid level within 5 %, else "
+            "the next finer one downsampled by area (files without a pixel size: level 0)"
+        ),
+    ] = IngestConfig.mpp,
+    level: Annotated[
+        int | None, typer.Option(help="the pyramid level to read slides at (0: full size)")
+    ] = IngestConfig.level,
 ) -> None:
     """Cut every scan under SRC into P x P patches and write a patch table to OUT.
 
-    Formats: PNG/JPEG (8/16-bit), TIFF (multi-page), NPY (2-D, or 3-D volumes), DICOM.
+    Formats: PNG/JPEG (8/16-bit), TIFF (multi-page; tiled and pyramidal slides, SVS, NDPI,
+    OME-TIFF read by region), NPY (2-D, or 3-D volumes), DICOM, NIfTI.
     """
     from anogan_batch.job.configs import IngestConfig
     from anogan_batch.job.ingest import ingest as run_ingest
@@ -115,6 +126,8 @@ def ingest(
         engine=engine,
         rows_per_file=rows_per_file,
         max_pixels=max_pixels,
+        mpp=mpp,
+        level=level,
     )
     s = run_ingest(src, out, cfg)
     _echo(
@@ -571,8 +584,8 @@ def heatmap(
     overlay = JobLayout(out).overlay(scan_id)
     row, col = divmod(int(heat.argmax()), heat.shape[1])
     _echo(
-        f"{scan_id}: {heat.shape[0]}x{heat.shape[1]} heat grid of {cell}x{cell}-pixel cells, "
-        f"max {heat.max():.3f} at (x={col * cell}, y={row * cell}); overlay {overlay}"
+        f"{scan_id}: {heat.shape[0]}x{heat.shape[1]} heat grid of {cell:g}x{cell:g}-pixel cells, "
+        f"max {heat.max():.3f} at (x={round(col * cell)}, y={round(row * cell)}); overlay {overlay}"
         + (f"; saved to {npy}" if npy else "")
     )
 
@@ -656,9 +669,26 @@ def bench(
     ),
     out: Annotated[str, typer.Option(help="--quality: where quality.json/.md go")] = "quality",
     mnist: Annotated[str | None, typer.Option(help="--quality: MNIST IDX folder")] = None,
+    slide: Annotated[
+        int | None,
+        typer.Option(
+            help="SIDE: a generated SIDE x SIDE pyramidal slide ingested at default settings "
+            "(peak RSS of every process, ingest vs raw tile decode, its heatmap), instead"
+        ),
+    ] = None,
 ) -> None:
     """The performance benchmark (or, with --quality mnist, the detection-quality one; with
-    --scale, the job at scale)."""
+    --scale, the job at scale; with --slide, a gigapixel slide's ingest)."""
+    if slide is not None:
+        from anogan_batch.config import check_int
+        from anogan_batch.evaluation.slide_bench import run_slide_bench
+
+        check_int("slide", slide, min_value=1024)
+        figures = run_slide_bench(slide, scale_dir)
+        _echo(json.dumps(figures, indent=2))
+        if json_path is not None:
+            json_path.write_text(json.dumps(figures, indent=2) + "\n")
+        return
     if scale is not None:
         from anogan_batch.errors import ConfigError
         from anogan_batch.evaluation.scale import run_scale

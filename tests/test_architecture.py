@@ -16,6 +16,7 @@ LAYERS = {
     "anogan_batch.config": 0,
     "anogan_batch.io": 1,
     "anogan_batch.core": 2,
+    "anogan_batch.ingest": 2,
     "anogan_batch.job": 3,
     "anogan_batch.evaluation": 4,
     "anogan_batch.api": 5,

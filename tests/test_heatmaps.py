@@ -128,7 +128,7 @@ def test_heatmap_is_the_stitched_cells_of_the_residual_maps(mosaic_job):
             total[y : y + g, x : x + g] += cell_means(m, cell)[0]
             count[y : y + g, x : x + g] += 1
         got, got_cell = heat_grid_for(str(out), scan_id)
-        assert got.shape == (28, 28) and got_cell == cell
+        assert got.shape == (28, 28) and got_cell == float(cell)
         # cells from float32 maps in the scorer, stored as float16: float16's rounding
         np.testing.assert_allclose(got, total / np.maximum(count, 1), rtol=2e-3, atol=1e-4)
         overlay = Image.open(JobLayout(str(out)).overlay(scan_id))
@@ -164,7 +164,7 @@ def test_lesions_light_up(mosaic_job):
     _, out, lesions = mosaic_job
     for scan_id, tile in lesions.items():
         heat, cell = heat_grid_for(str(out), scan_id)
-        g = P // cell
+        g = P // int(cell)
         tile_heat = [heat[y : y + g, x : x + g].mean() for y in (0, g) for x in (0, g)]
         assert int(np.argmax(tile_heat)) == tile, (scan_id, tile_heat)
 
@@ -312,3 +312,30 @@ def test_report_renders_in_a_real_browser(mosaic_job, tmp_path):
     check = json.loads(r.stdout.split(marker)[1].split("</pre>")[0])
     assert check["images"] >= 3 * 16 + 4 and check["rendered"] == check["images"]
     assert check["overlays"] == 4 and check["svgs"] == 2
+
+
+def test_a_slide_read_at_a_downsample_gets_its_grid_in_pixels_as_read(tmp_path):
+    """Patch rows carry level-0 positions; a slide read at 4 level-0 pixels a pixel has its
+    heat grid in pixels as read, and says how many level-0 pixels a cell covers."""
+    from anogan_batch.job.aggregate import SCORE, SIZE, scan_cells
+    from anogan_batch.job.heatmaps import HeatmapGeometry, render_scan
+
+    g = 16 // heat_cell(16)
+    heat = np.full((g, g), 0.5, "<f2").tobytes()
+    kinds = [SCORE, SCORE, SIZE]
+    group = {
+        "kind": np.array(kinds, object),
+        "x": np.array([0.0, 64.0 * 4, 160.0 * 4]),  # level 0; the size row: width
+        "y": np.array([0.0, 0.0, 32.0 * 4]),
+        "heat": np.array([heat, heat, None], object),
+        "thumb": np.array([bytes(g * g), bytes(g * g), None], object),
+        "downsample": np.array([np.nan, np.nan, 4.0]),
+    }
+    cells, recorded = scan_cells(group, HeatmapGeometry(16, 1))
+    assert cells.x.tolist() == [0, 64] and recorded == (128, 640, 4.0)
+    row = render_scan(cells, 16, str(tmp_path / "o.png"), recorded)
+    assert (row["height"][0], row["width"][0]) == (128, 640)  # level 0
+    assert row["cell"][0] == 2 * 4.0  # a 2-pixel cell as read covers 8 level-0 pixels
+    grid = np.frombuffer(row["heatmap"][0], "<f4").reshape(row["grid_height"][0], -1)
+    assert grid.shape == (16, 80) and grid[:8, :8].min() == grid[:8, 32:40].min() > 0.49
+    assert grid[:, 8:32].max() == 0  # between the two patches: nothing

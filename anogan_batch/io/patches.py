@@ -36,6 +36,10 @@ PATCH_SCHEMA = pa.schema(
     ]
 )
 REQUIRED_COLUMNS = ("patch_id", "scan_id", "x", "y", "image")
+# What ingest adds to each row: how its scan was read (train and score ignore these)
+INGEST_SCHEMA = PATCH_SCHEMA.append(pa.field("level", pa.int32())).append(
+    pa.field("mpp", pa.float64())  # µm per pixel read, when the file has a pixel size
+)
 DTYPES = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
 
 

@@ -218,6 +218,15 @@ def read_bytes(path: str) -> bytes:
         raise InputError(f"'{path}' does not exist") from e
 
 
+def open_input(path: str):
+    """A seekable binary file for random reads (a slide's tiles): the local file, or S3 ranged
+    reads through pyarrow. The caller closes it."""
+    if not is_s3(path):
+        return open(path, "rb")
+    fs, inner = filesystem_for(path)
+    return fs.open_input_file(inner)
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Write a whole file. Local writes are atomic (temp file + rename); S3 PUTs are atomic."""
     fs, inner = filesystem_for(path)

@@ -24,7 +24,7 @@ import numpy as np
 
 from anogan_batch.core.calibration import bonferroni, heat_cell
 from anogan_batch.io import storage
-from anogan_batch.job.heatmaps import MAP_COLUMNS, Cells, HeatmapGeometry, render_scan
+from anogan_batch.job.heatmaps import MAP_COLUMNS, Cells, HeatmapGeometry, ScanSize, render_scan
 from anogan_batch.job.layout import JobLayout
 
 SUMMARY_COLUMNS = (
@@ -101,7 +101,7 @@ def scan_schema(heatmaps: bool):
     maps = [
         ("height", pa.int32()),
         ("width", pa.int32()),
-        ("cell", pa.int32()),
+        ("cell", pa.float64()),
         ("grid_height", pa.int32()),
         ("grid_width", pa.int32()),
         ("heatmap", pa.binary()),
@@ -134,6 +134,7 @@ def _union_schema():
             ("p_value", pa.float64()),
             ("heat", pa.binary()),  # the patch's heat cells (float16)
             ("thumb", pa.binary()),  # its pixels per cell (uint8)
+            ("downsample", pa.float64()),  # a scan's level-0 pixels per pixel read
         ]
     )
 
@@ -146,6 +147,8 @@ def to_union_rows(batch, kind: str):
     cols = {"scan_id": batch.column("scan_id"), "kind": pa.array([kind] * n, pa.string())}
     if kind == SIZE:  # the scan's size rides in x (width) and y (height)
         cols |= {"x": batch.column("width"), "y": batch.column("height")}
+        if "downsample" in batch.column_names:
+            cols["downsample"] = batch.column("downsample")
     else:
         cols |= {"x": batch.column("x"), "y": batch.column("y")}
     if kind == SCORE:
@@ -185,28 +188,25 @@ def scan_row(
 
 def scan_cells(
     group: dict[str, np.ndarray], geometry: HeatmapGeometry
-) -> tuple[Cells, tuple[int, int] | None]:
-    """A scan's union rows -> (its patches' heat cells, recorded (height, width)).
+) -> tuple[Cells, ScanSize | None]:
+    """A scan's union rows -> (its patches' heat cells, in pixels as read; its recorded size).
 
     Heat cells are the job's own output; sizes come from the input table: a patch whose
     position is negative or whose cells do not fit the model's grid is left out of the
-    picture (a job of another model wrote it), and so is a size that is not positive.
+    picture (a job of another model wrote it), and so is a size that is not positive. A scan
+    read at a downsample (a slide at --mpp) has level-0 positions, brought to pixels as read.
     """
     g = geometry.size // heat_cell(geometry.size)
-    xs, ys, heats, thumbs, recorded = [], [], [], [], None
-    for i in range(len(group["kind"])):
+    recorded = _recorded(group)
+    ds = recorded.downsample if recorded else 1.0
+    xs, ys, heats, thumbs = [], [], [], []
+    for i in np.flatnonzero(group["kind"] == SCORE):
         x, y = _position(group["x"][i]), _position(group["y"][i])
-        if x is None or y is None or x < 0 or y < 0:
-            continue
-        if group["kind"][i] == SIZE:
-            if x > 0 and y > 0 and recorded is None:  # the size rides in x (width), y (height)
-                recorded = (y, x)
-            continue
         heat = _cells(group["heat"][i], g * g, "<f2")
-        if heat is None:
+        if x is None or y is None or x < 0 or y < 0 or heat is None:
             continue
-        xs.append(x)
-        ys.append(y)
+        xs.append(round(x / ds))
+        ys.append(round(y / ds))
         heats.append(heat.reshape(g, g))
         thumb = _cells(group["thumb"][i], g * g * geometry.channels, np.uint8)
         thumbs.append(thumb.reshape(g, g, -1) if thumb is not None else None)
@@ -217,6 +217,18 @@ def scan_cells(
         np.asarray(heats, np.float32).reshape(-1, g, g),
         np.asarray(thumbs, np.float32).reshape(-1, g, g, geometry.channels) if whole else None,
     ), recorded
+
+
+def _recorded(group: dict[str, np.ndarray]) -> ScanSize | None:
+    """The scan's size as ingest recorded it (level-0 pixels, the downsample it was read at);
+    None when unknown or not positive. The size rides in x (width) and y (height)."""
+    for i in np.flatnonzero(group["kind"] == SIZE):
+        w, h = _position(group["x"][i]), _position(group["y"][i])
+        ds = group["downsample"][i] if "downsample" in group else None
+        ds = float(ds) if ds is not None and np.isfinite(ds) and 0 < ds < 2**20 else 1.0
+        if w is not None and h is not None and w > 0 and h > 0:
+            return ScanSize(h, w, ds)
+    return None
 
 
 def _position(value) -> int | None:
@@ -323,7 +335,9 @@ def _inputs(out: str, patches: str, heatmaps: tuple | None) -> list[tuple[str, l
     if heatmaps:
         scans_file = storage.join(patches, "_scans.parquet")
         if storage.exists(scans_file):
-            inputs.append((scans_file, ["scan_id", "height", "width"], SIZE))
+            cols = ["scan_id", "height", "width"]
+            cols += [c for c in ("downsample",) if c in table_columns(scans_file)]
+            inputs.append((scans_file, cols, SIZE))
     return inputs
 
 

@@ -53,6 +53,7 @@ class WarehouseTarget:
 
 ENGINES = ("auto", "local", "ray")
 AUTO_RAY_FILES = 256  # `auto` uses Ray above this many files (or when RAY_ADDRESS is set)
+AUTO_RAY_UNITS = 16  # ... or for this many work units of slides (ingest/plan.UNIT_PATCHES)
 # Values decoded from one file at most (all its slices): 512 CT slices of 512 x 512. Sizes come
 # from headers that anyone can write, so they are checked before anything is allocated.
 MAX_PIXELS = 2**27
@@ -68,7 +69,11 @@ class IngestConfig:
     window: tuple[float, float] | None = None  # (center, width), source units
     min_foreground: float = 0.0  # skip patches with less Otsu foreground than this
     engine: str = "auto"
-    max_pixels: int = MAX_PIXELS  # per file: a larger one is refused before it is decoded
+    # values one read may hold: a whole file for formats read whole (a larger one is refused
+    # before it is decoded), one region of a slide (a tile or strip larger is refused)
+    max_pixels: int = MAX_PIXELS
+    mpp: float | None = None  # µm per pixel to read slides at (ingest/levels.py)
+    level: int | None = None  # or the pyramid level to read
 
     def __post_init__(self) -> None:
         check_int("patch_size", self.patch_size, min_value=4)
@@ -79,6 +84,12 @@ class IngestConfig:
         check_float("min_foreground", self.min_foreground, low=0.0, high=1.0)
         check_choice("engine", self.engine, ENGINES)
         check_int("max_pixels", self.max_pixels, min_value=1)
+        if self.mpp is not None:
+            check_float("mpp", self.mpp, low=0.0, low_open=True)
+        if self.level is not None:
+            check_int("level", self.level, min_value=0)
+        if self.mpp is not None and self.level is not None:
+            raise ConfigError("level", self.level, "give --mpp or --level, not both")
         if self.window is not None:
             check_float("window center", self.window[0])
             check_float("window width", self.window[1], low=0.0, low_open=True)

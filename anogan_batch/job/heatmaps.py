@@ -23,7 +23,8 @@ holds for every scan and job of the model. A model without that record gets the 
 [HEAT_FLOOR, HEAT_SCALE]; either way, never a per-scan scale.
 
 OUT/heatmaps/ is a Parquet table, one row per scan: the scan_scores columns plus height, width
-(the scan's, in pixels), cell (pixels per grid cell a side), grid_height, grid_width, heatmap
+(the scan's, in level-0 pixels), cell (level-0 pixels per grid cell a side: a slide read at
+--mpp has patches of more than one level-0 pixel a pixel), grid_height, grid_width, heatmap
 (float32 little-endian bytes, row-major grid_height x grid_width), max_heat, mean_heat, overlay
 (path of the PNG) and heatmap_skipped (why a scan has no heatmap, else null).
 `heatmap_for(OUT, scan_id)` fetches one scan's grid, reading only the row groups whose scan_id
@@ -62,6 +63,15 @@ class HeatmapGeometry(NamedTuple):
     size: int
     channels: int
     heat: tuple[float, float] = (HEAT_FLOOR, HEAT_SCALE)  # the overlay's (tinted, full colour)
+
+
+class ScanSize(NamedTuple):
+    """A scan's size as ingest recorded it: level-0 pixels, and the level-0 pixels per pixel
+    it was read at (a slide read at --mpp; 1 otherwise)."""
+
+    height: int
+    width: int
+    downsample: float = 1.0
 
 
 class Cells(NamedTuple):
@@ -179,10 +189,12 @@ def enlarge(image: np.ndarray, step: int) -> np.ndarray:
     return np.repeat(np.repeat(image, k, axis=0), k, axis=1) if k > 1 else image
 
 
-def canvas_size(cells: Cells, size: int, recorded) -> tuple[int, int]:
-    """(height, width) of a scan: as ingest recorded it, else the patches' extent."""
+def canvas_size(cells: Cells, size: int, recorded: ScanSize | None) -> tuple[int, int]:
+    """(height, width) of a scan in pixels as read: as ingest recorded it, else the
+    patches' extent."""
     if recorded is not None:
-        return recorded
+        ds = recorded.downsample
+        return math.ceil(recorded.height / ds), math.ceil(recorded.width / ds)
     return int(cells.y.max()) + size, int(cells.x.max()) + size
 
 
@@ -190,16 +202,18 @@ def render_scan(
     cells: Cells,
     size: int,
     overlay: str,
-    recorded: tuple[int, int] | None = None,
+    recorded: ScanSize | None = None,
     scale: tuple[float, float] = (HEAT_FLOOR, HEAT_SCALE),
 ) -> dict:
-    """One scan's patch cells -> its heatmap columns; writes the overlay PNG to `overlay` as a
-    side effect (a retried task overwrites it). `recorded`: the scan's (height, width) from
-    ingest, when known; `scale`: the overlay's (HeatmapGeometry.heat)."""
+    """One scan's patch cells (positions in pixels as read) -> its heatmap columns; writes
+    the overlay PNG to `overlay` as a side effect (a retried task overwrites it). `recorded`:
+    the scan's size from ingest, when known; `scale`: the overlay's (HeatmapGeometry.heat)."""
     from anogan_batch.io.plots import png_bytes
 
+    ds = recorded.downsample if recorded else 1.0
     if not len(cells.x):
-        return _skipped(*(recorded or (0, 0)), "no scored patch carries heat cells")
+        shown = (recorded.height, recorded.width) if recorded else (0, 0)
+        return _skipped(*shown, "no scored patch carries heat cells")
     height, width = canvas_size(cells, size, recorded)
     shape = grid_shape(height, width, heat_cell(size))
     heat, thumb = stitch_cells(cells, size, shape)
@@ -207,10 +221,11 @@ def render_scan(
         thumb = np.zeros((*heat.shape, 1), np.float32)
     radius = heat_blur_cells(size)
     storage.write_bytes(overlay, png_bytes(enlarge(colorize(thumb, heat, radius, scale), shape[2])))
+    level0 = (recorded.height, recorded.width) if recorded else (height, width)
     return {
-        "height": np.array([height], dtype=np.int32),
-        "width": np.array([width], dtype=np.int32),
-        "cell": np.array([shape[2]], dtype=np.int32),
+        "height": np.array([level0[0]], dtype=np.int32),
+        "width": np.array([level0[1]], dtype=np.int32),
+        "cell": np.array([shape[2] * ds], dtype=np.float64),  # level-0 pixels a side
         "grid_height": np.array([heat.shape[0]], dtype=np.int32),
         "grid_width": np.array([heat.shape[1]], dtype=np.int32),
         "heatmap": [heat.astype("<f4").tobytes()],
@@ -239,9 +254,9 @@ def heatmap_for(out: str, scan_id: str) -> np.ndarray:
     return heat_grid_for(out, scan_id)[0]
 
 
-def heat_grid_for(out: str, scan_id: str) -> tuple[np.ndarray, int]:
-    """(one scan's heat grid, its cell side in pixels) from OUT/heatmaps; InputError if
-    absent."""
+def heat_grid_for(out: str, scan_id: str) -> tuple[np.ndarray, float]:
+    """(one scan's heat grid, its cell side in level-0 pixels) from OUT/heatmaps; InputError
+    if absent."""
     import pyarrow.dataset as pads
 
     from anogan_batch.errors import InputError
@@ -261,4 +276,4 @@ def heat_grid_for(out: str, scan_id: str) -> tuple[np.ndarray, int]:
         raise InputError(f"scan_id {scan_id!r} has no heatmap: {why}")
     h, w = rows.column("grid_height")[0].as_py(), rows.column("grid_width")[0].as_py()
     grid = np.frombuffer(rows.column("heatmap")[0].as_py(), dtype="<f4").reshape(h, w)
-    return grid, int(rows.column("cell")[0].as_py())
+    return grid, float(rows.column("cell")[0].as_py())

@@ -24,24 +24,30 @@ import os
 import posixpath
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from anogan_batch.errors import InputError
+from anogan_batch.ingest import regions
+from anogan_batch.ingest.plan import cut_patches
 from anogan_batch.io import storage
-from anogan_batch.io.patches import PATCH_SCHEMA, encode_pixels, patch_id_for
+from anogan_batch.io.patches import INGEST_SCHEMA, encode_pixels, patch_id_for
 from anogan_batch.io.readers import READERS, foreground_mask, suffix_of, to_stored
 from anogan_batch.io.storage import Listed
-from anogan_batch.job.configs import AUTO_RAY_FILES, IngestConfig
+from anogan_batch.job.configs import AUTO_RAY_FILES, AUTO_RAY_UNITS, IngestConfig
 
 # files whose slices get '@0007'
 VOLUME_SUFFIXES = (".npy", ".tif", ".tiff", ".dcm", ".dicom", ".nii", ".nii.gz")
 SCAN_FIELDS = (
     "path", "scan_id", "label", "height", "width", "channels", "dtype",
     "n_patches", "n_skipped", "normalisation", "reason",
+    # how the scan was read: level, level-0 pixels per pixel read, µm per pixel read, the
+    # source (format, backend, levels, pyramid: JSON) and why an asked resolution was not used
+    "level", "downsample", "mpp", "source", "warning",
 )  # fmt: skip
+UNITS = "_units"  # a region scan's deferred work units (JSON), between the two phases
+FLUSH_BYTES = 64 * 2**20  # a unit's rows written out at about this many bytes
 
 
 @dataclass
@@ -55,22 +61,6 @@ class IngestSummary:
     engine: str = "local"
     seconds: float = 0.0
     params: dict = field(default_factory=dict)
-
-
-def grid_positions(length: int, patch: int, step: int) -> list[int]:
-    """Top-left offsets along one axis; the last patch sits flush with the border."""
-    positions = list(range(0, length - patch + 1, step))
-    if positions and positions[-1] != length - patch:
-        positions.append(length - patch)
-    return positions
-
-
-def cut_patches(pixels: np.ndarray, patch: int, step: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield (x, y, patch (P, P, C)) over the grid of a (H, W, C) scan."""
-    h, w = pixels.shape[:2]
-    for y in grid_positions(h, patch, step):
-        for x in grid_positions(w, patch, step):
-            yield x, y, pixels[y : y + patch, x : x + patch]
 
 
 def scan_id_for(name: str) -> str:
@@ -94,7 +84,7 @@ def plan_files(src: str, cfg: IngestConfig) -> tuple[list[Listed], list[dict]]:
     for f in storage.walk(src):
         if f.problem is not None:
             refused.append(_scan_row(f.shown, reason=f.problem))
-        elif f.size > cfg.max_file_bytes:
+        elif f.size > cfg.max_file_bytes and _suffix(f.name) not in regions.REGION_SUFFIXES:
             why = f"file is {f.size:,} bytes, over the {cfg.max_file_bytes:,} a scan may have"
             refused.append(_scan_row(f.shown, reason=why + " (see --max-pixels)"))
         else:
@@ -102,7 +92,7 @@ def plan_files(src: str, cfg: IngestConfig) -> tuple[list[Listed], list[dict]]:
     owner: dict[str, Listed] = {}
     volumes = set()
     for f in files:
-        if _suffix(f.name) in READERS:
+        if _suffix(f.name) in READERS or _suffix(f.name) in regions.REGION_SUFFIXES:
             owner.setdefault(scan_id_for(f.name), f)
             if _suffix(f.name) in VOLUME_SUFFIXES:
                 volumes.add(scan_id_for(f.name))
@@ -136,6 +126,17 @@ def _scan_row(path: str, **values) -> dict:
     return row
 
 
+def _region_params(cfg: IngestConfig) -> regions.RegionParams:
+    return regions.RegionParams(
+        patch=cfg.patch_size,
+        step=cfg.step,
+        min_foreground=cfg.min_foreground,
+        mpp=cfg.mpp,
+        level=cfg.level,
+        options=cfg.read_options,
+    )
+
+
 def read_file(f: Listed, limit: int) -> bytes:
     """A scan file's bytes, never more than `limit` (a file may have grown since listing)."""
     if storage.is_s3(f.path):
@@ -149,9 +150,18 @@ def read_file(f: Listed, limit: int) -> bytes:
 
 
 def process_file(f: Listed, src: str, cfg: IngestConfig) -> tuple[list[dict], list[dict]]:
-    """One scan file -> (patch rows, one scan row per image or a row with the reason)."""
+    """One scan file -> (patch rows, one scan row per image or a row with the reason). A
+    scan read by region with more than one work unit returns its scan row with the units
+    (UNITS) and no rows: `run_units` cuts them."""
     path = f.shown
     ext = _suffix(f.name)
+    if ext in regions.REGION_SUFFIXES:
+        try:
+            done = process_region_file(f, src, cfg)
+        except Exception as e:  # the header or the plan: this one file is unreadable
+            return [], [_scan_row(path, reason=f"unreadable {ext} file: {_one_line(e)}")]
+        if done is not None:
+            return done
     reader = READERS.get(ext)
     if reader is None:
         return [], [_scan_row(path, reason=f"unsupported format '{ext or '(none)'}'")]
@@ -188,9 +198,67 @@ def process_file(f: Listed, src: str, cfg: IngestConfig) -> tuple[list[dict], li
                 n_patches=len(image_rows),
                 n_skipped=skipped,
                 normalisation=json.dumps(norm, sort_keys=True),
+                level=0,
+                downsample=1.0,
+                source=json.dumps({"format": ext.lstrip("."), "backend": reader.__name__}),
             )
         )
     return rows, scans
+
+
+def process_region_file(f: Listed, src: str, cfg: IngestConfig):
+    """A file read by region (ingest/regions.py): its plan, and its rows when the plan is one
+    work unit; None when the file is not a single-image TIFF (io/readers reads it)."""
+    fh = storage.open_input(f.path)
+    try:
+        source = regions.open_source(fh, cfg.max_pixels)
+        if source is None:
+            return None
+        params = _region_params(cfg)
+        plan = regions.plan_scan(source, params)
+        scan_id, label = scan_id_for(f.name), (label_for(src, f.name) if cfg.label_from_parent
+                                               else None)  # fmt: skip
+        res, level0 = plan.resolution, source.levels[0]
+        scan = _scan_row(
+            f.shown,
+            scan_id=scan_id,
+            label=label,
+            height=level0.height,
+            width=level0.width,
+            channels=source.channels,
+            dtype=plan.stored_dtype,
+            n_patches=plan.grid.kept,
+            n_skipped=plan.grid.skipped,
+            normalisation=json.dumps(plan.normalisation, sort_keys=True),
+            level=res.level,
+            downsample=res.downsample,
+            mpp=res.mpp,
+            source=json.dumps(plan.source),
+            warning=res.warning,
+        )
+        if len(plan.units) > 1 or _unit_bytes(plan, cfg.patch_size, source.channels) > FLUSH_BYTES:
+            scan[UNITS] = json.dumps([regions.rows_to_json(u) for u in plan.units])
+            return [], [scan]
+        rows, failed = [], []
+        for item in regions.cut_unit(source, res, plan.units[0] if plan.units else [], params,
+                                     scan_id, label):  # fmt: skip
+            (failed if isinstance(item, regions.Failed) else rows).append(item)
+        scan["n_patches"] = len(rows)
+        return rows, [scan] + [_failed_row(f.shown, scan_id, x) for x in failed]
+    finally:
+        fh.close()
+
+
+def _unit_bytes(plan: regions.RegionPlan, patch: int, channels: int) -> int:
+    """The pixel bytes of the largest unit's rows: only a scan whose rows are small is cut in
+    the first phase, which holds them until its part is written."""
+    per_patch = patch * patch * channels * np.dtype(plan.stored_dtype).itemsize
+    return max((sum(len(r.xs) for r in u) for u in plan.units), default=0) * per_patch
+
+
+def _failed_row(path: str, scan_id: str, failed: regions.Failed) -> dict:
+    """The quarantine row of one patch of a region scan that could not be read."""
+    return _scan_row(f"{path}@x={failed.x},y={failed.y}", scan_id=scan_id, reason=failed.reason)
 
 
 def cut_scan(
@@ -220,6 +288,8 @@ def cut_scan(
                 "channels": c,
                 "dtype": patch.dtype.name,
                 "label": label,
+                "level": 0,
+                "mpp": None,
             }
         )
     return rows, skipped
@@ -235,7 +305,7 @@ def _write_part(out: str, name: str, rows: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(rows, schema=PATCH_SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=INGEST_SCHEMA)
     fs, inner = storage.filesystem_for(storage.join(out, name))
     with fs.open_output_stream(inner) as f:
         pq.write_table(table, f, compression="zstd")
@@ -246,14 +316,18 @@ def ingest_chunk(files: list[Listed], src: str, out: str, cfg: IngestConfig) -> 
     key = hashlib.sha1(files[0].name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     pending: list[dict] = []
     scans: list[dict] = []
-    parts = 0
+    parts, size = 0, 0
     for f in files:
         rows, file_scans = process_file(f, src, cfg)
         pending.extend(rows)
+        size += sum(len(r["image"]) for r in rows)
         scans.extend(file_scans)
-        while len(pending) >= cfg.rows_per_file:
-            _write_part(out, f"part-{key}-{parts:04d}.parquet", pending[: cfg.rows_per_file])
-            pending, parts = pending[cfg.rows_per_file :], parts + 1
+        # a part at rows_per_file rows, or sooner at FLUSH_BYTES of pixels (large patches)
+        while len(pending) >= cfg.rows_per_file or (pending and size >= FLUSH_BYTES):
+            take = cfg.rows_per_file if len(pending) >= cfg.rows_per_file else len(pending)
+            _write_part(out, f"part-{key}-{parts:04d}.parquet", pending[:take])
+            pending, parts = pending[take:], parts + 1
+            size = sum(len(r["image"]) for r in pending)
     if pending:
         _write_part(out, f"part-{key}-{parts:04d}.parquet", pending)
     return scans
@@ -270,17 +344,121 @@ def _ray_ingest_batch(batch: dict, src: str, out: str, cfg: IngestConfig):
     return pa.Table.from_pylist(scans, schema=_scan_schema())
 
 
-def _scan_schema():
+def _scan_schema(units: bool = True):
     import pyarrow as pa
 
-    ints = ("height", "width", "channels", "n_patches", "n_skipped")
-    return pa.schema([(f, pa.int64() if f in ints else pa.string()) for f in SCAN_FIELDS])
+    ints = ("height", "width", "channels", "n_patches", "n_skipped", "level")
+    floats = ("downsample", "mpp")
+
+    def typed(name: str):
+        return pa.int64() if name in ints else pa.float64() if name in floats else pa.string()
+
+    names = SCAN_FIELDS + ((UNITS,) if units else ())
+    return pa.schema([(name, typed(name)) for name in names])
 
 
-def _use_ray(cfg: IngestConfig, n_files: int) -> bool:
+# ---- the second phase: a region scan's work units, one task each ---------------------------
+
+
+def unit_items(scans: list[dict], files: dict[str, Listed]) -> list[dict]:
+    """The work units the first phase deferred, one item each (small: rows as JSON)."""
+    items = []
+    for scan in scans:
+        if not scan.get(UNITS):
+            continue
+        f = files[scan["path"]]
+        for index, rows in enumerate(json.loads(scan[UNITS])):
+            items.append({
+                "path": os.fsencode(f.path), "name": f.name, "shown": f.shown,
+                "scan_id": scan["scan_id"], "label": scan["label"], "level": scan["level"],
+                "downsample": scan["downsample"], "mpp": scan["mpp"], "index": index,
+                "rows": rows,
+            })  # fmt: skip
+    return items
+
+
+def run_unit(item: dict, out: str, cfg: IngestConfig) -> dict:
+    """Cut one work unit into its own part file (a retried unit rewrites it); -> the scan's
+    id, the rows written and the patches that could not be read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from anogan_batch.ingest.levels import Resolution
+
+    path = os.fsdecode(bytes(item["path"]))
+    source = regions.cached_source(path, cfg.max_pixels)
+    lv = source.levels[int(item["level"])]
+    ds = float(item["downsample"])
+    res = Resolution(int(item["level"]), ds / lv.downsample, ds, item["mpp"], None)
+    rows = regions.rows_from_json(item["rows"])
+    key = hashlib.sha1(str(item["name"]).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    target = storage.join(out, f"part-{key}-u{int(item['index']):05d}.parquet")
+    fs, inner = storage.filesystem_for(target)
+    written, failed, pending, size = 0, [], [], 0
+    with (
+        fs.open_output_stream(inner) as f,
+        pq.ParquetWriter(f, INGEST_SCHEMA, compression="zstd") as writer,
+    ):
+        for row in regions.cut_unit(source, res, rows, _region_params(cfg), item["scan_id"],
+                                    item["label"]):  # fmt: skip
+            if isinstance(row, regions.Failed):
+                failed.append(_failed_row(item["shown"], item["scan_id"], row))
+                continue
+            pending.append(row)
+            size += len(row["image"])
+            if size >= FLUSH_BYTES:  # a unit's rows never all in memory
+                writer.write_table(pa.Table.from_pylist(pending, schema=INGEST_SCHEMA))
+                written, pending, size = written + len(pending), [], 0
+        writer.write_table(pa.Table.from_pylist(pending, schema=INGEST_SCHEMA))
+        written += len(pending)
+    return {"scan_id": item["scan_id"], "written": written, "failed": json.dumps(failed)}
+
+
+def _ray_unit_batch(batch, out: str, cfg: IngestConfig):
+    import pyarrow as pa
+
+    # pyarrow, not numpy: a null label or pixel size stays None
+    done = [run_unit(item, out, cfg) for item in batch.to_pylist()]
+    return pa.Table.from_pylist(done)
+
+
+def run_units(items: list[dict], out: str, cfg: IngestConfig, use_ray: bool) -> list[dict]:
+    """Every deferred unit, one Ray Data task each (or in this process)."""
+    if not use_ray:
+        return [run_unit(item, out, cfg) for item in items]
+    import ray
+    import ray.data
+
+    from anogan_batch.job.raykit import connect_ray, job_data_context
+
+    connect_ray()
+    with job_data_context():
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(_ray_unit_batch, fn_args=(out, cfg), batch_size=1,
+                            batch_format="pyarrow", num_cpus=1)  # fmt: skip
+        tables = ray.get(ds.to_arrow_refs())
+    return [row for t in tables for row in t.to_pylist()]
+
+
+def settle_units(scans: list[dict], done: list[dict]) -> list[dict]:
+    """The scans' rows after their units ran: each region scan counts the rows its units
+    wrote; the patches they could not read join the quarantine."""
+    written: dict[str, int] = {}
+    failed: list[dict] = []
+    for d in done:
+        written[d["scan_id"]] = written.get(d["scan_id"], 0) + int(d["written"])
+        failed.extend(json.loads(d["failed"]))
+    for scan in scans:
+        if scan.pop(UNITS, None):
+            scan["n_patches"] = written.get(scan["scan_id"], 0)
+    return scans + failed
+
+
+def _use_ray(cfg: IngestConfig, n_files: int, n_units: int = 0) -> bool:
     if cfg.engine != "auto":
         return cfg.engine == "ray"
-    return n_files > AUTO_RAY_FILES or bool(os.environ.get("RAY_ADDRESS"))
+    many = n_files > AUTO_RAY_FILES or n_units >= AUTO_RAY_UNITS
+    return many or bool(os.environ.get("RAY_ADDRESS"))
 
 
 def _run_chunks(files: list[Listed], src: str, out: str, cfg: IngestConfig, use_ray: bool) -> list:
@@ -337,6 +515,10 @@ def ingest(src: str, out: str, cfg: IngestConfig) -> IngestSummary:
     _prepare_out(out)
     use_ray = _use_ray(cfg, len(files))
     scans = refused + (_run_chunks(files, src, out, cfg, use_ray) if files else [])
+    items = unit_items(scans, {f.shown: f for f in files})
+    if items:
+        use_ray = use_ray or _use_ray(cfg, len(files), len(items))
+        scans = settle_units(scans, run_units(items, out, cfg, use_ray))
 
     good = [s for s in scans if s["reason"] is None]
     bad = [s for s in scans if s["reason"] is not None]
@@ -355,7 +537,8 @@ def ingest(src: str, out: str, cfg: IngestConfig) -> IngestSummary:
         if rows:
             fs, inner = storage.filesystem_for(storage.join(out, name))
             with fs.open_output_stream(inner) as f:
-                pq.write_table(pa.Table.from_pylist(rows, schema=_scan_schema()), f)
+                table = pa.Table.from_pylist(rows, schema=_scan_schema(units=False))
+                pq.write_table(table, f)
     if summary.patches == 0:
         if bad:
             why = f"{len(bad)} file(s) could not be used; first: '{bad[0]['path']}': "
