@@ -107,6 +107,14 @@ def ingest(
     level: Annotated[
         int | None, typer.Option(help="the pyramid level to read slides at (0: full size)")
     ] = IngestConfig.level,
+    mask: Annotated[
+        str,
+        typer.Option(
+            help="the foreground --min-foreground decides on: auto (computed), or a folder of "
+            "your masks, <scan_id>.png/.tif/.npy, any size, nonzero = foreground (then "
+            "--min-foreground defaults to 0.5)"
+        ),
+    ] = IngestConfig.mask,
 ) -> None:
     """Cut every scan under SRC into P x P patches and write a patch table to OUT.
 
@@ -128,6 +136,7 @@ def ingest(
         max_pixels=max_pixels,
         mpp=mpp,
         level=level,
+        mask=mask,
     )
     s = run_ingest(src, out, cfg)
     _echo(

@@ -133,9 +133,14 @@ def test_tiff_pages_and_npy_volume_slices(tmp_path):
     np.save(src / "vol.npy", volume)
     out = tmp_path / "patches"
     s = ingest(str(src), str(out), IngestConfig(patch_size=16, slice_axis=1))
-    # stack: 3 pages x (2 x 2); rgb: 1; vol: 5 slices of 16x32 -> 2 patches each
-    assert (s.scans, s.patches, s.quarantined) == (3 + 1 + 5, 12 + 1 + 10, 0)
+    # stack: 3 pages x (2 x 2); rgb: 1; vol: 5 slices of 16x32 -> 2 patches each. The stack
+    # and the volume are one scan each, their pages and slices its `slice`
+    assert (s.scans, s.patches, s.quarantined) == (3, 12 + 1 + 10, 0)
     page2 = _pixels(out, "stack@0002#16x16+8+4", PatchSpec(16, 1, "uint16"))
+    rows = pads.dataset(out).to_table(columns=["patch_id", "scan_id", "slice"]).to_pylist()
+    where = {r["patch_id"]: (r["scan_id"], r["slice"]) for r in rows}
+    assert where["stack@0002#16x16+8+4"] == ("stack", 2)
+    assert where["vol@0003#16x16+16+0"] == ("vol", 3) and where["rgb#16x16+0+0"] == ("rgb", None)
     np.testing.assert_array_equal(page2[:, :, 0], pages[2, 4:20, 8:24])  # 16 bits kept
     np.testing.assert_array_equal(_pixels(out, "rgb#16x16+0+0", PatchSpec(16, 3, "uint8")), rgb)
     sl = _pixels(out, "vol@0003#16x16+16+0", PatchSpec(16, 1, "float32"))

@@ -206,3 +206,27 @@ def test_a_slide_s_units_run_on_ray_as_they_do_here(slide, tmp_path, ray_local):
         assert len(list((tmp_path / engine).glob("part-*-u*.parquet"))) == 3
     assert tables["local"].num_rows == 75 * 113  # 1800 / 16 = 112.5: one more, flush right
     assert tables["local"].sort_by("patch_id").equals(tables["ray"].sort_by("patch_id"))
+
+
+def test_a_user_s_mask_decides_which_patches_are_cut(slide, tmp_path):
+    """--mask FOLDER: <scan_id>.png at any size; a scan without one is quarantined."""
+    from PIL import Image
+
+    root, _ = slide
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "slide.tif").symlink_to(root / "src" / "slide.tif")
+    Image.fromarray(np.zeros((200, 200), np.uint8)).save(src / "plain.png")  # no mask for it
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    small = np.zeros((60, 90), np.uint8)  # 1/20 of the slide: its top-left quarter
+    small[:30, :45] = 255
+    Image.fromarray(small).save(masks / "slide.png")
+    cfg = IngestConfig(patch_size=100, mask=str(masks), engine="local")
+    summary = ingest(str(src), str(tmp_path / "out"), cfg)
+    rows = pads.dataset(tmp_path / "out", format="parquet").to_table(columns=["x", "y"])
+    xs, ys = rows.column("x").to_pylist(), rows.column("y").to_pylist()
+    assert summary.patches == len(xs) == 6 * 9  # 600 x 900 of 100-pixel patches
+    assert max(xs) + 100 <= W // 2 and max(ys) + 100 <= H // 2
+    (bad,) = pq.read_table(tmp_path / "out" / "_quarantine.parquet").to_pylist()
+    assert bad["path"].endswith("plain.png") and "no mask for scan_id 'plain'" in bad["reason"]

@@ -57,12 +57,19 @@ def open_source(fh, budget: int) -> TiffSource | None:
     return open_tiff(fh, budget)
 
 
-def plan_scan(source: Source, params: RegionParams) -> RegionPlan:
-    """Resolution, mask (at low resolution), grid and units of one scan."""
+def plan_scan(
+    source: Source, params: RegionParams, user_mask: np.ndarray | None = None
+) -> RegionPlan:
+    """Resolution, mask (at low resolution; `user_mask`: the user's, any size, nonzero =
+    foreground), grid and units of one scan."""
     res = levels.choose(source, params.mpp, params.level)
     view, scale = plan.overview(source)
     stored, norm = to_stored(Image("", view), params.options)
-    mask = foreground_mask(stored) if params.min_foreground > 0 else None
+    mask = None
+    if user_mask is not None:
+        mask = resize_mask(user_mask, stored.shape[0], stored.shape[1])
+    elif params.min_foreground > 0:
+        mask = foreground_mask(stored)
     grid = plan.patch_grid(source, res, params.patch, params.step, mask, scale,
                            params.min_foreground)  # fmt: skip
     return RegionPlan(res, grid, plan.units(grid), norm, stored.dtype.name, source.describe())
@@ -96,6 +103,7 @@ def cut_unit(
             "scan_id": scan_id,
             "x": x0,
             "y": y0,
+            "slice": None,
             "image": encode_pixels(pixels),
             "height": p,
             "width": p,
@@ -105,6 +113,15 @@ def cut_unit(
             "level": res.level,
             "mpp": res.mpp,
         }
+
+
+def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A user's mask (2-D or with channels; nonzero = foreground) at height x width, by
+    nearest neighbour."""
+    flat = mask if mask.ndim == 2 else mask.max(axis=2)
+    rows = (np.arange(height) * flat.shape[0] // height).clip(0, flat.shape[0] - 1)
+    cols = (np.arange(width) * flat.shape[1] // width).clip(0, flat.shape[1] - 1)
+    return flat[rows][:, cols] != 0
 
 
 def rows_to_json(rows: list[plan.Row]) -> str:

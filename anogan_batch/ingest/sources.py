@@ -214,9 +214,9 @@ def _check_page(page, budget: int) -> None:
     values = seg_h * seg_w * int(page.samplesperpixel)
     if values > budget:
         raise ValueError(
-            f"one {'tile' if page.is_tiled else 'strip'} of this TIFF holds {values:,} values, "
-            f"over the read budget of {budget:,} (--max-pixels): untiled files larger than "
-            "the budget are refused before decoding"
+            f"one {'tile' if page.is_tiled else 'strip'} of this TIFF declares {values:,} "
+            f"values, over the read budget of {budget:,} (a decompression bomb, or an untiled "
+            "file larger than one read: refused before decoding; see --max-pixels)"
         )
 
 

@@ -36,9 +36,13 @@ PATCH_SCHEMA = pa.schema(
     ]
 )
 REQUIRED_COLUMNS = ("patch_id", "scan_id", "x", "y", "image")
-# What ingest adds to each row: how its scan was read (train and score ignore these)
-INGEST_SCHEMA = PATCH_SCHEMA.append(pa.field("level", pa.int32())).append(
-    pa.field("mpp", pa.float64())  # µm per pixel read, when the file has a pixel size
+# A volume's slice (null for a 2-D scan or a slide): optional in any patch table, carried by
+# score to patch_scores; ingest always writes it
+SLICE = pa.field("slice", pa.int32())
+# What ingest writes: the slice, and how each row's scan was read (the level and the µm per
+# pixel read, when the file has a pixel size: train and score ignore these)
+INGEST_SCHEMA = pa.schema(
+    [*PATCH_SCHEMA, SLICE, pa.field("level", pa.int32()), pa.field("mpp", pa.float64())]
 )
 DTYPES = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
 
@@ -59,9 +63,11 @@ class PatchSpec:
         return f"{self.size}x{self.size}x{self.channels} {self.dtype}"
 
 
-def patch_id_for(scan_id: str, x: int, y: int, size: int) -> str:
-    """Stable id: the scan and the patch's geometry, e.g. 'normal/00012#28x28+0+0'."""
-    return f"{scan_id}#{size}x{size}+{x}+{y}"
+def patch_id_for(scan_id: str, x: int, y: int, size: int, slice_: int | None = None) -> str:
+    """Stable id: the scan (and the slice of a volume) and the patch's geometry, e.g.
+    'normal/00012#28x28+0+0', 'ct01@0007#64x64+0+64'."""
+    where = scan_id if slice_ is None else f"{scan_id}@{slice_:04d}"
+    return f"{where}#{size}x{size}+{x}+{y}"
 
 
 def encode_pixels(pixels: np.ndarray) -> bytes:
@@ -73,7 +79,7 @@ def encode_pixels(pixels: np.ndarray) -> bytes:
 
 
 STRING_COLUMNS = ("patch_id", "scan_id", "label", "dtype")
-INT_COLUMNS = ("x", "y", "height", "width", "channels")
+INT_COLUMNS = ("x", "y", "slice", "height", "width", "channels")
 POSITION_MAX = 2**31 - 1  # x and y are int32 in every output table
 
 

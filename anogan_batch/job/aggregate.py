@@ -29,7 +29,7 @@ from anogan_batch.job.layout import JobLayout
 
 SUMMARY_COLUMNS = (
     "scan_id", "n_patches", "max_score", "mean_score", "p95_score", "min_score", "std_score",
-    "n_above_threshold", "max_patch_id", "max_x", "max_y", "label", "p_value",
+    "n_above_threshold", "max_patch_id", "max_x", "max_y", "max_slice", "label", "p_value",
 )  # fmt: skip
 # what each input contributes to the shuffle ("kind" tells them apart)
 SCORE, SIZE = "score", "size"
@@ -67,9 +67,20 @@ def scan_summary(group: dict[str, np.ndarray], threshold: float | None) -> dict[
         "max_patch_id": [group["patch_id"][top]],
         "max_x": np.array([group["x"][top]], dtype=np.int32),
         "max_y": np.array([group["y"][top]], dtype=np.int32),
+        "max_slice": [_hottest_slice(group, top)],
         "label": [label],
         "p_value": [p_value],
     }
+
+
+def _floats(values: np.ndarray) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values.tolist()], dtype=np.float64)
+
+
+def _hottest_slice(group: dict[str, np.ndarray], top: int) -> int | None:
+    """The slice of a volume's most anomalous patch; None for a 2-D scan or a slide."""
+    value = group["slice"][top] if "slice" in group else None
+    return int(value) if value is not None and np.isfinite(value) else None
 
 
 def _scan_p_value(p_values) -> float | None:
@@ -95,12 +106,14 @@ def scan_schema(heatmaps: bool):
         ("max_patch_id", pa.string()),
         ("max_x", pa.int32()),
         ("max_y", pa.int32()),
+        ("max_slice", pa.int32()),
         ("label", pa.string()),
         ("p_value", pa.float64()),
     ]
     maps = [
         ("height", pa.int32()),
         ("width", pa.int32()),
+        ("heat_slice", pa.int32()),
         ("cell", pa.float64()),
         ("grid_height", pa.int32()),
         ("grid_width", pa.int32()),
@@ -128,6 +141,7 @@ def _union_schema():
             ("kind", pa.string()),
             ("x", pa.int64()),
             ("y", pa.int64()),
+            ("slice", pa.int64()),
             ("anomaly_score", pa.float64()),
             ("patch_id", pa.string()),
             ("label", pa.string()),
@@ -152,7 +166,7 @@ def to_union_rows(batch, kind: str):
     else:
         cols |= {"x": batch.column("x"), "y": batch.column("y")}
     if kind == SCORE:
-        for name in ("anomaly_score", "patch_id", "label", "p_value"):
+        for name in ("anomaly_score", "patch_id", "label", "p_value", "slice"):
             if name in batch.column_names:
                 cols[name] = batch.column(name)
         for name in ("heat", "thumb"):
@@ -172,7 +186,9 @@ def scan_row(
     """One scan's union rows -> its summary (+ heatmap) row; [] when nothing was scored."""
     # one order for a scan's rows, whatever order the shuffle delivered them in: float sums
     # (mean, std, the stitched heatmap) then come out bit for bit the same on every run
-    order = np.lexsort((group["y"], group["x"], group["kind"]))
+    group["slice"] = _floats(group["slice"])  # NaN: no slice (null from Arrow, as None or NaN)
+    order = np.lexsort((group["y"], group["x"], np.nan_to_num(group["slice"], nan=-1.0),
+                        group["kind"]))  # fmt: skip
     group = {k: v[order] for k, v in group.items()}
     scored = group["kind"] == SCORE
     if not scored.any():  # every patch of this scan was masked or quarantined
@@ -180,9 +196,14 @@ def scan_row(
     row = scan_summary({k: v[scored] for k, v in group.items()}, threshold)
     if heatmaps:
         geometry = HeatmapGeometry(*heatmaps)
+        hottest = row["max_slice"][0]
+        if hottest is not None:  # a volume: the heatmap of its hottest slice
+            group = {k: v[(group["kind"] != SCORE) | (group["slice"] == hottest)]
+                     for k, v in group.items()}  # fmt: skip
         cells, recorded = scan_cells(group, geometry)
         overlay = JobLayout(out).overlay(str(group["scan_id"][0]))
         row |= render_scan(cells, geometry.size, overlay, recorded, tuple(geometry.heat))
+        row["heat_slice"] = [hottest]
     return row
 
 
@@ -330,7 +351,8 @@ def _inputs(out: str, patches: str, heatmaps: tuple | None) -> list[tuple[str, l
 
     score_cols = ["scan_id", "x", "y", "anomaly_score", "patch_id", "label"]
     stored = table_columns(JobLayout(out).patch_scores)
-    score_cols += [c for c in ("p_value",) + (("heat", "thumb") if heatmaps else ()) if c in stored]
+    wanted = ("p_value", "slice") + (("heat", "thumb") if heatmaps else ())
+    score_cols += [c for c in wanted if c in stored]
     inputs = [(JobLayout(out).patch_scores, score_cols, SCORE)]
     if heatmaps:
         scans_file = storage.join(patches, "_scans.parquet")

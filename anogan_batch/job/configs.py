@@ -73,6 +73,9 @@ class IngestConfig:
     # before it is decoded), one region of a slide (a tile or strip larger is refused)
     max_pixels: int = MAX_PIXELS
     mpp: float | None = None  # µm per pixel to read slides at (ingest/levels.py)
+    # the foreground mask --min-foreground decides on: "auto" (computed: io/readers.
+    # foreground_mask), or a folder of the user's masks, <scan_id>.png (nonzero = foreground)
+    mask: str = "auto"
     level: int | None = None  # or the pyramid level to read
 
     def __post_init__(self) -> None:
@@ -88,6 +91,8 @@ class IngestConfig:
             check_float("mpp", self.mpp, low=0.0, low_open=True)
         if self.level is not None:
             check_int("level", self.level, min_value=0)
+        if self.mask != "auto" and not self.mask.strip():
+            raise ConfigError("mask", self.mask, "use auto or a folder of <scan_id>.png masks")
         if self.mpp is not None and self.level is not None:
             raise ConfigError("level", self.level, "give --mpp or --level, not both")
         if self.window is not None:
@@ -97,6 +102,14 @@ class IngestConfig:
     @property
     def step(self) -> int:
         return self.stride or self.patch_size
+
+    @property
+    def foreground_share(self) -> float:
+        """The share of a patch inside the mask it needs: --min-foreground, or with the
+        user's masks and no --min-foreground, half."""
+        if self.mask != "auto" and self.min_foreground == 0:
+            return 0.5
+        return self.min_foreground
 
     @property
     def read_options(self) -> ReadOptions:

@@ -52,8 +52,8 @@ MAX_OVERLAY_PIXELS = 2**22
 # Patches stitched at a time: bounds the index arrays of a scan with millions of patches.
 STITCH_CHUNK = 65_536
 MAP_COLUMNS = (
-    "height", "width", "cell", "grid_height", "grid_width", "heatmap", "max_heat", "mean_heat",
-    "overlay", "heatmap_skipped",
+    "height", "width", "heat_slice", "cell", "grid_height", "grid_width", "heatmap", "max_heat",
+    "mean_heat", "overlay", "heatmap_skipped",
 )  # fmt: skip
 
 
@@ -225,6 +225,7 @@ def render_scan(
     return {
         "height": np.array([level0[0]], dtype=np.int32),
         "width": np.array([level0[1]], dtype=np.int32),
+        "heat_slice": [None],  # a volume's: set by the caller
         "cell": np.array([shape[2] * ds], dtype=np.float64),  # level-0 pixels a side
         "grid_height": np.array([heat.shape[0]], dtype=np.int32),
         "grid_width": np.array([heat.shape[1]], dtype=np.int32),
@@ -238,8 +239,8 @@ def render_scan(
 
 def _skipped(height: int, width: int, why: str) -> dict:
     bounded = [min(v, np.iinfo(np.int32).max) for v in (height, width)]
-    nulls = {k: [None] for k in ("cell", "grid_height", "grid_width", "heatmap", "max_heat",
-                                 "mean_heat", "overlay")}  # fmt: skip
+    nulls = {k: [None] for k in ("heat_slice", "cell", "grid_height", "grid_width", "heatmap",
+                                 "max_heat", "mean_heat", "overlay")}  # fmt: skip
     return {
         "height": np.array(bounded[:1], dtype=np.int32),
         "width": np.array(bounded[1:], dtype=np.int32),

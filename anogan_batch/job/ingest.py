@@ -33,7 +33,7 @@ from anogan_batch.ingest import regions
 from anogan_batch.ingest.plan import cut_patches
 from anogan_batch.io import storage
 from anogan_batch.io.patches import INGEST_SCHEMA, encode_pixels, patch_id_for
-from anogan_batch.io.readers import READERS, foreground_mask, suffix_of, to_stored
+from anogan_batch.io.readers import READERS, foreground_mask, slice_suffix, suffix_of, to_stored
 from anogan_batch.io.storage import Listed
 from anogan_batch.job.configs import AUTO_RAY_FILES, AUTO_RAY_UNITS, IngestConfig
 
@@ -45,6 +45,7 @@ SCAN_FIELDS = (
     # how the scan was read: level, level-0 pixels per pixel read, µm per pixel read, the
     # source (format, backend, levels, pyramid: JSON) and why an asked resolution was not used
     "level", "downsample", "mpp", "source", "warning",
+    "slice",  # the row's slice of a volume (a volume has a row a slice; null otherwise)
 )  # fmt: skip
 UNITS = "_units"  # a region scan's deferred work units (JSON), between the two phases
 FLUSH_BYTES = 64 * 2**20  # a unit's rows written out at about this many bytes
@@ -130,7 +131,7 @@ def _region_params(cfg: IngestConfig) -> regions.RegionParams:
     return regions.RegionParams(
         patch=cfg.patch_size,
         step=cfg.step,
-        min_foreground=cfg.min_foreground,
+        min_foreground=cfg.foreground_share,
         mpp=cfg.mpp,
         level=cfg.level,
         options=cfg.read_options,
@@ -155,7 +156,7 @@ def process_file(f: Listed, src: str, cfg: IngestConfig) -> tuple[list[dict], li
     (UNITS) and no rows: `run_units` cuts them."""
     path = f.shown
     ext = _suffix(f.name)
-    if ext in regions.REGION_SUFFIXES:
+    if ext in regions.REGION_SUFFIXES and f.size > 0:  # an empty file: the reason below
         try:
             done = process_region_file(f, src, cfg)
         except Exception as e:  # the header or the plan: this one file is unreadable
@@ -176,13 +177,14 @@ def process_file(f: Listed, src: str, cfg: IngestConfig) -> tuple[list[dict], li
     label = label_for(src, f.name) if cfg.label_from_parent else None
     rows: list[dict] = []
     scans: list[dict] = []
-    for img in images:
-        where, scan_id = path + img.suffix, base_id + img.suffix
+    volume = len(images) > 1  # the file is one scan, its images the volume's slices
+    for k, img in enumerate(images):
+        where, scan_id, slice_ = path + img.suffix, base_id, (k if volume else None)
         try:
             pixels, norm = to_stored(img, cfg.read_options)
-            image_rows, skipped = cut_scan(pixels, scan_id, label, cfg)
+            image_rows, skipped = cut_scan(pixels, scan_id, label, cfg, slice_)
         except Exception as e:  # this image's values cannot be stored or cut
-            scans.append(_scan_row(where, scan_id=scan_id, reason=_one_line(e)))
+            scans.append(_scan_row(where, scan_id=scan_id, slice=slice_, reason=_one_line(e)))
             continue
         h, w, c = pixels.shape
         rows.extend(image_rows)
@@ -201,6 +203,7 @@ def process_file(f: Listed, src: str, cfg: IngestConfig) -> tuple[list[dict], li
                 level=0,
                 downsample=1.0,
                 source=json.dumps({"format": ext.lstrip("."), "backend": reader.__name__}),
+                slice=slice_,
             )
         )
     return rows, scans
@@ -215,9 +218,9 @@ def process_region_file(f: Listed, src: str, cfg: IngestConfig):
         if source is None:
             return None
         params = _region_params(cfg)
-        plan = regions.plan_scan(source, params)
         scan_id, label = scan_id_for(f.name), (label_for(src, f.name) if cfg.label_from_parent
                                                else None)  # fmt: skip
+        plan = regions.plan_scan(source, params, user_mask(cfg, scan_id))
         res, level0 = plan.resolution, source.levels[0]
         scan = _scan_row(
             f.shown,
@@ -244,6 +247,9 @@ def process_region_file(f: Listed, src: str, cfg: IngestConfig):
                                      scan_id, label):  # fmt: skip
             (failed if isinstance(item, regions.Failed) else rows).append(item)
         scan["n_patches"] = len(rows)
+        if failed and not rows:  # nothing of it could be read: the scan's own reason
+            scan["reason"] = f"no region could be read: {failed[0].reason}"
+            scan["n_patches"], failed = 0, []
         return rows, [scan] + [_failed_row(f.shown, scan_id, x) for x in failed]
     finally:
         fh.close()
@@ -262,26 +268,36 @@ def _failed_row(path: str, scan_id: str, failed: regions.Failed) -> dict:
 
 
 def cut_scan(
-    pixels: np.ndarray, scan_id: str, label: str | None, cfg: IngestConfig
+    pixels: np.ndarray,
+    scan_id: str,
+    label: str | None,
+    cfg: IngestConfig,
+    slice_: int | None = None,
 ) -> tuple[list[dict], int]:
-    """One stored image (H, W, C) -> (its patch rows, patches skipped below --min-foreground).
-    ValueError when it is smaller than a patch."""
+    """One stored image (H, W, C), or slice `slice_` of a volume -> (its patch rows, patches
+    skipped below --min-foreground). ValueError when it is smaller than a patch."""
     h, w, c = pixels.shape
     size = cfg.patch_size
     if h < size or w < size:
         raise ValueError(f"image is {h}x{w}, smaller than the {size}px patch")
-    mask = foreground_mask(pixels) if cfg.min_foreground > 0 else None
+    mask = user_mask(cfg, scan_id if slice_ is None else f"{scan_id}{slice_suffix(slice_)}")
+    if mask is not None:
+        mask = regions.resize_mask(mask, h, w)
+    elif cfg.min_foreground > 0:
+        mask = foreground_mask(pixels)
+    share = cfg.foreground_share
     rows, skipped = [], 0
     for x, y, patch in cut_patches(pixels, size, cfg.step):
-        if mask is not None and mask[y : y + size, x : x + size].mean() < cfg.min_foreground:
+        if mask is not None and mask[y : y + size, x : x + size].mean() < share:
             skipped += 1
             continue
         rows.append(
             {
-                "patch_id": patch_id_for(scan_id, x, y, size),
+                "patch_id": patch_id_for(scan_id, x, y, size, slice_),
                 "scan_id": scan_id,
                 "x": x,
                 "y": y,
+                "slice": slice_,
                 "image": encode_pixels(patch),
                 "height": size,
                 "width": size,
@@ -293,6 +309,24 @@ def cut_scan(
             }
         )
     return rows, skipped
+
+
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
+
+
+def user_mask(cfg: IngestConfig, scan_id: str) -> np.ndarray | None:
+    """The user's mask of `scan_id` (--mask FOLDER: FOLDER/<scan_id>.png, .tif or .npy, any
+    size, nonzero = foreground), read within --max-pixels; None with --mask auto. A scan
+    without its mask is an error of that scan (it is quarantined, not cut unmasked)."""
+    if cfg.mask == "auto":
+        return None
+    for suffix in MASK_SUFFIXES:
+        path = storage.join(cfg.mask, scan_id + suffix)
+        if storage.exists(path):
+            (image,) = READERS[suffix](storage.read_bytes(path), cfg.read_options)[:1]
+            return image.values
+    raise ValueError(f"no mask for scan_id {scan_id!r} in '{cfg.mask}' (looked for "
+                     f"{', '.join(scan_id + s for s in MASK_SUFFIXES)})")  # fmt: skip
 
 
 def _one_line(e: Exception) -> str:
@@ -347,7 +381,7 @@ def _ray_ingest_batch(batch: dict, src: str, out: str, cfg: IngestConfig):
 def _scan_schema(units: bool = True):
     import pyarrow as pa
 
-    ints = ("height", "width", "channels", "n_patches", "n_skipped", "level")
+    ints = ("height", "width", "channels", "n_patches", "n_skipped", "level", "slice")
     floats = ("downsample", "mpp")
 
     def typed(name: str):
@@ -414,18 +448,109 @@ def run_unit(item: dict, out: str, cfg: IngestConfig) -> dict:
     return {"scan_id": item["scan_id"], "written": written, "failed": json.dumps(failed)}
 
 
+DICOM_SUFFIXES = (".dcm", ".dicom")
+HEADER_THREADS = 16  # DICOM headers read at once (I/O: S3 round trips)
+
+
+def plan_series(files: list[Listed], src: str, cfg: IngestConfig) -> tuple[list[dict], list]:
+    """DICOM files of two or more slices a series -> (one item a volume, ordered by
+    ingest/series.py; the files that stay scans of their own: no series, one slice, several
+    frames, or a header that cannot be read, which the first phase then reports)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from anogan_batch.ingest import series
+
+    def header(f: Listed):
+        try:
+            with storage.open_input(f.path) as fh:
+                return series.read_header(fh, f.name)
+        except Exception:  # the first phase reads it again and names the reason
+            return None
+
+    with ThreadPoolExecutor(HEADER_THREADS) as pool:
+        headers = list(pool.map(header, files))
+    by_name = {f.name: f for f in files}
+    grouped = [h for h in headers if h is not None and h.series and h.frames == 1]
+    volumes = [v for v in series.group(grouped) if len(v.names) > 1]
+    in_volumes = {name for v in volumes for name in v.names}
+    items, seen = [], {}
+    for v in sorted(volumes, key=lambda v: (-len(v.names), v.names[0])):
+        first = by_name[v.names[0]]
+        base = f"{posixpath.dirname(first.name) or '.'}/{v.series}"
+        seen[base] = seen.get(base, 0) + 1
+        scan_id = base if seen[base] == 1 else f"{base}-{seen[base]}"
+        about = {"format": "dicom", "series": v.series, "ordered_by": v.ordered_by,
+                 "spacing": v.spacing, "problems": v.problems, "slices": len(v.names)}  # fmt: skip
+        members = [[os.fsencode(by_name[n].path).hex(), n, by_name[n].shown] for n in v.names]
+        items.append({
+            "kind": "volume", "index": len(items), "scan_id": scan_id, "name": first.name,
+            "label": label_for(src, first.name) if cfg.label_from_parent else None,
+            "members": json.dumps(members), "source": json.dumps(about),
+        })  # fmt: skip
+    return items, [f for f in files if f.name not in in_volumes]
+
+
+def run_volume(item: dict, out: str, cfg: IngestConfig) -> dict:
+    """One DICOM volume, one scan: its slices in order (`slice` 0, 1, ...) into its own part
+    file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from anogan_batch.io.readers import read_dicom
+
+    key = hashlib.sha1(str(item["name"]).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    target = storage.join(out, f"part-{key}-v{int(item['index']):05d}.parquet")
+    fs, inner = storage.filesystem_for(target)
+    scans, pending = [], []
+    with (
+        fs.open_output_stream(inner) as f,
+        pq.ParquetWriter(f, INGEST_SCHEMA, compression="zstd") as writer,
+    ):
+        scan_id = item["scan_id"]
+        for k, (hex_path, name, shown) in enumerate(json.loads(item["members"])):
+            listed = Listed(os.fsdecode(bytes.fromhex(hex_path)), name)
+            try:
+                (image,) = read_dicom(read_file(listed, cfg.max_file_bytes), cfg.read_options)
+                pixels, norm = to_stored(image, cfg.read_options)
+                rows, skipped = cut_scan(pixels, scan_id, item["label"], cfg, k)
+            except Exception as e:  # this slice is unreadable; the volume's others are not
+                scans.append(_scan_row(shown, scan_id=scan_id, slice=k, reason=_one_line(e)))
+                continue
+            h, w, c = pixels.shape
+            scans.append(_scan_row(
+                shown, scan_id=scan_id, label=item["label"], height=h, width=w, channels=c,
+                dtype=pixels.dtype.name, n_patches=len(rows), n_skipped=skipped,
+                normalisation=json.dumps(norm, sort_keys=True), level=0, downsample=1.0,
+                source=item["source"], slice=k,
+            ))  # fmt: skip
+            pending.extend(rows)
+            if sum(len(r["image"]) for r in pending) >= FLUSH_BYTES:
+                writer.write_table(pa.Table.from_pylist(pending, schema=INGEST_SCHEMA))
+                pending = []
+        writer.write_table(pa.Table.from_pylist(pending, schema=INGEST_SCHEMA))
+    # each slice's row counts its own patches: nothing for settle_units to add up
+    return {"scan_id": item["scan_id"], "written": 0, "failed": "[]", "scans": json.dumps(scans)}
+
+
+def run_item(item: dict, out: str, cfg: IngestConfig) -> dict:
+    """One second-phase item: a slide's work unit, or a DICOM volume."""
+    if item.get("kind") == "volume":
+        return run_volume(item, out, cfg)
+    return {**run_unit(item, out, cfg), "scans": "[]"}
+
+
 def _ray_unit_batch(batch, out: str, cfg: IngestConfig):
     import pyarrow as pa
 
     # pyarrow, not numpy: a null label or pixel size stays None
-    done = [run_unit(item, out, cfg) for item in batch.to_pylist()]
+    done = [run_item(item, out, cfg) for item in batch.to_pylist()]
     return pa.Table.from_pylist(done)
 
 
 def run_units(items: list[dict], out: str, cfg: IngestConfig, use_ray: bool) -> list[dict]:
     """Every deferred unit, one Ray Data task each (or in this process)."""
     if not use_ray:
-        return [run_unit(item, out, cfg) for item in items]
+        return [run_item(item, out, cfg) for item in items]
     import ray
     import ray.data
 
@@ -448,9 +573,14 @@ def settle_units(scans: list[dict], done: list[dict]) -> list[dict]:
     for d in done:
         written[d["scan_id"]] = written.get(d["scan_id"], 0) + int(d["written"])
         failed.extend(json.loads(d["failed"]))
+        failed.extend(json.loads(d["scans"]))  # a volume's slices: their own scan rows
     for scan in scans:
         if scan.pop(UNITS, None):
             scan["n_patches"] = written.get(scan["scan_id"], 0)
+            if not scan["n_patches"]:  # nothing of it could be read: the scan's own reason
+                first = next((f["reason"] for f in failed if f["scan_id"] == scan["scan_id"]),
+                             "no patch was cut")  # fmt: skip
+                scan["reason"] = f"no region could be read: {first}"
     return scans + failed
 
 
@@ -513,9 +643,13 @@ def ingest(src: str, out: str, cfg: IngestConfig) -> IngestSummary:
     if not files and not refused:
         raise InputError(f"scan source '{src}' holds no files")
     _prepare_out(out)
-    use_ray = _use_ray(cfg, len(files))
+    dicoms = [f for f in files if _suffix(f.name) in DICOM_SUFFIXES]
+    volumes, singles = plan_series(dicoms, src, cfg) if len(dicoms) > 1 else ([], dicoms)
+    listed = len(files)
+    files = [f for f in files if _suffix(f.name) not in DICOM_SUFFIXES] + singles
+    use_ray = _use_ray(cfg, listed)
     scans = refused + (_run_chunks(files, src, out, cfg, use_ray) if files else [])
-    items = unit_items(scans, {f.shown: f for f in files})
+    items = volumes + unit_items(scans, {f.shown: f for f in files})
     if items:
         use_ray = use_ray or _use_ray(cfg, len(files), len(items))
         scans = settle_units(scans, run_units(items, out, cfg, use_ray))
@@ -524,8 +658,8 @@ def ingest(src: str, out: str, cfg: IngestConfig) -> IngestSummary:
     bad = [s for s in scans if s["reason"] is not None]
     norms = sorted({s["normalisation"] for s in good})
     summary = IngestSummary(
-        files=len(files) + len(refused),
-        scans=len(good),
+        files=listed + len(refused),
+        scans=len({s["scan_id"] for s in good}),
         patches=sum(s["n_patches"] for s in good),
         skipped_patches=sum(s["n_skipped"] for s in good),
         quarantined=len(bad),

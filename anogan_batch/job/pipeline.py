@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
-from anogan_batch.io.patches import PATCH_SCHEMA
+from anogan_batch.io.patches import PATCH_SCHEMA, SLICE
 from anogan_batch.io.tables import ray_read_parquet
 from anogan_batch.job.configs import ScoreJobConfig
 from anogan_batch.job.layout import PARTITION_COLUMN, JobLayout
@@ -232,7 +232,7 @@ def build_pipeline(
 
     ds = ray_read_parquet(
         cfg.patches,
-        columns=[c for c in PATCH_SCHEMA.names if c in columns],
+        columns=[c for c in (*PATCH_SCHEMA.names, SLICE.name) if c in columns],
         num_cpus=IO_CPUS,
         file_extensions=["parquet", "parq", "pq"],
     )

@@ -42,6 +42,7 @@ def output_schema() -> pa.Schema:
             ("scan_id", pa.string()),
             ("x", pa.int32()),
             ("y", pa.int32()),
+            ("slice", pa.int32()),  # a volume's slice; null for 2-D scans and slides
             ("label", pa.string()),
             ("anomaly_score", pa.float64()),
             ("residual_score", pa.float64()),
@@ -192,6 +193,7 @@ def score_table(
             "scan_id": col("scan_id", pa.string()),
             "x": int32_or_null(table, "x"),
             "y": int32_or_null(table, "y"),
+            "slice": int32_or_null(table, "slice"),
             "label": col("label", pa.string()),
             "anomaly_score": pa.array(anomaly, pa.float64(), mask=nulls),
             "residual_score": pa.array(residual, pa.float64(), mask=nulls),
