@@ -685,9 +685,26 @@ def bench(
             "(peak RSS of every process, ingest vs raw tile decode, its heatmap), instead"
         ),
     ] = None,
+    volumes: Annotated[
+        bool,
+        typer.Option(
+            "--volumes",
+            help="a 300-slice DICOM series and a 512x512x300 .nii.gz ingested (peak RSS, "
+            "order), instead",
+        ),
+    ] = False,
 ) -> None:
     """The performance benchmark (or, with --quality mnist, the detection-quality one; with
-    --scale, the job at scale; with --slide, a gigapixel slide's ingest)."""
+    --scale, the job at scale; with --slide, a gigapixel slide's ingest; with --volumes,
+    volumes' ingest)."""
+    if volumes:
+        from anogan_batch.evaluation.volume_bench import run_volume_bench
+
+        figures = run_volume_bench(scale_dir)
+        _echo(json.dumps(figures, indent=2))
+        if json_path is not None:
+            json_path.write_text(json.dumps(figures, indent=2) + "\n")
+        return
     if slide is not None:
         from anogan_batch.config import check_int
         from anogan_batch.evaluation.slide_bench import run_slide_bench

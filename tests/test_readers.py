@@ -21,11 +21,25 @@ EXTS = sorted(VALID)
 
 
 def ingest_bytes(data: bytes, ext: str) -> tuple[list[dict], list[dict]]:
+    """One file through both phases of ingest: its rows and scan rows (a slide's work units,
+    when its plan has several, run and settled)."""
+    import pyarrow.dataset as pads
+
+    from anogan_batch.job.ingest import run_units, settle_units, unit_items
+
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "scan" + ext)
         with open(path, "wb") as f:
             f.write(data)
-        return process_file(Listed(path, "scan" + ext, len(data)), d, CFG)
+        listed = Listed(path, "scan" + ext, len(data))
+        rows, scans = process_file(listed, d, CFG)
+        items = unit_items(scans, {listed.shown: listed})
+        if items:
+            out = os.path.join(d, "out")
+            os.makedirs(out)
+            scans = settle_units(scans, run_units(items, out, CFG, use_ray=False))
+            rows += pads.dataset(out, format="parquet").to_table().to_pylist()
+        return rows, scans
 
 
 def check_outcome(rows: list[dict], scans: list[dict]) -> None:
@@ -130,3 +144,13 @@ def test_nifti_file_names_lose_both_suffixes():
     assert suffix_of("ct/Head.NII.GZ") == ".nii.gz" and scan_id_for("ct/head.nii.gz") == "ct/head"
     assert suffix_of("a.tar.gz") == ".gz" and scan_id_for("a.tar.gz") == "a.tar"
     assert suffix_of(".nii.gz") == ".gz" and scan_id_for("x/.hidden") == "x/.hidden"
+
+
+def test_a_tiff_declaring_more_strips_than_it_lists_is_refused_unread():
+    """A flipped bit makes the header declare a 32,800-row image over one strip: the file's
+    own offsets bound what it may be, before a grid or a read is sized from the header."""
+    data = bytearray(VALID[".tif"])
+    data[31] = 128  # ImageLength 32 -> 32,800
+    rows, scans = ingest_bytes(bytes(data), ".tif")
+    assert rows == [] and len(scans) == 1
+    assert "declares a 32800x32 image of 1,025 strips but lists 1" in scans[0]["reason"]

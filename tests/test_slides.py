@@ -230,3 +230,36 @@ def test_a_user_s_mask_decides_which_patches_are_cut(slide, tmp_path):
     assert max(xs) + 100 <= W // 2 and max(ys) + 100 <= H // 2
     (bad,) = pq.read_table(tmp_path / "out" / "_quarantine.parquet").to_pylist()
     assert bad["path"].endswith("plain.png") and "no mask for scan_id 'plain'" in bad["reason"]
+
+
+def test_an_interrupted_ingest_resumes_its_unfinished_units(slide, tmp_path, monkeypatch):
+    """A rerun of the same ingest into the OUT of one that died keeps the work units it
+    finished (their records) and cuts only the others; the table is the same."""
+    from anogan_batch.job import ingest as ingest_module
+
+    root, _ = slide
+    monkeypatch.setattr(plan, "UNIT_PATCHES", 40)
+    cfg = IngestConfig(patch_size=64, min_foreground=0.3, engine="local")
+    out = tmp_path / "out"
+    ingest(str(root / "src"), str(out), cfg)
+    whole = pads.dataset(out, format="parquet").to_table().sort_by("patch_id")
+    records = sorted((out / "_units").glob("*-u*.json"))
+    assert len(records) > 2
+    # as a run that died before its last unit and before the end: no _ingest.json
+    (out / "_ingest.json").unlink()
+    (out / "_scans.parquet").unlink()
+    records[-1].unlink()
+    part = out / f"part-{records[-1].name.rsplit('-', 1)[0]}-{records[-1].stem.rsplit('-', 1)[1]}"
+    (part.with_suffix(".parquet")).write_bytes(b"half a file")
+    calls = []
+    real = ingest_module.run_unit
+    monkeypatch.setattr(ingest_module, "run_unit", lambda *a: calls.append(1) or real(*a))
+    summary = ingest(str(root / "src"), str(out), cfg)
+    assert len(calls) == 1  # only the unfinished unit
+    again = pads.dataset(out, format="parquet").to_table().sort_by("patch_id")
+    assert again.equals(whole) and summary.patches == whole.num_rows
+    # other parameters into that OUT: a new ingest, not a resume
+    calls.clear()
+    ingest(str(root / "src"), str(out), IngestConfig(patch_size=32, min_foreground=0.3,
+                                                      engine="local"))  # fmt: skip
+    assert len(calls) > 1

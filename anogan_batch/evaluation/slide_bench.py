@@ -175,18 +175,30 @@ def heatmap_figures(patches: str, root: str) -> dict[str, Any]:
 
 
 def _sampled_python(script: str, *args: str) -> dict[str, Any]:
-    """Peak RSS of `python -c script args` (and of the processes below it)."""
+    """Peak RSS of `python -c script args` and of the processes below it (Ray's workers):
+    the largest, with its name."""
     import psutil
 
     proc = subprocess.Popen([sys.executable, "-c", script, *args])
-    peak = 0.0
+    peaks: dict[str, float] = {}
     while proc.poll() is None:
         try:
-            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-            peak = max(peak, max(p.memory_info().rss for p in tree) / 2**20)
+            root = psutil.Process(proc.pid)
+            tree = [root, *root.children(recursive=True)]
         except psutil.Error:
-            pass
+            break
+        for p in tree:
+            try:
+                name = "driver" if p.pid == proc.pid else " ".join(p.cmdline())[:60]
+                peaks[name] = max(peaks.get(name, 0.0), p.memory_info().rss / 2**20)
+            except psutil.Error:
+                continue
         time.sleep(0.2)
-    if proc.returncode:
+    if proc.wait():
         raise RuntimeError(f"the heatmap process failed ({proc.returncode})")
-    return {"largest_process_peak_rss_mb": round(peak, 1)}
+    largest = max(peaks, key=peaks.get)
+    return {
+        "largest_process": largest.strip(),
+        "largest_process_peak_rss_mb": round(peaks[largest], 1),
+        "driver_peak_rss_mb": round(peaks.get("driver", 0.0), 1),
+    }

@@ -211,6 +211,14 @@ def _check_page(page, budget: int) -> None:
     if page.imagedepth != 1:
         raise ValueError("a TIFF of 3-D tiles cannot be read by region")
     seg_h, seg_w = _segment_shape(page)
+    # a header may declare any size: the segments the file lists must cover it, so that the
+    # patch grid of a slide is bounded by the file's own bytes (8 of them a tile at least)
+    declared = -(-int(page.imagelength) // seg_h) * -(-int(page.imagewidth) // seg_w)
+    if len(page.dataoffsets) != declared or len(page.databytecounts) != declared:
+        raise ValueError(
+            f"the TIFF declares a {page.imagelength}x{page.imagewidth} image of {declared:,} "
+            f"{'tiles' if page.is_tiled else 'strips'} but lists {len(page.dataoffsets):,}"
+        )
     values = seg_h * seg_w * int(page.samplesperpixel)
     if values > budget:
         raise ValueError(

@@ -75,6 +75,8 @@ def encode_pixels(pixels: np.ndarray) -> bytes:
     name = pixels.dtype.name
     if name not in DTYPES:
         raise InputError(f"pixel dtype {name} is not supported (use one of {', '.join(DTYPES)})")
+    if pixels.dtype == DTYPES[name]:  # native order already: one copy, to bytes
+        return pixels.tobytes()
     return np.ascontiguousarray(pixels, dtype=DTYPES[name]).tobytes()
 
 

@@ -220,23 +220,24 @@ def scan_cells(
     g = geometry.size // heat_cell(geometry.size)
     recorded = _recorded(group)
     ds = recorded.downsample if recorded else 1.0
-    xs, ys, heats, thumbs = [], [], [], []
-    for i in np.flatnonzero(group["kind"] == SCORE):
-        x, y = _position(group["x"][i]), _position(group["y"][i])
-        heat = _cells(group["heat"][i], g * g, "<f2")
-        if x is None or y is None or x < 0 or y < 0 or heat is None:
-            continue
-        xs.append(round(x / ds))
-        ys.append(round(y / ds))
-        heats.append(heat.reshape(g, g))
-        thumb = _cells(group["thumb"][i], g * g * geometry.channels, np.uint8)
-        thumbs.append(thumb.reshape(g, g, -1) if thumb is not None else None)
-    whole = all(t is not None for t in thumbs)
+    rows = np.flatnonzero(group["kind"] == SCORE)
+    x, y = _floats(group["x"][rows]), _floats(group["y"][rows])
+    heat_len, thumb_len = g * g * 2, g * g * geometry.channels
+    heats, thumbs = group["heat"][rows], group["thumb"][rows]
+    fits = np.array([h is not None and len(h) == heat_len for h in heats], dtype=bool)
+    keep = fits & np.isfinite(x) & np.isfinite(y) & (x >= 0) & (y >= 0)
+    whole = all(t is not None and len(t) == thumb_len for t in thumbs[keep])
+    # one buffer each, not an array a patch: a slide has 150,000 patches
+    heat = np.frombuffer(b"".join(heats[keep]), "<f2").reshape(-1, g, g)
+    thumb = None
+    if whole:
+        thumb = np.frombuffer(b"".join(thumbs[keep]), np.uint8)
+        thumb = thumb.reshape(-1, g, g, geometry.channels)
     return Cells(
-        np.asarray(xs, np.int64),
-        np.asarray(ys, np.int64),
-        np.asarray(heats, np.float32).reshape(-1, g, g),
-        np.asarray(thumbs, np.float32).reshape(-1, g, g, geometry.channels) if whole else None,
+        np.rint(x[keep] / ds).astype(np.int64),
+        np.rint(y[keep] / ds).astype(np.int64),
+        heat,
+        thumb,
     ), recorded
 
 
@@ -255,14 +256,6 @@ def _recorded(group: dict[str, np.ndarray]) -> ScanSize | None:
 def _position(value) -> int | None:
     """An x, y (or size) value of the union rows as an int; None for a null (NaN after numpy)."""
     return int(value) if value is not None and np.isfinite(value) else None
-
-
-def _cells(data: bytes | None, count: int, dtype) -> np.ndarray | None:
-    """`count` values of `dtype` from a patch's bytes, or None if they are not that."""
-    width = np.dtype(dtype).itemsize
-    if data is None or len(data) != count * width:
-        return None
-    return np.frombuffer(data, dtype=dtype).astype(np.float32)
 
 
 def _partitions(shuffle: int | None) -> int:

@@ -50,7 +50,7 @@ MAX_GRID_CELLS = 2**22
 # Most pixels an overlay PNG holds: a grid smaller than this is enlarged by whole pixels.
 MAX_OVERLAY_PIXELS = 2**22
 # Patches stitched at a time: bounds the index arrays of a scan with millions of patches.
-STITCH_CHUNK = 65_536
+STITCH_CHUNK = 16_384
 MAP_COLUMNS = (
     "height", "width", "heat_slice", "cell", "grid_height", "grid_width", "heatmap", "max_heat",
     "mean_heat", "overlay", "heatmap_skipped",
@@ -79,8 +79,8 @@ class Cells(NamedTuple):
 
     x: np.ndarray  # (N,) int64 top-left pixel
     y: np.ndarray  # (N,) int64
-    heat: np.ndarray  # (N, G, G) float32, G = patch side / cell
-    thumb: np.ndarray | None  # (N, G, G, C) float32 in [0, 255]; None without thumbnails
+    heat: np.ndarray  # (N, G, G) float16 or float32, G = patch side / cell
+    thumb: np.ndarray | None  # (N, G, G, C) uint8 (0..255); None without thumbnails
 
 
 def patch_cells(maps: np.ndarray, size: int) -> np.ndarray:
@@ -148,10 +148,11 @@ def stitch_cells(
         cy = ((y[:, None] + cell // 2) // cell * cell + offsets) // step
         inside = (cy[:, :, None] < gh) & (cx[:, None, :] < gw)  # (n, G, G); x, y >= 0
         index = (cy[:, :, None] * gw + cx[:, None, :])[inside]
-        sums += np.bincount(index, cells.heat[lo : lo + STITCH_CHUNK][inside], gh * gw)
+        part = cells.heat[lo : lo + STITCH_CHUNK][inside].astype(np.float64)
+        sums += np.bincount(index, part, gh * gw)
         counts += np.bincount(index, minlength=gh * gw)
         for k in range(channels):
-            part = cells.thumb[lo : lo + STITCH_CHUNK, :, :, k][inside]
+            part = cells.thumb[lo : lo + STITCH_CHUNK, :, :, k][inside].astype(np.float64)
             shades[k] += np.bincount(index, part, gh * gw)
     seen = np.maximum(counts, 1)
     heat = (sums / seen).reshape(gh, gw).astype(np.float32)
@@ -169,16 +170,20 @@ def colorize(
 ) -> np.ndarray:
     """Scan in [0, 1] (H, W, C) and heat (H, W) -> RGB uint8 overlay; `scale`: the smoothed
     heat from which a pixel is tinted, and from which it is at full colour."""
-    gray = scan.mean(axis=2) if scan.shape[2] != 3 else None
+    # float32 throughout: a gigapixel slide's grid has millions of cells
+    gray = scan.mean(axis=2, dtype=np.float32) if scan.shape[2] != 3 else None
     base = np.repeat(gray[:, :, None], 3, axis=2) if gray is not None else scan
-    shown = box_blur(heat, radius) if radius else heat
+    shown = (box_blur(heat, radius) if radius else heat).astype(np.float32)
     floor, full = scale
-    t = np.clip((shown - floor) / (full - floor), 0.0, 1.0)[:, :, None]
+    t = np.clip((shown - np.float32(floor)) / np.float32(full - floor), 0, 1)[:, :, None]
+    del shown
     hot = np.concatenate(
         [np.clip(3 * t, 0, 1), np.clip(3 * t - 1, 0, 1), np.clip(3 * t - 2, 0, 1)], 2
     )
-    alpha = np.clip(1.5 * t, 0.0, 0.85)
-    return np.rint((base * (1 - alpha) + hot * alpha) * 255).astype(np.uint8)
+    alpha = np.clip(1.5 * t, 0, 0.85)
+    blended = base * (1 - alpha)
+    blended += hot * alpha
+    return np.rint(blended * 255).astype(np.uint8)
 
 
 def enlarge(image: np.ndarray, step: int) -> np.ndarray:
