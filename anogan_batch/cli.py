@@ -93,8 +93,9 @@ def ingest(
         int | None,
         typer.Option(
             "--max-pixels",
-            help="values one file may decode to (all slices); larger files are quarantined "
-            "before decoding",
+            help="values one read may hold: a whole file for formats read whole (all its "
+            "slices), one region of a slide (a tile or strip larger is refused); larger files "
+            "are quarantined before decoding",
         ),
     ] = IngestConfig.max_pixels,
     mpp: Annotated[

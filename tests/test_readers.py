@@ -154,3 +154,61 @@ def test_a_tiff_declaring_more_strips_than_it_lists_is_refused_unread():
     rows, scans = ingest_bytes(bytes(data), ".tif")
     assert rows == [] and len(scans) == 1
     assert "declares a 32800x32 image of 1,025 strips but lists 1" in scans[0]["reason"]
+
+
+def test_a_dicom_whole_slide_image_is_quarantined_with_what_to_do(tmp_path):
+    """A DICOM WSI is a pyramid of tiled frames, not a CT slice: refused with the way out."""
+    import numpy as np
+    from pydicom import dcmread
+
+    from tests.corpus import write_dicom
+
+    write_dicom(tmp_path / "wsi.dcm", np.zeros((32, 32), np.uint16))
+    ds = dcmread(tmp_path / "wsi.dcm")
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.6"
+    ds.save_as(tmp_path / "wsi.dcm")
+    rows, scans = ingest_bytes((tmp_path / "wsi.dcm").read_bytes(), ".dcm")
+    assert rows == [] and "DICOM whole-slide image" in scans[0]["reason"]
+    assert "pyramidal TIFF" in scans[0]["reason"]
+
+
+def test_a_nifti_is_read_a_slab_at_a_time_and_a_short_one_keeps_its_first_slices(
+    tmp_path, monkeypatch
+):
+    import gzip
+    import json
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from anogan_batch.job.ingest import ingest
+    from tests.corpus import nifti_bytes
+
+    volume = np.arange(32 * 48 * 6, dtype=np.uint16).reshape(32, 48, 6) % 4000
+    raw = gzip.compress(nifti_bytes(volume))
+    reads = []
+    real_read = gzip.GzipFile.read
+
+    def counting(self, size=-1):
+        reads.append(size)
+        return real_read(self, size)
+
+    monkeypatch.setattr(gzip.GzipFile, "read", counting)
+    from anogan_batch.io.readers import read_nifti
+
+    slices = [img.values for img in read_nifti(raw, ReadOptions())]
+    assert all(np.array_equal(s, volume[:, :, k]) for k, s in enumerate(slices))
+    slab = 32 * 48 * 2
+    assert all(r == 2**20 or r <= slab for r in reads if r > 0)  # the header's, then slabs
+    # cut short after 2.5 slices: slices 0 and 1 are ingested, slice 2 says why, one scan
+    src = tmp_path / "src"
+    src.mkdir()
+    whole = nifti_bytes(volume)
+    (src / "ct.nii").write_bytes(whole[: len(whole) - int(3.5 * 32 * 48 * 2)])
+    summary = ingest(str(src), str(tmp_path / "out"), IngestConfig(patch_size=16))
+    assert summary.patches == 2 * 2 * 3 and summary.scans == 1
+    (good,) = {json.loads(s["source"])["axis_codes"].__str__() for s in
+               pq.read_table(tmp_path / "out" / "_scans.parquet").to_pylist()}  # fmt: skip
+    assert good == "['R', 'A', 'S']"  # nibabel's identity affine, kept with the scan
+    (bad,) = pq.read_table(tmp_path / "out" / "_quarantine.parquet").to_pylist()
+    assert bad["path"].endswith("ct.nii@0002") and "ends at slice 2" in bad["reason"]

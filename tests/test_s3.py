@@ -111,7 +111,7 @@ def test_whole_flow_on_s3_never_shows_the_secret(bucket, sample):
     assert job["status"] == "succeeded" and job["scored_rows"] == job["input_rows"] == 43
     assert any(k.startswith("job/patch_scores/job_id=") for k in keys(bucket, "job/"))
     assert "job/patch_scores/_delta_log/00000000000000000000.json" in keys(bucket, "job/")
-    overlay = JobLayout(f"s3://{bucket}/job").overlay("0/stack@0002")
+    overlay = JobLayout(f"s3://{bucket}/job").overlay("0/stack")  # a TIFF stack: one scan
     assert overlay.removeprefix(f"s3://{bucket}/") in keys(bucket, "job/overlays/")
     assert keys(bucket, "job/heatmaps/")
     assert keys(bucket, "job/scan_scores/")

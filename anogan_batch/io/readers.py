@@ -150,11 +150,19 @@ def check_npy_header(raw: bytes, opts: ReadOptions) -> None:
         )
 
 
+DICOM_WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+
+
 def read_dicom(raw: bytes, opts: ReadOptions) -> list[Image]:
     """DICOM via pydicom: rescale applied, frames as slices, default window = stored range."""
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(raw), force=True)
+    if str(getattr(ds, "SOPClassUID", "")) == DICOM_WSI:
+        raise ValueError(
+            "a DICOM whole-slide image (VL Whole Slide Microscopy): not read as a slide yet; "
+            "convert it to a pyramidal TIFF (e.g. with wsidicomizer or bfconvert) and ingest that"
+        )
     if "PixelData" not in ds:
         raise ValueError("DICOM file has no pixel data")
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
@@ -186,11 +194,13 @@ NIFTI_HEADER_BYTES = 348  # a NIfTI-1 header; NIfTI-2's is 540
 NIFTI_MAX_HEADER_BYTES = 1 << 20  # header and extensions read before any voxel
 
 
-def read_nifti(raw: bytes, opts: ReadOptions) -> list[Image]:
-    """NIfTI-1/2 (.nii, .nii.gz) via nibabel: a 2-D image, or a 3-D volume cut into slices
-    along its third (k) axis, scl_slope / scl_inter applied. The header's dimensions are
-    checked against the budget before a voxel is decompressed or allocated, and only the
-    bytes they need are ever decompressed (a small .nii.gz can hold gigabytes)."""
+def read_nifti(raw: bytes, opts: ReadOptions) -> NiftiSlices:
+    """NIfTI-1/2 (.nii, .nii.gz) via nibabel's header: a 2-D image, or a 3-D volume cut into
+    slices along its third (k) axis in the file's own voxel order, scl_slope / scl_inter
+    applied. The header's dimensions are checked against the budget before a voxel is
+    decompressed or allocated; the slices are then read one slab at a time as they are
+    iterated (a .nii.gz is decompressed as a stream, never whole), and only the bytes the
+    header declares are ever decompressed (a small .nii.gz can hold gigabytes)."""
     import nibabel as nib
 
     head = _gunzip_prefix(raw, NIFTI_MAX_HEADER_BYTES)
@@ -202,17 +212,56 @@ def read_nifti(raw: bytes, opts: ReadOptions) -> list[Image]:
         shape = shape[:-1]
     if not 2 <= len(shape) <= 3 or min(shape) < 1:
         raise ValueError(f"NIfTI image of shape {shape}: expected a 2-D image or a 3-D volume")
-    count = math.prod(shape)
-    check_size(count, opts, "NIfTI file")
-    needed = int(header.get_data_offset()) + count * header.get_data_dtype().itemsize
-    data = _gunzip_prefix(raw, needed)
-    if len(data) < needed:
-        raise ValueError(f"NIfTI data of shape {shape} needs {needed:,} bytes, has {len(data):,}")
-    image = nib.Nifti2Image if version == 2 else nib.Nifti1Image
-    arr = np.asanyarray(image.from_bytes(data).dataobj).reshape(shape)
-    if arr.ndim == 2:
-        return [Image("", arr)]
-    return _slices(list(np.moveaxis(arr, 2, 0)))
+    check_size(math.prod(shape), opts, "NIfTI file")
+    return NiftiSlices(raw, header, shape)
+
+
+class NiftiSlices:
+    """A NIfTI's slices, read a slab at a time in order (io/readers.read_nifti); `info` keeps
+    the affine and axis codes for the scan's record."""
+
+    def __init__(self, raw: bytes, header, shape: tuple[int, ...]) -> None:
+        import nibabel as nib
+
+        self._raw, self._shape = raw, shape
+        self._offset = int(header.get_data_offset())
+        self._dtype = header.get_data_dtype()
+        slope, inter = header.get_slope_inter()
+        slope = 1.0 if slope is None or slope == 0 else float(slope)  # 0: unscaled (the spec)
+        inter = 0.0 if inter is None else float(inter)
+        # as nibabel's own proxy: values keep their type unless the scaling changes them
+        self._scale = None if (slope, inter) == (1.0, 0.0) else (slope, inter)
+        affine = header.get_best_affine()
+        self.info = {
+            "affine": [[round(float(v), 6) for v in row] for row in affine],
+            "axis_codes": list(nib.aff2axcodes(affine)),
+            "voxel_order": "i, j: rows, columns of each slice; k: the slices",
+        }
+
+    def __len__(self) -> int:
+        return self._shape[2] if len(self._shape) == 3 else 1
+
+    def __getitem__(self, k: int) -> Image:
+        return list(self)[k]
+
+    def __iter__(self):
+        import gzip
+
+        rows, cols = self._shape[:2]
+        slab = rows * cols * self._dtype.itemsize
+        raw = io.BytesIO(self._raw)
+        with gzip.GzipFile(fileobj=raw) if self._raw[:2] == b"\x1f\x8b" else raw as f:
+            if len(f.read(self._offset)) < self._offset:
+                raise ValueError("NIfTI file ends before its data")
+            for k in range(len(self)):
+                data = f.read(slab)
+                if len(data) < slab:
+                    raise ValueError(f"NIfTI data of shape {self._shape} ends at slice {k}")
+                # i varies fastest in the file: a slab is (j, i) in C order
+                values = np.frombuffer(data, self._dtype).reshape(cols, rows).T
+                if self._scale is not None:
+                    values = values.astype(np.float64) * self._scale[0] + self._scale[1]
+                yield Image(slice_suffix(k) if len(self) > 1 else "", values)
 
 
 def _nifti_version(head: bytes) -> int:
@@ -333,7 +382,8 @@ def foreground_mask(stored: np.ndarray) -> np.ndarray:
       tissue);
     - grayscale (CT, X-ray, inspection images): brighter than the intensity's Otsu threshold.
 
-    Then a 3x3 closing fills pinholes; every component is kept, not only the largest. Computed
+    Then a 3x3 closing fills pinholes and a 3x3 opening drops specks; every other component is
+    kept, not only the largest. Computed
     on a strided copy (MASK_SHORT_SIDE) and scaled back."""
     from anogan_batch.config import PIXEL_MAX
 
@@ -371,13 +421,23 @@ def _median3(values: np.ndarray) -> np.ndarray:
     return np.median(np.stack(shifted), axis=0)
 
 
+def _neighbourhood(m: np.ndarray, reduce) -> np.ndarray:
+    """`reduce` over each pixel's 3x3 neighbourhood, borders continued outwards."""
+    padded = np.pad(m, 1, mode="edge")
+    h, w = m.shape
+    return reduce([padded[i : i + h, j : j + w] for i in range(3) for j in range(3)])
+
+
+def _dilate(m: np.ndarray) -> np.ndarray:
+    return _neighbourhood(m, lambda views: np.logical_or.reduce(views))
+
+
+def _erode(m: np.ndarray) -> np.ndarray:
+    return _neighbourhood(m, lambda views: np.logical_and.reduce(views))
+
+
 def _close(mask: np.ndarray) -> np.ndarray:
-    """A 3x3 binary closing (dilation, then erosion), borders continued outwards."""
-
-    def neighbourhood(m: np.ndarray, reduce) -> np.ndarray:
-        padded = np.pad(m, 1, mode="edge")
-        h, w = m.shape
-        return reduce([padded[i : i + h, j : j + w] for i in range(3) for j in range(3)])
-
-    dilated = neighbourhood(mask, lambda views: np.logical_or.reduce(views))
-    return neighbourhood(dilated, lambda views: np.logical_and.reduce(views))
+    """A 3x3 closing (pinholes filled), then a 3x3 opening (specks narrower than three mask
+    pixels dropped: dust, pen dots, single saturated pixels); every larger component stays."""
+    closed = _erode(_dilate(mask))
+    return _dilate(_erode(closed))

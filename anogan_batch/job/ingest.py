@@ -178,8 +178,15 @@ def process_file(f: Listed, src: str, cfg: IngestConfig) -> tuple[list[dict], li
     rows: list[dict] = []
     scans: list[dict] = []
     volume = len(images) > 1  # the file is one scan, its images the volume's slices
-    for k, img in enumerate(images):
-        where, scan_id, slice_ = path + img.suffix, base_id, (k if volume else None)
+    about = {"format": ext.lstrip("."), "backend": reader.__name__, **getattr(images, "info", {})}
+    for k, img in _slices_read(images):
+        slice_ = k if volume else None
+        if isinstance(img, Exception):  # a slab that could not be read: the rest neither
+            where = path + (slice_suffix(k) if volume else "")
+            reason = f"unreadable {ext} data: {_one_line(img)}"
+            scans.append(_scan_row(where, scan_id=base_id, slice=slice_, reason=reason))
+            break
+        where, scan_id = path + img.suffix, base_id
         try:
             pixels, norm = to_stored(img, cfg.read_options)
             image_rows, skipped = cut_scan(pixels, scan_id, label, cfg, slice_)
@@ -202,11 +209,23 @@ def process_file(f: Listed, src: str, cfg: IngestConfig) -> tuple[list[dict], li
                 normalisation=json.dumps(norm, sort_keys=True),
                 level=0,
                 downsample=1.0,
-                source=json.dumps({"format": ext.lstrip("."), "backend": reader.__name__}),
+                source=json.dumps(about),
                 slice=slice_,
             )
         )
     return rows, scans
+
+
+def _slices_read(images):
+    """(k, image) of a reader's images as they are read (a NIfTI reads a slab at a time), or
+    (k, the exception) for the first that cannot be read, which ends them."""
+    iterator = iter(images)
+    for k in range(len(images)):
+        try:
+            yield k, next(iterator)
+        except Exception as e:  # the file's data ends or is corrupt from slice k on
+            yield k, e
+            return
 
 
 def process_region_file(f: Listed, src: str, cfg: IngestConfig):
