@@ -581,6 +581,10 @@ def heatmap(
     out: _path("OUT", "output folder of a finished score job"),
     scan_id: Annotated[str, typer.Argument(metavar="SCAN_ID", help="the scan to fetch")],
     npy: Annotated[str | None, typer.Option(help="write the heatmap as .npy here")] = None,
+    tiff: Annotated[
+        str | None,
+        typer.Option(help="write the overlay as a tiled pyramidal OME-TIFF here (slide viewers)"),
+    ] = None,
 ) -> None:
     """Fetch one scan's anomaly heatmap by scan_id (and where its overlay PNG is)."""
     import numpy as np
@@ -591,12 +595,17 @@ def heatmap(
     heat, cell = heat_grid_for(out, scan_id)
     if npy:
         np.save(npy, heat)
+    if tiff:
+        from anogan_batch.job.heatmaps import export_tiff
+
+        export_tiff(out, scan_id, tiff)
     overlay = JobLayout(out).overlay(scan_id)
     row, col = divmod(int(heat.argmax()), heat.shape[1])
     _echo(
         f"{scan_id}: {heat.shape[0]}x{heat.shape[1]} heat grid of {cell:g}x{cell:g}-pixel cells, "
         f"max {heat.max():.3f} at (x={round(col * cell)}, y={round(row * cell)}); overlay {overlay}"
         + (f"; saved to {npy}" if npy else "")
+        + (f"; OME-TIFF pyramid {tiff}" if tiff else "")
     )
 
 

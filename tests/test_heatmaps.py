@@ -339,3 +339,28 @@ def test_a_slide_read_at_a_downsample_gets_its_grid_in_pixels_as_read(tmp_path):
     grid = np.frombuffer(row["heatmap"][0], "<f4").reshape(row["grid_height"][0], -1)
     assert grid.shape == (16, 80) and grid[:8, :8].min() == grid[:8, 32:40].min() > 0.49
     assert grid[:, 8:32].max() == 0  # between the two patches: nothing
+
+
+def test_an_overlay_exports_as_an_ome_tiff_pyramid_viewers_open(mosaic_job, tmp_path):
+    import tifffile
+
+    from anogan_batch.job.heatmaps import EXPORT_TILE, export_tiff
+
+    _, out, _ = mosaic_job
+    r = run_cli("heatmap", str(out), "lesion/a", "--tiff", str(tmp_path / "a.ome.tif"))
+    assert r.returncode == 0 and "OME-TIFF pyramid" in r.stdout, r.stderr
+    with tifffile.TiffFile(tmp_path / "a.ome.tif") as tif:
+        assert tif.is_ome and tif.pages[0].is_tiled
+        level0 = tif.series[0].levels[0].asarray()
+    png = np.asarray(Image.open(JobLayout(str(out)).overlay("lesion/a")).convert("RGB"))
+    np.testing.assert_array_equal(level0, png)
+    # a large overlay gets levels down to a tile (a copy of the job, a fake 1,000-pixel one)
+    copy = tmp_path / "job"
+    shutil.copytree(out, copy)
+    Image.fromarray(np.zeros((1000, 1200, 3), np.uint8)).save(
+        JobLayout(str(copy)).overlay("lesion/b")
+    )
+    made = export_tiff(str(copy), "lesion/b", str(tmp_path / "b.ome.tif"))
+    with tifffile.TiffFile(tmp_path / "b.ome.tif") as tif:
+        shapes = [lv.shape[:2] for lv in tif.series[0].levels]
+    assert made["levels"] == len(shapes) == 3 and min(shapes[-1]) <= EXPORT_TILE

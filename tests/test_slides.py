@@ -263,3 +263,16 @@ def test_an_interrupted_ingest_resumes_its_unfinished_units(slide, tmp_path, mon
     ingest(str(root / "src"), str(out), IngestConfig(patch_size=32, min_foreground=0.3,
                                                       engine="local"))  # fmt: skip
     assert len(calls) > 1
+
+
+def test_a_scan_id_from_data_never_leaves_the_mask_folder(tmp_path):
+    from anogan_batch.job.ingest import user_mask
+
+    cfg = IngestConfig(patch_size=16, mask=str(tmp_path / "masks"))
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "secret.png").write_bytes(b"not yours")
+    for hostile in ("../secret", "a/../../secret", "/etc/passwd", "", "a\0b", "a//b"):
+        with pytest.raises(ValueError, match="cannot name a mask file"):
+            user_mask(cfg, hostile)
+    with pytest.raises(ValueError, match="no mask for scan_id 'fine/one'"):
+        user_mask(cfg, "fine/one")

@@ -283,3 +283,34 @@ def heat_grid_for(out: str, scan_id: str) -> tuple[np.ndarray, float]:
     h, w = rows.column("grid_height")[0].as_py(), rows.column("grid_width")[0].as_py()
     grid = np.frombuffer(rows.column("heatmap")[0].as_py(), dtype="<f4").reshape(h, w)
     return grid, float(rows.column("cell")[0].as_py())
+
+
+# The export's tiles and how small its coarsest level gets
+EXPORT_TILE = 256
+
+
+def export_tiff(out: str, scan_id: str, path: str) -> dict:
+    """Write one scan's overlay as a tiled, pyramidal OME-TIFF at `path` (a local file) that
+    slide viewers open (QuPath, napari, OpenSeadragon through a tile server): the overlay PNG,
+    then levels halving down to one tile. -> what was written."""
+    import io
+
+    import tifffile
+    from PIL import Image
+
+    from anogan_batch.job.layout import JobLayout
+
+    grid, cell = heat_grid_for(out, scan_id)
+    png = storage.read_bytes(JobLayout(out).overlay(scan_id))
+    with Image.open(io.BytesIO(png)) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    levels = [rgb]
+    while min(levels[-1].shape[:2]) > EXPORT_TILE:
+        levels.append(levels[-1][::2, ::2])
+    per_pixel = cell * grid.shape[1] / rgb.shape[1]  # level-0 pixels of the scan a pixel
+    options = {"tile": (EXPORT_TILE, EXPORT_TILE), "compression": "zlib", "photometric": "rgb"}
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+        tw.write(levels[0], subifds=len(levels) - 1, metadata={"Name": scan_id}, **options)
+        for level in levels[1:]:
+            tw.write(level, subfiletype=1, **options)
+    return {"levels": len(levels), "shape": list(rgb.shape), "scan_pixels_per_pixel": per_pixel}

@@ -1,18 +1,24 @@
-"""Scan files -> patch table, in parallel on Ray Data over the file list.
+"""Scan files -> patch table, in parallel on Ray Data, in two phases.
 
-Every file under SRC whose extension has a reader (see `readers.READERS`) is read, its values
-normalised for storage (`readers.to_stored`), and cut into P x P patches on a grid of stride S.
-When the grid does not reach the right or bottom border, one more row/column of patches flush
-with the border is added, so every pixel is covered (heatmaps need full coverage). With
-`min_foreground`, patches whose share of foreground pixels (readers.foreground_mask) is below
-it are skipped, as the paper scores only patches inside the retina.
+Phase one, over the file list in chunks: every file whose extension has a reader
+(`readers.READERS`) is read whole, its values normalised for storage (`readers.to_stored`),
+and cut into P x P patches on a grid of stride S (one more row/column flush with the border
+covers every pixel: heatmaps need full coverage). A volume (a 3-D NPY or NIfTI, a TIFF stack,
+a multi-frame DICOM) is one scan whose rows carry `slice`. A slide (a single-image TIFF,
+ingest/) is read by region instead: its plan (resolution, low-resolution mask, grid) is made
+here, and a small one is cut at once. With `min_foreground` (or `--mask`), patches whose share
+of foreground is below it are skipped, as the paper scores only patches inside the retina.
 
-Work is split into chunks of files. A chunk writes its own Parquet parts, named after its first
-file, so a retried chunk overwrites rather than duplicates. Each chunk returns one small row per
-scan (or per unreadable file), which the driver writes as OUT/_scans.parquet (scan geometry,
-for heatmaps) and OUT/_quarantine.parquet (path and reason); OUT/_ingest.json holds the counts
-and the table's pixel normalisation, checked again at train and score time. Ingest fails (exit
-2) only when nothing at all could be read.
+Phase two, one Ray Data task an item: a large slide's work units (ingest/plan.py) and the DICOM
+series, grouped and ordered from their headers beforehand (ingest/series.py). Each item writes
+its own Parquet file and then a record under `_units/`, so a rerun of an ingest that died
+resumes there (`_ingest_plan.json` says which ingest it was).
+
+Every part is named after its chunk, unit or volume, so a retried task overwrites rather than
+duplicates. The driver writes one small row per scan (a row a slice for volumes) as
+OUT/_scans.parquet and per unreadable file, slice or region as OUT/_quarantine.parquet (path
+and reason); OUT/_ingest.json holds the counts and the table's pixel normalisation, checked
+again at train and score time. Ingest fails (exit 2) only when nothing at all could be read.
 """
 
 from __future__ import annotations
@@ -341,6 +347,10 @@ def user_mask(cfg: IngestConfig, scan_id: str) -> np.ndarray | None:
     without its mask is an error of that scan (it is quarantined, not cut unmasked)."""
     if cfg.mask == "auto":
         return None
+    parts = scan_id.split("/")
+    if not scan_id or "\0" in scan_id or any(p in ("", ".", "..") for p in parts):
+        # a scan_id comes from data (a DICOM series' UID): it names a file inside FOLDER only
+        raise ValueError(f"scan_id {scan_id!r} cannot name a mask file inside '{cfg.mask}'")
     for suffix in MASK_SUFFIXES:
         path = storage.join(cfg.mask, scan_id + suffix)
         if storage.exists(path):
