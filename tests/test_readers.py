@@ -212,3 +212,59 @@ def test_a_nifti_is_read_a_slab_at_a_time_and_a_short_one_keeps_its_first_slices
     assert good == "['R', 'A', 'S']"  # nibabel's identity affine, kept with the scan
     (bad,) = pq.read_table(tmp_path / "out" / "_quarantine.parquet").to_pylist()
     assert bad["path"].endswith("ct.nii@0002") and "ends at slice 2" in bad["reason"]
+
+
+def test_a_multi_frame_dicom_is_one_volume_in_position_order_decoded_frame_by_frame(
+    tmp_path, monkeypatch
+):
+    """An enhanced multi-frame CT whose frames are stored out of position order: the volume
+    comes out in position order, one frame decoded at a time."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from anogan_batch.io.readers import read_dicom
+
+    z = [10.0, 0.0, 5.0, 15.0]  # frame k sits at z[k]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, generate_uid()
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 16, 16, len(z)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    shared = Dataset()
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for depth in z:
+        position = Dataset()
+        position.ImagePositionPatient = [0, 0, depth]
+        group = Dataset()
+        group.PlanePositionSequence = Sequence([position])
+        frames.append(group)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    pixels = np.stack([np.full((16, 16), 100 + int(d), np.uint16) for d in z])
+    ds.PixelData = pixels.astype("<u2").tobytes()
+    ds.save_as(tmp_path / "mf.dcm", enforce_file_format=True)
+    decoded = []
+    import pydicom.pixels
+
+    real = pydicom.pixels.pixel_array
+
+    def counting(*args, **kwargs):
+        decoded.append(kwargs.get("index"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", counting)
+    images = read_dicom((tmp_path / "mf.dcm").read_bytes(), ReadOptions())
+    assert images.info == {"frames": 4, "ordered_by": "position"} and decoded == []
+    values = [int(img.values[0, 0]) for img in images]
+    assert values == [100, 105, 110, 115]  # position order
+    assert decoded == [1, 2, 0, 3]  # one frame a call, when iterated

@@ -153,8 +153,10 @@ def check_npy_header(raw: bytes, opts: ReadOptions) -> None:
 DICOM_WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 
 
-def read_dicom(raw: bytes, opts: ReadOptions) -> list[Image]:
-    """DICOM via pydicom: rescale applied, frames as slices, default window = stored range."""
+def read_dicom(raw: bytes, opts: ReadOptions) -> list[Image] | DicomFrames:
+    """DICOM via pydicom: rescale applied, default window = stored range. A multi-frame file
+    is a volume: its frames ordered by their positions along the slice normal (per-frame
+    functional groups; else as stored) and decoded one at a time as they are iterated."""
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(raw), force=True)
@@ -169,25 +171,74 @@ def read_dicom(raw: bytes, opts: ReadOptions) -> list[Image]:
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     rows, columns = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
     check_size(rows * columns * frames * samples, opts, "DICOM file")
-    arr = ds.pixel_array
     if samples > 1:  # colour: 8-bit RGB, no rescale or window
+        arr = ds.pixel_array
         return _slices(list(arr) if frames > 1 else [arr])
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    values = arr.astype(np.float64) * slope + intercept
-    bits = int(getattr(ds, "BitsStored", arr.dtype.itemsize * 8) or 16)
-    if int(getattr(ds, "PixelRepresentation", 0) or 0) == 1:
-        lo_raw, hi_raw = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    else:
-        lo_raw, hi_raw = 0, 2**bits - 1
-    lo, hi = sorted((lo_raw * slope + intercept, hi_raw * slope + intercept))
-    if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
-        values = (lo + hi) - values
-    window = ((lo + hi) / 2, hi - lo)
-    images = _slices(list(values) if frames > 1 else [values])
-    for img in images:
-        img.default_window = window
-    return images
+    return DicomFrames(ds, frames)
+
+
+class DicomFrames:
+    """A DICOM's frames as Images (rescaled, MONOCHROME1 inverted, the stored range as default
+    window), decoded one at a time in slice order (io/readers.read_dicom)."""
+
+    def __init__(self, ds, frames: int) -> None:
+        self._ds, self._frames = ds, frames
+        self._slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+        self._intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+        bits = int(getattr(ds, "BitsStored", 0) or getattr(ds, "BitsAllocated", 16) or 16)
+        if int(getattr(ds, "PixelRepresentation", 0) or 0) == 1:
+            lo_raw, hi_raw = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        else:
+            lo_raw, hi_raw = 0, 2**bits - 1
+        lo, hi = sorted(v * self._slope + self._intercept for v in (lo_raw, hi_raw))
+        self._invert = (
+            (lo + hi)
+            if str(getattr(ds, "PhotometricInterpretation", "")) == ("MONOCHROME1")
+            else None
+        )
+        self._window = ((lo + hi) / 2, hi - lo)
+        self._order, how = _frame_order(ds, frames)
+        self.info = {"frames": frames, "ordered_by": how} if frames > 1 else {}
+
+    def __len__(self) -> int:
+        return self._frames
+
+    def __getitem__(self, k: int) -> Image:
+        return list(self)[k]
+
+    def __iter__(self):
+        from pydicom.pixels import pixel_array
+
+        for k, index in enumerate(self._order):
+            frame = (
+                self._ds.pixel_array if self._frames == 1 else pixel_array(self._ds, index=index)
+            )
+            values = frame.astype(np.float64) * self._slope + self._intercept
+            if self._invert is not None:
+                values = self._invert - values
+            suffix = slice_suffix(k) if self._frames > 1 else ""
+            yield Image(suffix, values, default_window=self._window)
+
+
+def _frame_order(ds, frames: int) -> tuple[list[int], str]:
+    """A multi-frame DICOM's frames in position order along the slice normal (per-frame
+    PlanePositionSequence, orientation shared or per frame), or as stored when it lacks them."""
+    if frames < 2:
+        return [0], "frame"
+    try:
+        groups = ds.PerFrameFunctionalGroupsSequence
+        shared = getattr(ds, "SharedFunctionalGroupsSequence", None)
+        source = shared[0] if shared and "PlaneOrientationSequence" in shared[0] else groups[0]
+        cosines = source.PlaneOrientationSequence[0].ImageOrientationPatient
+        orientation = [float(v) for v in cosines]
+        normal = np.cross(orientation[:3], orientation[3:])
+        positions = [groups[k].PlanePositionSequence[0].ImagePositionPatient for k in range(frames)]
+        depth = [float(np.dot([float(v) for v in p], normal)) for p in positions]
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return list(range(frames)), "frame"
+    if not all(np.isfinite(depth)):
+        return list(range(frames)), "frame"
+    return [int(i) for i in np.argsort(depth, kind="stable")], "position"
 
 
 NIFTI_HEADER_BYTES = 348  # a NIfTI-1 header; NIfTI-2's is 540
