@@ -242,7 +242,7 @@ def he_slide(h: int = 600, w: int = 700, seed: int = 0) -> tuple[np.ndarray, np.
 
 
 def test_colour_slides_are_masked_by_saturation_keeping_every_tissue_region():
-    from anogan_batch.io.readers import foreground_mask
+    from anogan_batch.ingest.masks import foreground_mask
 
     img, tissue = he_slide()
     mask = foreground_mask(img)
@@ -255,7 +255,7 @@ def test_colour_slides_are_masked_by_saturation_keeping_every_tissue_region():
 
 
 def test_large_scans_are_masked_on_a_strided_copy():
-    from anogan_batch.io.readers import _intensity_mask, foreground_mask
+    from anogan_batch.ingest.masks import _intensity_mask, foreground_mask
 
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[:1100, :1000]
@@ -282,7 +282,7 @@ def test_min_foreground_keeps_the_tissue_patches_of_a_colour_slide(tmp_path):
 def test_specks_on_the_glass_are_not_foreground():
     """Dust and pen dots (3 x 3 pixels of saturation on glass: the median filter keeps their
     centre cross) are dropped by the mask's opening; tissue regions stay whole."""
-    from anogan_batch.io.readers import foreground_mask
+    from anogan_batch.ingest.masks import foreground_mask
 
     img, tissue = he_slide()
     rng = np.random.default_rng(3)
@@ -290,7 +290,7 @@ def test_specks_on_the_glass_are_not_foreground():
     for y, x in glass[rng.choice(len(glass), 40, replace=False)]:
         if not tissue[y - 2 : y + 3, x - 2 : x + 3].any():
             img[y - 1 : y + 2, x - 1 : x + 2] = (150, 40, 160)
-    from anogan_batch.io.readers import _erode
+    from anogan_batch.ingest.masks import _erode
 
     mask = foreground_mask(img)
     far = ~tissue  # the glass, away from the tissue's edge

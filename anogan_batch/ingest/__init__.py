@@ -6,8 +6,12 @@
   io/readers.
 - `levels`: which level a read uses for `--mpp` / `--level`, and the area downsampling
   between native levels.
-- `plan`: a large scan's foreground mask from a low-resolution level and its patch grid cut
-  into work units (scan, chunk of patch rows), so one slide spreads over every worker.
+- `masks`: foreground masks (saturation or intensity Otsu, closing, specks dropped).
+- `plan`: a large scan's overview (the mask's input, from a low-resolution level) and its
+  patch grid cut into work units (scan, chunk of patch rows), so one slide spreads over every
+  worker.
+- `regions`: a slide's plan and its units cut into patch rows.
+- `series`: DICOM headers grouped and ordered into volumes.
 
 May import io/ and the package's root modules (errors, config); job/ runs it.
 """

@@ -22,10 +22,10 @@ from typing import NamedTuple
 import numpy as np
 
 from anogan_batch.ingest.levels import Resolution, area_downsample
+from anogan_batch.ingest.masks import MASK_SHORT_SIDE
 from anogan_batch.ingest.sources import Source
 
 UNIT_PATCHES = 4_096  # patches of one work unit, at most
-MASK_SHORT_SIDE = 500  # the overview's short side, at least (where the file allows)
 
 
 class Row(NamedTuple):

@@ -17,8 +17,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from anogan_batch.ingest import levels, plan
+from anogan_batch.ingest.masks import foreground_mask
 from anogan_batch.ingest.sources import Source, TiffSource, open_tiff
-from anogan_batch.io.readers import Image, ReadOptions, foreground_mask, to_stored
+from anogan_batch.io.readers import Image, ReadOptions, to_stored
 
 # formats a region read is tried for (a stack of pages falls back to io/readers)
 REGION_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi")

@@ -74,7 +74,7 @@ class IngestConfig:
     max_pixels: int = MAX_PIXELS
     mpp: float | None = None  # µm per pixel to read slides at (ingest/levels.py)
     # the foreground mask --min-foreground decides on: "auto" (computed: io/readers.
-    # foreground_mask), or a folder of the user's masks, <scan_id>.png (nonzero = foreground)
+    # masks.foreground_mask), or a folder of the user's masks, <scan_id>.png (nonzero = foreground)
     mask: str = "auto"
     level: int | None = None  # or the pyramid level to read
 

@@ -36,10 +36,11 @@ import numpy as np
 
 from anogan_batch.errors import InputError
 from anogan_batch.ingest import regions
+from anogan_batch.ingest.masks import foreground_mask
 from anogan_batch.ingest.plan import cut_patches
 from anogan_batch.io import storage
 from anogan_batch.io.patches import INGEST_SCHEMA, encode_pixels, patch_id_for
-from anogan_batch.io.readers import READERS, foreground_mask, slice_suffix, suffix_of, to_stored
+from anogan_batch.io.readers import READERS, slice_suffix, suffix_of, to_stored
 from anogan_batch.io.storage import Listed
 from anogan_batch.job.configs import AUTO_RAY_FILES, AUTO_RAY_UNITS, IngestConfig
 
