@@ -27,8 +27,9 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 import numpy as np
 
 # name -> (TrainConfig overrides, SearchConfig overrides). The names are those of
-# docs/quality-sweep*.json. Each step's rows change that step's starting point, written out so
-# that they stay what was measured when train's defaults move on: "base" is the recipe before
+# docs/results/quality-sweep*.json. Each step's rows change that step's starting point,
+# written out so that they stay what was measured when train's defaults move on: "base" is
+# the recipe before
 # the third step (sharp input, latent 100, GAN 20 epochs), "blur1.0_latent32" the one before
 # the fourth (blurred input, latent 32, GAN 20 epochs); "defaults" is what `train` ships now.
 BEFORE = {"input_blur": 0.0, "latent_dim": 100, "epochs": 20}

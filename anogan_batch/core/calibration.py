@@ -32,15 +32,14 @@ if TYPE_CHECKING:
     from anogan_batch.core.configs import SearchConfig
 
 MIN_CALIBRATION = 20  # below this, the smallest p-value 1/(n+1) is too coarse to decide with
-SEARCH_KEYS = (
-    "iterations", "lam", "lr", "seed", "stop_tol", "stop_window", "min_iterations",
-    "precision", "start",
-)  # fmt: skip
 
 
 def search_key(search: SearchConfig) -> str:
-    """Identity of a (resolved) search: its parameters that change scores, hashed."""
-    params = {k: v for k, v in asdict(search).items() if k in SEARCH_KEYS}
+    """Identity of a (resolved) search: its parameters that change scores (SCORE_FIELDS,
+    under the config's own names), hashed."""
+    from anogan_batch.core.configs import SCORE_FIELDS
+
+    params = {k: v for k, v in asdict(search).items() if k in SCORE_FIELDS}
     if search.stop_tol is None:  # the stopping rule's knobs only matter when it is on
         params.pop("stop_window")
         params.pop("min_iterations")

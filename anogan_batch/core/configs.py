@@ -135,6 +135,30 @@ class SearchConfig:
         check_choice("start", self.start, STARTS)
 
 
+# The search's fields that change a patch's score (batch size, actors and devices do not):
+# the one declaration behind the calibration's search key (core/calibration.search_key) and
+# job.json's params (job/manifest.SEARCH_KEYS), which spell `lam` as the CLI does.
+SCORE_FIELDS = (
+    "iterations", "lam", "lr", "seed", "stop_tol", "stop_window", "min_iterations",
+    "precision", "start",
+)  # fmt: skip
+PUBLIC_NAMES = {"lam": "lambda"}
+
+
+def public_name(field: str) -> str:
+    """How job.json and the CLI spell a SearchConfig field."""
+    return PUBLIC_NAMES.get(field, field)
+
+
+def score_params(search: SearchConfig) -> dict:
+    """A (resolved) search's SCORE_FIELDS under their public names, the stopping rule's knobs
+    only when the rule is on (None otherwise)."""
+    params = {public_name(f): getattr(search, f) for f in SCORE_FIELDS}
+    if search.stop_tol is None:
+        params["stop_window"] = params["min_iterations"] = None
+    return params
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Training parameters; saved in model.json under "training"."""

@@ -1,13 +1,14 @@
 """`anogan-batch report`: one self-contained HTML file about a finished job.
 
 Images are inlined as data: URIs and charts as inline SVG, so the file can be mailed or
-archived on its own. Only small columns and the top-K rows are read; the report never loads a
-whole patch table.
+archived on its own. `gather` reads what the report shows (small columns and the top-K rows
+only: never a whole patch table) into a `ReportData`; `render` turns that into the page.
 """
 
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
 from html import escape
 from typing import Any
 
@@ -107,19 +108,6 @@ def top_patches(out: str, k: int = TOP_K) -> list[dict[str, Any]]:
     return rows
 
 
-def _overlays(out: str, scan_ids: list[str]) -> str:
-    """The overlay PNGs of these scans (from OUT/overlays), inlined, with captions."""
-    from anogan_batch.job.layout import JobLayout
-
-    cells = []
-    for scan_id in scan_ids:
-        path = JobLayout(out).overlay(scan_id)
-        if storage.exists(path):
-            img = _img(storage.read_bytes(path), size=224, title=scan_id)
-            cells.append(f"<figure>{img}<figcaption>{escape(scan_id)}</figcaption></figure>")
-    return f'<div class="charts" id="top-scans">{"".join(cells)}</div>' if cells else ""
-
-
 def _heat_legend(manifest) -> str:
     """What the overlay's colours mean, as the job's last run drew them."""
     from anogan_batch.core.calibration import HEAT_QUANTILES
@@ -136,8 +124,8 @@ def _heat_legend(manifest) -> str:
         )
     low, high = (f"{100 * q:g} %" for q in HEAT_QUANTILES)
     return (
-        f"Colours are anchored in the model's normal patches: a pixel is tinted where its "
-        f"smoothed residual exceeds {low} of normal pixels' (from {tinted:.3g}), and at full "
+        f"Colours are anchored in the model's normal patches: a heat-grid cell is tinted where "
+        f"its smoothed residual exceeds {low} of normal cells' (from {tinted:.3g}), and at full "
         f"colour above {high} (from {full:.3g}). Normal tissue stays dark."
     )
 
@@ -149,81 +137,131 @@ def _model_dir(manifest) -> str:
     return model_dir
 
 
+@dataclass
+class ReportData:
+    """What a report shows of a finished job, gathered from OUT (`gather`); `render` turns
+    it into the page."""
+
+    manifest: Any
+    metrics: dict[str, Any]
+    score_groups: dict[str, np.ndarray]  # label -> anomaly scores
+    threshold: tuple[str, float] | None  # (caption, score) of the patch decision, if any
+    roc: tuple[str, list[float], list[float]] | None  # (caption, fpr, tpr)
+    top: list[dict[str, Any]]  # top_patches
+    scan_columns: list[str]
+    scans: list[dict[str, Any]]  # the top scans' rows, flagged first
+    overlays: list[tuple[str, bytes]]  # (scan_id, overlay PNG) of the first TOP_SCANS
+    job_rows: list[dict[str, Any]]
+    timing_rows: list[dict[str, Any]]
+    phase_names: list[str]
+    legend: str
+
+
 def write_report(out: str, html_path: str | None = None) -> str:
     """Write the report of job OUT to `html_path` (default OUT/report.html); return the path."""
-    import pyarrow.compute as pc
+    html_path = html_path or JobLayout(out).report
+    storage.write_bytes(html_path, render(gather(out)).encode())
+    return html_path
 
-    from anogan_batch.evaluation.evaluate import roc_curve
-    from anogan_batch.io.plots import histogram_svg, line_chart_svg
-    from anogan_batch.io.tables import read_columns, table_columns
+
+def gather(out: str) -> ReportData:
+    """Read what the report shows: small columns and the top rows only."""
     from anogan_batch.job.manifest import JobManifest
 
     manifest = JobManifest.load(out)
     if manifest is None:
         raise InputError(f"'{out}' holds no job.json: not the OUT of a score job")
     layout = JobLayout(out)
-    html_path = html_path or layout.report
-    metrics = {}
-    if storage.exists(layout.metrics):
-        metrics = storage.read_json(layout.metrics)
-    table = read_columns(layout.patch_scores, ["anomaly_score", "label", "patch_id"])
-    scores = table.column("anomaly_score").to_numpy()
-    labels = (
-        table.column("label").to_pylist() if "label" in table.column_names else [None] * len(scores)
-    )
-    if metrics.get("truth"):  # eval's labels, so that the ROC here is the one it measured
-        from anogan_batch.evaluation.evaluate import read_truth
-
-        truth = read_truth(metrics["truth"])
-        ids = table.column("patch_id").to_pylist()
-        labels = [truth.get(i, lab) for i, lab in zip(ids, labels, strict=True)]
+    metrics = storage.read_json(layout.metrics) if storage.exists(layout.metrics) else {}
+    scores, labels = _scores_and_labels(layout, metrics)
     groups: dict[str, list[float]] = {}
     for s, lab in zip(scores, labels, strict=True):
         groups.setdefault("(none)" if lab is None else lab, []).append(float(s))
     decisions = manifest.decisions or {}
     threshold = decisions.get("patch_score_threshold")
-    hist = histogram_svg(
-        {k: np.array(v) for k, v in sorted(groups.items())},
-        title="anomaly score by label",
-        xlabel="anomaly_score",
-        marker=None if threshold is None else (f"p ≤ {decisions['fpr']} (--fpr)", threshold),
+    scan_columns, scans = _top_scans(layout)
+    overlays = []
+    for row in scans[:TOP_SCANS]:
+        path = layout.overlay(row["scan_id"])
+        if storage.exists(path):
+            overlays.append((row["scan_id"], storage.read_bytes(path)))
+    return ReportData(
+        manifest=manifest,
+        metrics=metrics,
+        score_groups={k: np.array(v) for k, v in sorted(groups.items())},
+        threshold=None if threshold is None else (f"p ≤ {decisions['fpr']} (--fpr)", threshold),
+        roc=_roc(scores, labels, metrics),
+        top=top_patches(out),
+        scan_columns=scan_columns,
+        scans=scans,
+        overlays=overlays,
+        job_rows=_job_rows(manifest, metrics),
+        timing_rows=[
+            {
+                "run": i,
+                "started_at": r.get("started_at"),
+                "rows": r.get("rows"),
+                "seconds": r.get("seconds"),
+                **r.get("phase_seconds", {}),
+            }
+            for i, r in enumerate(manifest.runs)
+        ],
+        phase_names=sorted({k for r in manifest.runs for k in r.get("phase_seconds", {})}),
+        legend=_heat_legend(manifest),
     )
-    roc = ""
-    if metrics.get("normal_label") is not None:
-        keep = [lab is not None for lab in labels]
-        pos = np.array([lab != metrics["normal_label"] for lab in labels])[keep]
-        fpr, tpr = roc_curve(scores[keep], pos)
-        roc = line_chart_svg(
-            {f"AUROC {metrics['auroc']:.4f}": (fpr.tolist(), tpr.tolist())},
-            title="ROC (patches)",
-            xlabel="false positive rate",
-            ylabel="true positive rate",
-            diagonal=True,
-        )
 
-    top = top_patches(out)
-    top_rows = "".join(
-        f"<tr><td>{escape(r['patch_id'])}</td><td>{_fmt(r['label'])}</td>"
-        f"<td>{r['anomaly_score']:.4g}</td>"
-        f"<td>{_img(r['x_png'], title='x') if 'x_png' in r else ''}</td>"
-        f"<td>{_img(r['gz_png'], title='G(z)')}</td>"
-        f"<td>{_img(r['residual_png'], title='residual') if 'residual_png' in r else ''}</td></tr>"
-        for r in top
+
+def _scores_and_labels(layout: JobLayout, metrics: dict) -> tuple[np.ndarray, list]:
+    """Every patch's score and label (eval's truth, when it used one: the ROC it measured)."""
+    from anogan_batch.io.tables import read_columns
+
+    table = read_columns(layout.patch_scores, ["anomaly_score", "label", "patch_id"])
+    scores = table.column("anomaly_score").to_numpy()
+    labels = (
+        table.column("label").to_pylist() if "label" in table.column_names else [None] * len(scores)
     )
-    scans_html = ""
+    if metrics.get("truth"):
+        from anogan_batch.evaluation.evaluate import read_truth
+
+        truth = read_truth(metrics["truth"])
+        ids = table.column("patch_id").to_pylist()
+        labels = [truth.get(i, lab) for i, lab in zip(ids, labels, strict=True)]
+    return scores, labels
+
+
+def _roc(scores: np.ndarray, labels: list, metrics: dict):
+    if metrics.get("normal_label") is None:
+        return None
+    from anogan_batch.evaluation.evaluate import roc_curve
+
+    keep = [lab is not None for lab in labels]
+    pos = np.array([lab != metrics["normal_label"] for lab in labels])[keep]
+    fpr, tpr = roc_curve(scores[keep], pos)
+    return f"AUROC {metrics['auroc']:.4f}", fpr.tolist(), tpr.tolist()
+
+
+def _top_scans(layout: JobLayout) -> tuple[list[str], list[dict[str, Any]]]:
+    """(columns, rows) of the 20 most anomalous scans, flagged ones first (--fdr)."""
+    import pyarrow.compute as pc
+
+    from anogan_batch.io.tables import read_columns, table_columns
+
+    columns = ["scan_id", "label", "n_patches", "max_score", "mean_score", "p95_score"]
     scan_dir = layout.scan_scores
-    if storage.is_dir(scan_dir) or storage.exists(scan_dir):
-        columns = ["scan_id", "label", "n_patches", "max_score", "mean_score", "p95_score"]
-        decided = [c for c in ("p_value", "flagged") if c in table_columns(scan_dir)]
-        scans = read_columns(scan_dir, columns + decided)
-        order = [("max_score", "descending")]
-        if "flagged" in decided:  # flagged scans first (--fdr), then by score
-            scans = scans.append_column("_flag", pc.fill_null(scans.column("flagged"), False))
-            order = [("_flag", "descending"), *order]
-        scans = scans.sort_by(order).slice(0, 20).to_pylist()
-        scans_html = _table(scans, columns + decided)
-        scans_html = _overlays(out, [r["scan_id"] for r in scans[:TOP_SCANS]]) + scans_html
-    job_rows = [
+    if not (storage.is_dir(scan_dir) or storage.exists(scan_dir)):
+        return columns, []
+    decided = [c for c in ("p_value", "flagged") if c in table_columns(scan_dir)]
+    scans = read_columns(scan_dir, columns + decided)
+    order = [("max_score", "descending")]
+    if "flagged" in decided:
+        scans = scans.append_column("_flag", pc.fill_null(scans.column("flagged"), False))
+        order = [("_flag", "descending"), *order]
+    return columns + decided, scans.sort_by(order).slice(0, 20).to_pylist()
+
+
+def _job_rows(manifest, metrics: dict) -> list[dict[str, Any]]:
+    decisions = manifest.decisions or {}
+    return [
         {"key": k, "value": v}
         for k, v in (
             ("job_id", manifest.job_id),
@@ -242,15 +280,42 @@ def write_report(out: str, html_path: str | None = None) -> str:
             *((f"scan metric {k}", v) for k, v in metrics.get("scan", {}).items()),
         )
     ]
-    timing_rows = [
-        {"run": i, "started_at": r.get("started_at"), "rows": r.get("rows"),
-         "seconds": r.get("seconds"), **r.get("phase_seconds", {})}
-        for i, r in enumerate(manifest.runs)
-    ]  # fmt: skip
-    phase_names = sorted({k for r in manifest.runs for k in r.get("phase_seconds", {})})
-    page = f"""<!doctype html>
+
+
+def render(data: ReportData) -> str:
+    """The report's page: self-contained HTML (images inlined, charts as SVG)."""
+    from anogan_batch.io.plots import histogram_svg, line_chart_svg
+
+    hist = histogram_svg(data.score_groups, title="anomaly score by label",
+                         xlabel="anomaly_score", marker=data.threshold)  # fmt: skip
+    roc = ""
+    if data.roc is not None:
+        caption, fpr, tpr = data.roc
+        roc = line_chart_svg({caption: (fpr, tpr)}, title="ROC (patches)",
+                             xlabel="false positive rate", ylabel="true positive rate",
+                             diagonal=True)  # fmt: skip
+    top_rows = "".join(
+        f"<tr><td>{escape(r['patch_id'])}</td><td>{_fmt(r['label'])}</td>"
+        f"<td>{r['anomaly_score']:.4g}</td>"
+        f"<td>{_img(r['x_png'], title='x') if 'x_png' in r else ''}</td>"
+        f"<td>{_img(r['gz_png'], title='G(z)')}</td>"
+        f"<td>{_img(r['residual_png'], title='residual') if 'residual_png' in r else ''}</td></tr>"
+        for r in data.top
+    )
+    scans_html = ""
+    if data.scans:
+        figures = "".join(
+            f"<figure>{_img(png, size=224, title=scan_id)}"
+            f"<figcaption>{escape(scan_id)}</figcaption></figure>"
+            for scan_id, png in data.overlays
+        )
+        overlays = f'<div class="charts" id="top-scans">{figures}</div>' if figures else ""
+        scans_html = overlays + _table(data.scans, data.scan_columns)
+    job_id = escape(data.manifest.job_id)
+    timings = _table(data.timing_rows, ["run", "started_at", "rows", "seconds", *data.phase_names])
+    return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<title>anogan-batch job {escape(manifest.job_id)}</title>
+<title>anogan-batch job {job_id}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
@@ -258,19 +323,17 @@ td, th {{ border: 1px solid #ddd; padding: 4px 8px; text-align: left; font-size:
 th {{ background: #f4f4f4; }}
 .charts {{ display: flex; flex-wrap: wrap; gap: 1em; }}
 </style></head><body>
-<h1>anogan-batch job {escape(manifest.job_id)}</h1>
-<h2>Job</h2>{_table(job_rows, ["key", "value"])}
+<h1>anogan-batch job {job_id}</h1>
+<h2>Job</h2>{_table(data.job_rows, ["key", "value"])}
 <h2>Timings (seconds per phase, per run)</h2>
-{_table(timing_rows, ["run", "started_at", "rows", "seconds", *phase_names])}
+{timings}
 <h2>Scores</h2><div class="charts">{hist}{roc}</div>
-<h2>Top {len(top)} anomalous patches</h2>
+<h2>Top {len(data.top)} anomalous patches</h2>
 <p>x, its closest generated patch G(z), and the residual |x − G(z)| (bright = anomalous).</p>
 <table id="top-patches"><thead><tr><th>patch_id</th><th>label</th><th>anomaly_score</th>
 <th>x</th><th>G(z)</th><th>residual</th></tr></thead><tbody>{top_rows}</tbody></table>
 <h2>Top scans</h2>
-<p>Heatmap overlays of the most anomalous scans. {escape(_heat_legend(manifest))}
+<p>Heatmap overlays of the most anomalous scans. {escape(data.legend)}
 </p>{scans_html}
 </body></html>
 """
-    storage.write_bytes(html_path, page.encode())
-    return html_path

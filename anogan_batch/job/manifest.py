@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from anogan_batch.core.configs import SCORE_FIELDS, public_name
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
 from anogan_batch.job.layout import JobLayout
@@ -19,10 +20,7 @@ from anogan_batch.job.layout import JobLayout
 # Parameters that change a patch's scores. Batch size, actor count and devices do not.
 # The search's parameters in job.json's params: with the model, what decides a patch's score
 # (the key under which --skip-published takes a published score as this job's own).
-SEARCH_KEYS = (
-    "iterations", "lambda", "lr", "seed", "stop_tol", "stop_window", "min_iterations",
-    "precision", "start",
-)  # fmt: skip
+SEARCH_KEYS = tuple(public_name(f) for f in SCORE_FIELDS)
 IDENTITY_KEYS = (
     "model_id", "patches", *SEARCH_KEYS,
     # p_value and flagged are written with the patch rows: a rerun must use the same ones

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from anogan_batch.core.configs import SearchConfig
+from anogan_batch.core.configs import SearchConfig, score_params
 from anogan_batch.errors import InputError, redact
 from anogan_batch.io import storage
 from anogan_batch.job.configs import ScoreJobConfig
@@ -137,16 +137,7 @@ def identity(cfg: ScoreJobConfig, prep: Preflight) -> dict[str, Any]:
         "calibration_id": prep.calibration_info.get("calibration_id"),
         "fpr": cfg.fpr,
         "patches": cfg.patches,
-        "iterations": cfg.search.iterations,
-        "lambda": cfg.search.lam,
-        "lr": cfg.search.lr,
-        "seed": cfg.search.seed,
-        # the stopping rule, when there is one (None: the paper's fixed Γ)
-        "stop_tol": cfg.search.stop_tol,
-        "stop_window": cfg.search.stop_window if cfg.search.stop_tol else None,
-        "min_iterations": cfg.search.min_iterations if cfg.search.stop_tol else None,
-        "precision": cfg.search.precision,
-        "start": cfg.search.start,
+        **score_params(cfg.search),
     }
 
 
