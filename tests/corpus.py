@@ -33,23 +33,9 @@ class Case:
 
 def write_dicom(path, pixels: np.ndarray, *, slope=1.0, intercept=0.0, bits=12, pixel_data=True):
     """A minimal valid CT-like DICOM file written by pydicom."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from anogan_batch.evaluation.volume_bench import ct_dataset
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if pixel_data:
-        ds.PixelData = pixels.astype("<u2").tobytes()
+    ds = ct_dataset(pixels, slope=slope, intercept=intercept, bits=bits, pixel_data=pixel_data)
     ds.save_as(path, enforce_file_format=True)
 
 

@@ -276,3 +276,20 @@ def test_a_scan_id_from_data_never_leaves_the_mask_folder(tmp_path):
             user_mask(cfg, hostile)
     with pytest.raises(ValueError, match="no mask for scan_id 'fine/one'"):
         user_mask(cfg, "fine/one")
+
+
+def test_a_storage_fault_is_raised_never_quarantined(slide, monkeypatch):
+    """A tile whose bytes cannot be fetched (S3, a disk) is the machine's fault: it is raised
+    (Ray retries the task, or ingest exits 1), unlike a tile that cannot be decoded."""
+    root, _ = slide
+    with open(root / "src" / "slide.tif", "rb") as fh:
+        source = open_tiff(fh)
+        res = levels.choose(source)
+        grid = plan.patch_grid(source, res, 64, 64, None, 1.0, 0.0)
+
+        def failing(self, offset, count):
+            raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation")
+
+        monkeypatch.setattr(TiffSource, "_read", failing)
+        with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+            list(plan.cut_rows(source, res, grid.rows[:1], 64))

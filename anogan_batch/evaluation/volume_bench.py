@@ -19,10 +19,12 @@ AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 
 
-def write_slice(
-    path: Path, pixels: np.ndarray, *, series: str, frame: str, position, orientation=AXIAL,
-    instance: int | None = None, spacing=(0.7, 0.7),
-) -> None:  # fmt: skip
+def ct_dataset(
+    pixels: np.ndarray, *, slope: float = 1.0, intercept: float = 0.0, bits: int = 12,
+    pixel_data: bool = True,
+):  # fmt: skip
+    """A minimal valid CT-like DICOM dataset of `pixels` (uint16 words), written by pydicom's
+    own classes; the caller adds geometry and saves it."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -34,17 +36,26 @@ def write_slice(
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
     ds.Modality = "CT"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if pixel_data:
+        ds.PixelData = pixels.astype("<u2").tobytes()
+    return ds
+
+
+def write_slice(
+    path: Path, pixels: np.ndarray, *, series: str, frame: str, position, orientation=AXIAL,
+    instance: int | None = None, spacing=(0.7, 0.7),
+) -> None:  # fmt: skip
+    ds = ct_dataset(pixels)
     ds.SeriesInstanceUID, ds.FrameOfReferenceUID = series, frame
     ds.ImageOrientationPatient = [f"{v:g}" for v in orientation]
     ds.ImagePositionPatient = [f"{v:g}" for v in position]
     ds.PixelSpacing = [f"{v:g}" for v in spacing]
     if instance is not None:
         ds.InstanceNumber = instance
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1.0, 0.0
-    ds.PixelData = pixels.astype("<u2").tobytes()
     ds.save_as(path, enforce_file_format=True)
 
 

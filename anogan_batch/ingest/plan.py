@@ -158,12 +158,13 @@ def cut_rows(
     source: Source, res: Resolution, rows: list[Row], patch: int
 ) -> Iterator[tuple[int, int, np.ndarray | Exception]]:
     """(x, y, values (P, P, C)) of each kept patch of `rows`, x and y in output pixels; a patch
-    whose region cannot be read yields the exception in place of its values."""
+    whose region cannot be decoded (or is over the read budget) yields the ValueError in place
+    of its values. A fault of the storage is raised: it is never a patch's own."""
     for row in rows:
         for run in _runs(row.xs, patch, _widest(source, res, patch)):
             try:
                 band = _read_band(source, res, row.y, int(run[0]), int(run[-1]) + patch, patch)
-            except Exception:  # a part of the band is unreadable: patch by patch, then
+            except ValueError:  # undecodable, or over the read budget: patch by patch, then
                 yield from _one_by_one(source, res, row.y, run, patch)
                 continue
             for x in run:
@@ -177,7 +178,7 @@ def _one_by_one(source: Source, res: Resolution, y: int, run: np.ndarray, patch:
     for x in run:
         try:
             yield int(x), y, _read_band(source, res, y, int(x), int(x) + patch, patch)
-        except Exception as e:  # this patch's region of the file is unreadable
+        except ValueError as e:  # this patch's region of the file (a storage fault propagates)
             yield int(x), y, e
 
 

@@ -30,6 +30,12 @@ import numpy as np
 CACHE_BYTES = 64 * 2**20
 
 
+class UndecodableRegion(ValueError):
+    """A part of the file's data that cannot be decoded: a fault of the file, quarantined with
+    its patches. A fault of the storage (an OSError: S3, a disk) is not one: it propagates, so
+    that the task is retried or the ingest exits 1."""
+
+
 class Level(NamedTuple):
     height: int
     width: int
@@ -154,7 +160,7 @@ class TiffSource(Source):
             for c in cols:
                 try:
                     tile = self._segment(level, r * across + c)  # (th, tw, S)
-                except Exception:
+                except UndecodableRegion:
                     if not tolerant:
                         raise
                     continue  # left as 0
@@ -174,13 +180,13 @@ class TiffSource(Source):
             return self._cache[key]
         page = self._pages[level]
         offset, count = page.dataoffsets[index], page.databytecounts[index]
-        fh = self._tif.filehandle
+        segment = None  # a tile the writer left out: background
         if count:
-            fh.seek(offset)
-            data = fh.read(count)
-            segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-        else:  # a tile the writer left out: background
-            segment = None
+            data = self._read(offset, count)  # a fault of the storage propagates as it is
+            try:
+                segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+            except Exception as e:  # the file's bytes: this region of it is unreadable
+                raise UndecodableRegion(f"tile or strip {index}: {e}") from e
         seg_h, seg_w = _segment_shape(page)
         tile = np.zeros((seg_h, seg_w, self.channels), self.dtype)
         if segment is not None:
@@ -192,6 +198,11 @@ class TiffSource(Source):
             _, old = self._cache.popitem(last=False)
             self._cached -= old.nbytes
         return tile
+
+    def _read(self, offset: int, count: int) -> bytes:
+        fh = self._tif.filehandle
+        fh.seek(offset)
+        return fh.read(count)
 
     def close(self) -> None:
         self._tif.close()

@@ -41,6 +41,7 @@ from anogan_batch.ingest.plan import cut_patches
 from anogan_batch.io import storage
 from anogan_batch.io.patches import INGEST_SCHEMA, encode_pixels, patch_id_for
 from anogan_batch.io.readers import READERS, slice_suffix, suffix_of, to_stored
+from anogan_batch.io.s3 import describe_s3_failure
 from anogan_batch.io.storage import Listed
 from anogan_batch.job.configs import AUTO_RAY_FILES, AUTO_RAY_UNITS, IngestConfig
 
@@ -167,6 +168,8 @@ def process_file(f: Listed, src: str, cfg: IngestConfig) -> tuple[list[dict], li
         try:
             done = process_region_file(f, src, cfg)
         except Exception as e:  # the header or the plan: this one file is unreadable
+            if describe_s3_failure(e) is not None:  # S3 past its retries: exit 1, not quarantine
+                raise
             return [], [_scan_row(path, reason=f"unreadable {ext} file: {_one_line(e)}")]
         if done is not None:
             return done
