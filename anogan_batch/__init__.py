@@ -6,7 +6,7 @@ For notebooks: `anogan_batch.Detector` (api.py), pyod's contract on arrays of pa
     scores = det.score(patches)                    # .anomaly_score, .residual_map, ...
 
 For archives: the `anogan-batch` commands (cli.py), or `anogan_batch.job.runner.run_score_job`
-with a `ScoreJobConfig` (job/configs.py). The layers are described in docs/architecture.md.
+with a `ScoreJobConfig` (job/score_config.py). The layers are described in docs/architecture.md.
 Importing the package is cheap: heavy libraries load when first used.
 """
 

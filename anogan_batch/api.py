@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
-from anogan_batch.core.configs import SearchConfig, TrainConfig
+from anogan_batch.core.model_config import TrainConfig
+from anogan_batch.core.search_config import SearchConfig
 
 if TYPE_CHECKING:
     import numpy as np

@@ -38,10 +38,10 @@ def main() -> None:
 
     import torch
 
-    from anogan_batch.core.configs import SearchConfig
     from anogan_batch.core.model import to_model_space
     from anogan_batch.core.modeldir import LoadedModel
     from anogan_batch.core.search import latent_search
+    from anogan_batch.core.search_config import SearchConfig
     from anogan_batch.evaluation.bench import bench_model, digit_patches
 
     device = args.device

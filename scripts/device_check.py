@@ -67,10 +67,10 @@ def main() -> None:
 
     import torch
 
-    from anogan_batch.core.configs import SearchConfig
     from anogan_batch.core.modeldir import LoadedModel, load_model, save_model
     from anogan_batch.core.scoring import device_search
     from anogan_batch.core.search import resolve_search
+    from anogan_batch.core.search_config import SearchConfig
     from anogan_batch.evaluation.bench import bench_model, digit_patches, step_flops
     from anogan_batch.io.tables import patch_table, write_patch_table
     from anogan_batch.job.pipeline import AUTO_BATCH_CPU, AUTO_BATCH_GPU

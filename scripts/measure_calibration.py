@@ -115,7 +115,7 @@ def mosaic_fdr(p_normal, p_anomal, q, rng, scans=200, reps=200, tiles=16) -> dic
 def one_digit(digit: int, images, labels, args, root: str) -> dict:
     from anogan_batch.api import Detector
     from anogan_batch.core.calibration import conformal_p_values
-    from anogan_batch.core.configs import TrainConfig
+    from anogan_batch.core.model_config import TrainConfig
     from anogan_batch.core.training import train_gan
     from anogan_batch.evaluation.datasets import one_class_split
     from anogan_batch.io.tables import write_patch_table

@@ -125,9 +125,9 @@ def task(recipe: str, seed: int, digit: int, mnist: str | None, smoke: bool = Fa
 def distance_variants(x, gz, d) -> dict:
     """Scores of one z under other distances (not what `score` computes): the residual alone,
     and the contract's score taken between copies of x and G(z) blurred at score time."""
-    from anogan_batch.core.configs import SearchConfig
     from anogan_batch.core.model import gaussian_blur
     from anogan_batch.core.search import per_patch_losses
+    from anogan_batch.core.search_config import SearchConfig
 
     lam = SearchConfig.lam
 

@@ -60,7 +60,7 @@ for name in sys.argv[2:]:
     out[name] = {"rows": t.num_rows, "columns": t.column_names, "ids": sorted(set(ids)),
                  "jobs": sorted(set(t.column("job_id").to_pylist()))}
 print(json.dumps(out), flush=True)
-import os; os._exit(0)  # deltalake's runtime may abort at interpreter exit (job/warehouse.py)
+import os; os._exit(0)  # deltalake's runtime may abort at exit (warehouse/delta_in_place.py)
 """
 
 
@@ -76,7 +76,7 @@ def read_delta(folder: str, *tables: str) -> dict:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, sample) -> str:
     """A very small GAN trained on 2,048 real zeros (seconds on CPU); BN statistics are real."""
-    from anogan_batch.core.configs import TrainConfig
+    from anogan_batch.core.model_config import TrainConfig
     from anogan_batch.core.training import train_gan
 
     root = tmp_path_factory.mktemp("tiny")
@@ -108,9 +108,9 @@ def test_table(tmp_path_factory, sample) -> str:
 def finished_jobs(ray_local, tiny_model, sample, tmp_path_factory) -> dict[str, str]:
     """Two finished jobs over different patches (OUT folders by name 'a', 'b') for the
     warehouse tests: 24 and 16 patches, 6 and 4 scans, calibrated p-values, BH flags."""
-    from anogan_batch.core.configs import SearchConfig
-    from anogan_batch.job.configs import ScoreJobConfig
+    from anogan_batch.core.search_config import SearchConfig
     from anogan_batch.job.runner import run_score_job
+    from anogan_batch.job.score_config import ScoreJobConfig
 
     root = tmp_path_factory.mktemp("iceberg-jobs")
     images = sample["test_images"]

@@ -10,14 +10,15 @@ import pyarrow.dataset as pads
 import pytest
 
 import anogan_batch
-from anogan_batch.core.configs import SearchConfig, TrainConfig
+from anogan_batch.core.model_config import TrainConfig
+from anogan_batch.core.search_config import SearchConfig
 from anogan_batch.io.patches import decode_map
 from tests.conftest import TINY_TRAIN, make_patch_table
 
 
 def test_a_detector_scores_like_the_job(tmp_path, tiny_model, sample, ray_local):
-    from anogan_batch.job.configs import ScoreJobConfig
     from anogan_batch.job.runner import run_score_job
+    from anogan_batch.job.score_config import ScoreJobConfig
 
     images = sample["test_images"][:12]
     ids = [f"digit-{i}" for i in range(12)]

@@ -13,14 +13,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "anogan_batch"
 # bottom to top; a module may import its own layer and the layers below it
 LAYERS = {
     "anogan_batch.errors": 0,
-    "anogan_batch.config": 0,
+    "anogan_batch.fields": 0,
     "anogan_batch.io": 1,
     "anogan_batch.core": 2,
     "anogan_batch.ingest": 2,
     "anogan_batch.job": 3,
+    "anogan_batch.warehouse": 3,  # reads a finished job's folder; the job's runner calls it
     "anogan_batch.evaluation": 4,
     "anogan_batch.api": 5,
     "anogan_batch.cli": 6,
+    "anogan_batch.flags": 6,
     "anogan_batch.__main__": 6,
     "anogan_batch": 6,  # __init__: the public names, lazily
 }

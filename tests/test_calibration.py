@@ -19,7 +19,8 @@ from anogan_batch.core.calibration import (
     score_threshold,
     split_by_scan,
 )
-from anogan_batch.core.configs import SearchConfig, TrainConfig
+from anogan_batch.core.model_config import TrainConfig
+from anogan_batch.core.search_config import SearchConfig
 from tests.conftest import TINY_TRAIN, make_patch_table
 
 
@@ -142,8 +143,8 @@ def test_the_fpr_guarantee_holds_on_held_out_normal_digits(calibrated, sample):
 
 def test_a_job_writes_p_values_flags_and_drift(calibrated, sample, tmp_path, ray_local):
     from anogan_batch.io.tables import write_patch_table
-    from anogan_batch.job.configs import ScoreJobConfig
     from anogan_batch.job.runner import run_score_job
+    from anogan_batch.job.score_config import ScoreJobConfig
 
     images = sample["test_images"][:40]
     labels = [str(v) for v in sample["test_labels"][:40]]
@@ -176,8 +177,8 @@ def test_calibrate_adds_a_search_and_a_job_without_one_says_why(
 ):
     import shutil
 
-    from anogan_batch.job.configs import ScoreJobConfig
     from anogan_batch.job.runner import run_score_job
+    from anogan_batch.job.score_config import ScoreJobConfig
     from tests.conftest import run_cli
 
     model = tmp_path / "model"
@@ -257,8 +258,8 @@ def test_overlays_are_coloured_on_the_models_normal_scale(calibrated, sample, tm
     tinted above their 99th percentile, so a normal scan stays (nearly) dark."""
     from anogan_batch.core.calibration import HEAT_QUANTILES
     from anogan_batch.io.tables import write_patch_table
-    from anogan_batch.job.configs import ScoreJobConfig
     from anogan_batch.job.runner import run_score_job
+    from anogan_batch.job.score_config import ScoreJobConfig
 
     (record,) = json.loads((calibrated / "model.json").read_text())["calibration"].values()
     heat = record["heat"]

@@ -29,8 +29,8 @@ FLAGS = ["--iterations", "10", "--no-progress", "--table-format", "delta", "--jo
 
 def make_scans(root: Path, sample) -> Path:
     """Four 56x56 scans of 2x2 real digits, cut into 28x28 patches with stride 14."""
-    from anogan_batch.job.configs import IngestConfig
     from anogan_batch.job.ingest import ingest
+    from anogan_batch.job.ingest_config import IngestConfig
 
     zeros = iter(sample["test_images"][sample["test_labels"] == 0])
     for s in range(SCANS):
@@ -87,9 +87,9 @@ def one_commit_each(out: Path) -> None:
 def test_sigkill_during_aggregation_and_publishing_then_rerun_gives_the_same_output(
     tmp_path, tiny_model, sample, ray_local
 ):
-    from anogan_batch.core.configs import SearchConfig
-    from anogan_batch.job.configs import ScoreJobConfig
+    from anogan_batch.core.search_config import SearchConfig
     from anogan_batch.job.runner import run_score_job
+    from anogan_batch.job.score_config import ScoreJobConfig
 
     (tmp_path / "scans").mkdir()
     patches = make_scans(tmp_path / "scans", sample)
@@ -112,7 +112,9 @@ def test_sigkill_during_aggregation_and_publishing_then_rerun_gives_the_same_out
     assert len(files(out / "overlays")) == 2
     assert not (out / "heatmaps").exists() or not list((out / "heatmaps").rglob("*.parquet"))
     # 2. the rerun dies between the Delta commits of patch_scores and scan_scores
-    score_and_die(tiny_model, patches, out, "anogan_batch.job.warehouse:_convert_in_child:2")
+    score_and_die(
+        tiny_model, patches, out, "anogan_batch.warehouse.delta_in_place:_convert_in_child:2"
+    )
     assert (out / "patch_scores" / "_delta_log").exists()
     assert not (out / "scan_scores" / "_delta_log").exists()
     # 3. the same command again finishes

@@ -56,9 +56,10 @@ def test_delta_needs_a_warehouse(finished_jobs, tmp_path):
 def test_a_growing_archive_pays_for_its_new_patches_only(ray_local, tiny_model, sample, tmp_path):
     """Score into the Delta warehouse; the archive grows; score it with --skip-published (which
     publishes too): every patch once in the tables; a rerun of the finished job adds nothing."""
-    from anogan_batch.core.configs import SearchConfig
-    from anogan_batch.job.configs import ScoreJobConfig, WarehouseTarget
+    from anogan_batch.core.search_config import SearchConfig
     from anogan_batch.job.runner import run_score_job
+    from anogan_batch.job.score_config import ScoreJobConfig
+    from anogan_batch.warehouse.target import WarehouseTarget
 
     images = sample["test_images"]
     day1 = make_patch_table(tmp_path / "day1", images[:12], files=2)
@@ -88,7 +89,7 @@ def test_a_growing_archive_pays_for_its_new_patches_only(ray_local, tiny_model, 
 
 
 def test_skip_published_needs_tables_to_read(tiny_model, tmp_path):
-    from anogan_batch.job.configs import ScoreJobConfig
+    from anogan_batch.job.score_config import ScoreJobConfig
 
     for table_format in ("parquet", "delta"):  # delta without a warehouse: per-job tables only
         with pytest.raises(ConfigError, match="skip_published"):

@@ -62,7 +62,7 @@ def test_bundled_model_and_its_retrain_script_follow_train_args():
     and the rest of it train's defaults: a changed default means a retrained demo model."""
     from dataclasses import asdict
 
-    from anogan_batch.core.configs import TrainConfig
+    from anogan_batch.core.model_config import TrainConfig
     from anogan_batch.core.modeldir import load_model
 
     cfg = load_model(bundled_model_dir()).config
@@ -79,9 +79,9 @@ def test_bundled_model_and_its_retrain_script_follow_train_args():
 
 
 def test_the_bundled_calibration_is_held_out_zeros_for_score_s_default_search():
-    from anogan_batch.core.configs import SearchConfig
     from anogan_batch.core.modeldir import read_calibration, read_model_card
     from anogan_batch.core.search import resolve_search
+    from anogan_batch.core.search_config import SearchConfig
 
     card = read_model_card(bundled_model_dir())
     scores, record = read_calibration(card, resolve_search(SearchConfig(), has_encoder=True))

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from anogan_batch.cli import app, parse_actors
+from anogan_batch.cli import app
+from anogan_batch.job.score_config import parse_actors
 from anogan_batch.job.submit import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]

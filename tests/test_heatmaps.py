@@ -46,7 +46,7 @@ def test_stitch_averages_overlapping_cells():
     seed=st.integers(0, 2**16),
 )
 def test_a_patch_s_cells_are_its_map_and_pixels_averaged_per_cell(side, channels, dtype, seed):
-    from anogan_batch.config import PIXEL_MAX
+    from anogan_batch.fields import PIXEL_MAX
     from anogan_batch.job.heatmaps import patch_cells, patch_thumbs
 
     rng = np.random.default_rng(seed)
@@ -78,10 +78,11 @@ def mosaic_job(ray_local, tiny_model, sample, tmp_path_factory):
     small bright spot on black: plainly abnormal even to the tiny model, so the test is about
     where the heat lands, not about how good that model is (a real digit there is not always
     the hottest tile)."""
-    from anogan_batch.core.configs import SearchConfig
-    from anogan_batch.job.configs import IngestConfig, ScoreJobConfig
+    from anogan_batch.core.search_config import SearchConfig
     from anogan_batch.job.ingest import ingest
+    from anogan_batch.job.ingest_config import IngestConfig
     from anogan_batch.job.runner import run_score_job
+    from anogan_batch.job.score_config import ScoreJobConfig
 
     root = tmp_path_factory.mktemp("mosaic")
     images, labels = sample["test_images"], sample["test_labels"]

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from anogan_batch.errors import ConfigError, InputError
-from anogan_batch.job.configs import WarehouseTarget
+from anogan_batch.warehouse.target import WarehouseTarget
 from tests.conftest import make_patch_table, read_ids, run_cli, run_cli_concurrently
 
 pytest.importorskip("pyiceberg")
 
 
 def read(target: WarehouseTarget, table: str):
-    from anogan_batch.job.iceberg import load_catalog
+    from anogan_batch.warehouse.iceberg_tables import load_catalog
 
     return load_catalog(target).load_table(f"{target.namespace}.{table}").scan().to_arrow()
 
@@ -26,13 +26,13 @@ def read(target: WarehouseTarget, table: str):
 def test_jobs_append_exactly_once_and_duckdb_reads_them(finished_jobs, tmp_path):
     import duckdb
 
-    from anogan_batch.job.iceberg import publish
+    from anogan_batch.warehouse.iceberg_tables import append_job_to_iceberg
 
     target = WarehouseTarget(warehouse=str(tmp_path / "wh"))
-    first = publish(finished_jobs["a"], target)
+    first = append_job_to_iceberg(finished_jobs["a"], target)
     assert first == {"patch_scores": 24, "scan_scores": 6, "jobs": 1}  # no quarantine
-    assert set(publish(finished_jobs["a"], target).values()) == {"already published"}
-    publish(finished_jobs["b"], target)
+    assert set(append_job_to_iceberg(finished_jobs["a"], target).values()) == {"already published"}
+    append_job_to_iceberg(finished_jobs["b"], target)
 
     patch_scores = read(target, "patch_scores")  # DuckDB reads it by name
     job_rows = read(target, "jobs")  # noqa: F841
@@ -53,11 +53,11 @@ def test_the_sql_of_docs_warehouse_runs_on_a_multi_job_table(finished_jobs, tmp_
     import duckdb
     import pyarrow.dataset as pads
 
-    from anogan_batch.job.iceberg import publish
+    from anogan_batch.warehouse.iceberg_tables import append_job_to_iceberg
 
     target = WarehouseTarget(warehouse=str(tmp_path / "wh"))
     for out in finished_jobs.values():
-        publish(out, target)
+        append_job_to_iceberg(out, target)
     con = duckdb.connect()
     for name in ("patch_scores", "scan_scores", "jobs"):
         con.register(name, read(target, name))
@@ -76,18 +76,18 @@ def test_the_sql_of_docs_warehouse_runs_on_a_multi_job_table(finished_jobs, tmp_
 def test_a_warehouse_on_s3(finished_jobs, bucket, tmp_path):
     import boto3
 
-    from anogan_batch.job.iceberg import publish
+    from anogan_batch.warehouse.iceberg_tables import append_job_to_iceberg
 
     target = WarehouseTarget(warehouse=f"s3://{bucket}/wh", catalog_db=str(tmp_path / "c.sqlite"))
-    assert publish(finished_jobs["a"], target)["patch_scores"] == 24
-    assert set(publish(finished_jobs["a"], target).values()) == {"already published"}
+    assert append_job_to_iceberg(finished_jobs["a"], target)["patch_scores"] == 24
+    assert set(append_job_to_iceberg(finished_jobs["a"], target).values()) == {"already published"}
     assert read(target, "patch_scores").num_rows == 24
     listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="wh/")["Contents"]
     keys = [o["Key"] for o in listed]
     assert any(k.endswith(".parquet") and "patch_scores" in k for k in keys)
     assert any(k.endswith(".metadata.json") for k in keys)
     with pytest.raises(ConfigError, match="--catalog-db"):
-        publish(finished_jobs["a"], WarehouseTarget(warehouse=f"s3://{bucket}/wh"))
+        append_job_to_iceberg(finished_jobs["a"], WarehouseTarget(warehouse=f"s3://{bucket}/wh"))
 
 
 def test_a_column_added_by_a_newer_version_appends_without_rewriting(
@@ -95,8 +95,8 @@ def test_a_column_added_by_a_newer_version_appends_without_rewriting(
 ):
     import pyarrow as pa
 
-    from anogan_batch.job import iceberg
-    from anogan_batch.job.published import JobRows
+    from anogan_batch.warehouse import iceberg_tables as iceberg
+    from anogan_batch.warehouse.job_rows import JobRows
 
     target = WarehouseTarget(warehouse=str(tmp_path / "wh"))
     rows_of = iceberg.job_rows
@@ -110,9 +110,9 @@ def test_a_column_added_by_a_newer_version_appends_without_rewriting(
         return JobRows(schema, rows.rows, lambda: (b.select(keep) for b in rows.batches()))
 
     monkeypatch.setattr(iceberg, "job_rows", older_version)
-    iceberg.publish(finished_jobs["a"], target)
+    iceberg.append_job_to_iceberg(finished_jobs["a"], target)
     monkeypatch.setattr(iceberg, "job_rows", rows_of)
-    iceberg.publish(finished_jobs["b"], target)
+    iceberg.append_job_to_iceberg(finished_jobs["b"], target)
     got = read(target, "patch_scores").to_pylist()
     by_job = {}
     for r in got:
@@ -128,7 +128,7 @@ def test_a_failed_commit_then_rerun_leaves_one_copy(finished_jobs, tmp_path, mon
     from pyiceberg.table import Transaction
     from pyiceberg.table.update import AddSnapshotUpdate
 
-    from anogan_batch.job.iceberg import publish
+    from anogan_batch.warehouse.iceberg_tables import append_job_to_iceberg
 
     target = WarehouseTarget(warehouse=str(tmp_path / "wh"))
     commit = Transaction.commit_transaction
@@ -142,9 +142,9 @@ def test_a_failed_commit_then_rerun_leaves_one_copy(finished_jobs, tmp_path, mon
 
     monkeypatch.setattr(Transaction, "commit_transaction", crash_in_scan_scores_append)
     with pytest.raises(RuntimeError, match="before the commit"):
-        publish(finished_jobs["a"], target)
+        append_job_to_iceberg(finished_jobs["a"], target)
     monkeypatch.setattr(Transaction, "commit_transaction", commit)
-    again = publish(finished_jobs["a"], target)
+    again = append_job_to_iceberg(finished_jobs["a"], target)
     assert again["patch_scores"] == "already published" and again["scan_scores"] == 6
     assert read(target, "patch_scores").num_rows == 24
     assert read(target, "scan_scores").num_rows == 6
@@ -155,7 +155,7 @@ def test_sigkill_between_tables_then_rerun_converges(finished_jobs, tmp_path):
     wh = str(tmp_path / "wh")
     env = {
         "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests" / "fault_site")]),
-        "ANOGAN_TEST_KILL": "anogan_batch.job.iceberg:_append_once:2",
+        "ANOGAN_TEST_KILL": "anogan_batch.warehouse.iceberg_tables:_append_once:2",
     }
     killed = run_cli("publish", finished_jobs["b"], "--warehouse", wh, env=env)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -179,14 +179,14 @@ def test_concurrent_publishes_all_land_once(finished_jobs, tmp_path):
 
 
 def test_bad_targets_are_clear_errors(finished_jobs, tmp_path):
-    from anogan_batch.job.iceberg import publish
+    from anogan_batch.warehouse.iceberg_tables import append_job_to_iceberg
 
     with pytest.raises(ConfigError, match="namespace"):
         WarehouseTarget(namespace="a.b; drop")
     with pytest.raises(ConfigError, match="--warehouse"):
-        publish(finished_jobs["a"], WarehouseTarget(catalog="nowhere"))
+        append_job_to_iceberg(finished_jobs["a"], WarehouseTarget(catalog="nowhere"))
     with pytest.raises(InputError, match="no job"):
-        publish(str(tmp_path), WarehouseTarget(warehouse=str(tmp_path / "wh")))
+        append_job_to_iceberg(str(tmp_path), WarehouseTarget(warehouse=str(tmp_path / "wh")))
     r = run_cli("publish", str(tmp_path / "nothing"), "--warehouse", str(tmp_path / "wh"))
     assert r.returncode == 2 and "no job" in r.stderr
 
@@ -194,9 +194,9 @@ def test_bad_targets_are_clear_errors(finished_jobs, tmp_path):
 def test_score_publishes_and_a_rerun_of_the_finished_job_adds_nothing(
     ray_local, tiny_model, sample, tmp_path
 ):
-    from anogan_batch.core.configs import SearchConfig
-    from anogan_batch.job.configs import ScoreJobConfig
+    from anogan_batch.core.search_config import SearchConfig
     from anogan_batch.job.runner import run_score_job
+    from anogan_batch.job.score_config import ScoreJobConfig
 
     table = make_patch_table(tmp_path / "patches", sample["test_images"][40:52])
     target = WarehouseTarget(namespace="site_1", warehouse=str(tmp_path / "wh"))
@@ -215,9 +215,9 @@ def test_a_growing_archive_pays_for_its_new_patches_only(ray_local, tiny_model, 
     once in the tables. Another search is another key: nothing of it is skipped."""
     import duckdb
 
-    from anogan_batch.core.configs import SearchConfig
-    from anogan_batch.job.configs import ScoreJobConfig
+    from anogan_batch.core.search_config import SearchConfig
     from anogan_batch.job.runner import run_score_job
+    from anogan_batch.job.score_config import ScoreJobConfig
 
     images = sample["test_images"]
     day1 = make_patch_table(tmp_path / "day1", images[:12], files=2)
@@ -256,7 +256,7 @@ def test_a_growing_archive_pays_for_its_new_patches_only(ray_local, tiny_model, 
 
 
 def test_table_names_take_a_prefix(finished_jobs, tmp_path):
-    from anogan_batch.job.iceberg import load_catalog
+    from anogan_batch.warehouse.iceberg_tables import load_catalog
 
     wh = str(tmp_path / "wh")
     r = run_cli("publish", finished_jobs["a"], "--warehouse", wh, "--table-prefix", "site1_")
@@ -278,7 +278,7 @@ def test_losing_the_race_to_create_the_namespace_is_not_an_error(tmp_path):
     integrity error (seen once in the suite's concurrent-publish test), not "already exists"."""
     from sqlalchemy.exc import IntegrityError
 
-    from anogan_batch.job.iceberg import _ensure_namespace, load_catalog
+    from anogan_batch.warehouse.iceberg_tables import _ensure_namespace, load_catalog
 
     catalog = load_catalog(WarehouseTarget(warehouse=str(tmp_path / "wh")))
 
@@ -299,13 +299,17 @@ def test_a_job_is_written_a_batch_at_a_time_and_committed_once(
     """Memory stays bounded however large the job: its rows are read and written a batch at
     a time (here 5 rows, files of 10), yet they land in one snapshot, each row once."""
     from anogan_batch.io import tables
-    from anogan_batch.job import published
-    from anogan_batch.job.iceberg import JOB_ID_PROPERTY, load_catalog, publish
+    from anogan_batch.warehouse import job_rows as published
+    from anogan_batch.warehouse.iceberg_tables import (
+        JOB_ID_PROPERTY,
+        append_job_to_iceberg,
+        load_catalog,
+    )
 
     monkeypatch.setattr(tables, "STREAM_ROWS", 5)
     monkeypatch.setattr(published, "DATA_FILE_ROWS", 10)
     target = WarehouseTarget(warehouse=str(tmp_path / "wh"))
-    publish(finished_jobs["a"], target)
+    append_job_to_iceberg(finished_jobs["a"], target)
     table = load_catalog(target).load_table("anogan.patch_scores")
     ids = table.scan().to_arrow()["patch_id"].to_pylist()
     assert len(ids) == len(set(ids)) == 24

@@ -11,8 +11,8 @@ from PIL import Image
 from anogan_batch.errors import InputError
 from anogan_batch.ingest.plan import grid_positions
 from anogan_batch.io.patches import PatchSpec, decode_patches
-from anogan_batch.job.configs import IngestConfig
 from anogan_batch.job.ingest import ingest
+from anogan_batch.job.ingest_config import IngestConfig
 from tests.corpus import write_dicom
 
 

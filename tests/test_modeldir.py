@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from anogan_batch.core.configs import SearchConfig
 from anogan_batch.core.model import model_input
 from anogan_batch.core.modeldir import load_model, save_model
 from anogan_batch.core.search import latent_search
+from anogan_batch.core.search_config import SearchConfig
 from anogan_batch.errors import ModelError
 
 

@@ -10,13 +10,13 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from anogan_batch.core.configs import POLISH, SearchConfig
 from anogan_batch.core.model import model_input
 from anogan_batch.core.search import latent_search
+from anogan_batch.core.search_config import POLISH, SearchConfig
 from anogan_batch.errors import ConfigError, InputError
 from anogan_batch.io.patches import decode_map
-from anogan_batch.job.configs import ScoreJobConfig
 from anogan_batch.job.runner import run_score_job
+from anogan_batch.job.score_config import ScoreJobConfig
 from tests.conftest import make_patch_table
 
 SEARCH = SearchConfig(iterations=10, seed=5)
@@ -189,7 +189,7 @@ def test_rerun_with_other_parameters_is_refused(finished_job, tiny_model, test_t
 
 @pytest.fixture(scope="module")
 def float_model(tmp_path_factory, sample):
-    from anogan_batch.core.configs import TrainConfig
+    from anogan_batch.core.model_config import TrainConfig
     from anogan_batch.core.training import train_gan
 
     root = tmp_path_factory.mktemp("float")
@@ -229,8 +229,8 @@ def test_table_normalised_unlike_the_model_is_refused(tiny_model, sample, tmp_pa
 
     from PIL import Image
 
-    from anogan_batch.job.configs import IngestConfig
     from anogan_batch.job.ingest import ingest
+    from anogan_batch.job.ingest_config import IngestConfig
 
     src = tmp_path / "scans"
     src.mkdir()

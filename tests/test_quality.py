@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from anogan_batch.core.configs import SearchConfig, TrainConfig
 from anogan_batch.core.model import model_input
+from anogan_batch.core.model_config import TrainConfig
 from anogan_batch.core.search import latent_search
+from anogan_batch.core.search_config import SearchConfig
 from anogan_batch.core.training import fit_gan
 from anogan_batch.evaluation.datasets import load_mnist, mnist_dir, one_class_split
 from anogan_batch.evaluation.evaluate import auroc

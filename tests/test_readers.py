@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from anogan_batch.io.readers import READERS, ReadOptions, check_size, read_npy
 from anogan_batch.io.storage import Listed
-from anogan_batch.job.configs import IngestConfig
 from anogan_batch.job.ingest import process_file
+from anogan_batch.job.ingest_config import IngestConfig
 from tests.corpus import npy_bomb, valid_files
 
 CFG = IngestConfig(patch_size=16, max_pixels=2**20)

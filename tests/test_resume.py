@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from anogan_batch.core.configs import SearchConfig
-from anogan_batch.job.configs import ScoreJobConfig
+from anogan_batch.core.search_config import SearchConfig
 from anogan_batch.job.pipeline import recover_pending
 from anogan_batch.job.runner import run_score_job
+from anogan_batch.job.score_config import ScoreJobConfig
 from tests.conftest import make_patch_table
 
 ITER = 10

@@ -134,8 +134,8 @@ def test_large_job_groupby_on_ray_reads_and_writes_s3(bucket, sample, tiny_model
     # Data groupby whose tasks read and write S3 themselves
     import pyarrow.parquet as pq
 
-    from anogan_batch.core.configs import SearchConfig
     from anogan_batch.core.modeldir import load_model
+    from anogan_batch.core.search_config import SearchConfig
     from anogan_batch.io.tables import open_dataset, write_patch_table
     from anogan_batch.job.aggregate import write_scan_tables
     from anogan_batch.job.scorer import score_table
@@ -230,8 +230,8 @@ def test_a_slide_on_s3_is_read_by_region_in_units(bucket, tmp_path, monkeypatch)
     import pyarrow.dataset as pads
 
     from anogan_batch.ingest import plan
-    from anogan_batch.job.configs import IngestConfig
     from anogan_batch.job.ingest import ingest
+    from anogan_batch.job.ingest_config import IngestConfig
     from tests.slides import slide_pixels, write_pyramid
 
     local = tmp_path / "src"

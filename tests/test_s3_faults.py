@@ -77,11 +77,12 @@ PATTERNS = {
 def test_a_flaky_s3_gives_the_output_of_a_healthy_one(
     pattern, bucket, s3_server, sample, tiny_model, ray_local, tmp_path
 ):
-    from anogan_batch.core.configs import SearchConfig
+    from anogan_batch.core.search_config import SearchConfig
     from anogan_batch.io.plots import png_bytes
-    from anogan_batch.job.configs import IngestConfig, ScoreJobConfig
     from anogan_batch.job.ingest import ingest
+    from anogan_batch.job.ingest_config import IngestConfig
     from anogan_batch.job.runner import run_score_job
+    from anogan_batch.job.score_config import ScoreJobConfig
 
     s3 = boto3.client("s3")
     for i in range(SCANS):
@@ -140,8 +141,8 @@ def test_the_retry_policy_lasts_a_process_of_throttling(bucket, s3_server, tmp_p
     refills): at 10 % throttling, the 1,000th request of a job failed at once. A ranged read
     shorter than the error's body was never retried at all."""
     from anogan_batch.io import storage
-    from anogan_batch.job.configs import WarehouseTarget
-    from anogan_batch.job.iceberg import load_catalog
+    from anogan_batch.warehouse.iceberg_tables import load_catalog
+    from anogan_batch.warehouse.target import WarehouseTarget
 
     data = bytes(range(256)) * 16
     boto3.client("s3").put_object(Bucket=bucket, Key="k", Body=data)
@@ -217,8 +218,8 @@ def test_a_flaky_s3_warehouse_gets_every_job_exactly_once(
 ):
     """Publishing through throttling, 500s, resets and stalls, to Iceberg and Delta on S3: what
     fails says so (no traceback) and its rerun lands; job a published twice is in once."""
-    from anogan_batch.job.configs import WarehouseTarget
-    from anogan_batch.job.iceberg import load_catalog
+    from anogan_batch.warehouse.iceberg_tables import load_catalog
+    from anogan_batch.warehouse.target import WarehouseTarget
 
     rates = FaultRates(slow_down=0.05, internal=0.03, reset=0.03, delay=0.05)
     proxy = FaultProxy(s3_server, rates, seed=11).start()

@@ -8,7 +8,7 @@ import torch
 
 from anogan_batch.core import devices
 from anogan_batch.core import search as search_module
-from anogan_batch.core.configs import SearchConfig
+from anogan_batch.core.search_config import SearchConfig
 from anogan_batch.io.patches import patch_id_for
 from anogan_batch.io.tables import patch_table
 from anogan_batch.job.scorer import score_table

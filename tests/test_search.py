@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from anogan_batch.core.configs import POLISH, ModelConfig, SearchConfig
 from anogan_batch.core.model import build_models, freeze, to_model_space
+from anogan_batch.core.model_config import ModelConfig
 from anogan_batch.core.search import initial_latents, latent_search
+from anogan_batch.core.search_config import POLISH, SearchConfig
 
 CFG = SearchConfig(iterations=40, seed=3)
 

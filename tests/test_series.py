@@ -10,8 +10,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from anogan_batch.ingest import series
-from anogan_batch.job.configs import IngestConfig
 from anogan_batch.job.ingest import ingest
+from anogan_batch.job.ingest_config import IngestConfig
 from tests.volumes import write_series
 
 

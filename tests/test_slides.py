@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from anogan_batch.ingest import levels, plan
 from anogan_batch.ingest.sources import Level, TiffSource, open_tiff
-from anogan_batch.job.configs import IngestConfig
 from anogan_batch.job.ingest import ingest
+from anogan_batch.job.ingest_config import IngestConfig
 from tests.slides import slide_pixels, tissue_mask, write_pyramid, write_untiled
 
 H, W = 1200, 1800  # a small slide: 3 levels of 256-pixel tiles

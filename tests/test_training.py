@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from anogan_batch.core.configs import TrainConfig
+from anogan_batch.core.model_config import TrainConfig
 from anogan_batch.core.training import fit_gan, load_training_patches, train_gan
 from anogan_batch.errors import InputError
 from tests.conftest import make_patch_table
@@ -109,8 +109,8 @@ def _windowed_scans(root, window_ok=True):
 
 
 def test_training_records_the_tables_normalisation(tmp_path):
-    from anogan_batch.job.configs import IngestConfig
     from anogan_batch.job.ingest import ingest
+    from anogan_batch.job.ingest_config import IngestConfig
 
     src = _windowed_scans(tmp_path / "scans")
     ingest(str(src), str(tmp_path / "p"), IngestConfig(patch_size=16, window=(128.0, 200.0)))
@@ -123,8 +123,8 @@ def test_training_records_the_tables_normalisation(tmp_path):
 def test_a_table_mixing_bit_depths_is_refused(tmp_path):
     from PIL import Image
 
-    from anogan_batch.job.configs import IngestConfig
     from anogan_batch.job.ingest import ingest
+    from anogan_batch.job.ingest_config import IngestConfig
 
     src = _windowed_scans(tmp_path / "scans")
     Image.fromarray(np.full((16, 16), 4000, np.uint16)).save(src / "deep.png")

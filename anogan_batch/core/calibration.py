@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from anogan_batch.core.configs import SearchConfig
+    from anogan_batch.core.search_config import SearchConfig
 
 MIN_CALIBRATION = 20  # below this, the smallest p-value 1/(n+1) is too coarse to decide with
 
@@ -37,7 +37,7 @@ MIN_CALIBRATION = 20  # below this, the smallest p-value 1/(n+1) is too coarse t
 def search_key(search: SearchConfig) -> str:
     """Identity of a (resolved) search: its parameters that change scores (SCORE_FIELDS,
     under the config's own names), hashed."""
-    from anogan_batch.core.configs import SCORE_FIELDS
+    from anogan_batch.core.search_config import SCORE_FIELDS
 
     params = {k: v for k, v in asdict(search).items() if k in SCORE_FIELDS}
     if search.stop_tol is None:  # the stopping rule's knobs only matter when it is on

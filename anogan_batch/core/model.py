@@ -22,8 +22,8 @@ from itertools import islice
 import torch
 from torch import nn
 
-from anogan_batch.config import PIXEL_MAX
-from anogan_batch.core.configs import ModelConfig
+from anogan_batch.core.model_config import ModelConfig
+from anogan_batch.fields import PIXEL_MAX
 
 # Floor on a patch's mean absolute deviation (model units) in contrast normalisation, so that
 # a flat patch's sensor noise is not blown up to the contrast of a real structure.

@@ -21,16 +21,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from anogan_batch.config import from_dict
 from anogan_batch.errors import AnoganError, ModelError
+from anogan_batch.fields import from_dict
 from anogan_batch.io import storage
 from anogan_batch.io.patches import PatchSpec
 
 if TYPE_CHECKING:
     import torch
 
-    from anogan_batch.core.configs import ModelConfig, SearchConfig
     from anogan_batch.core.model import Discriminator, Encoder, Generator
+    from anogan_batch.core.model_config import ModelConfig
+    from anogan_batch.core.search_config import SearchConfig
 
 FORMAT = "anogan-batch/model/1"
 WEIGHTS = "weights.safetensors"
@@ -203,7 +204,7 @@ class ModelCard:
 
 def read_model_card(model_dir: str) -> ModelCard:
     """model.json of MODEL_DIR as a ModelCard; ModelError naming the file and field at fault."""
-    from anogan_batch.core.configs import ModelConfig
+    from anogan_batch.core.model_config import ModelConfig
 
     doc = read_model_json(model_dir)
     json_path = storage.join(model_dir, MODEL_JSON)

@@ -20,9 +20,9 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from anogan_batch.core.configs import SearchConfig
     from anogan_batch.core.modeldir import LoadedModel
     from anogan_batch.core.search import SearchResult
+    from anogan_batch.core.search_config import SearchConfig
 
 log = logging.getLogger(__name__)
 

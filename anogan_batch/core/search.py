@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from anogan_batch.core.configs import PAPER, POLISH, SearchConfig
 from anogan_batch.core.model import Discriminator, Encoder, Generator
+from anogan_batch.core.search_config import PAPER, POLISH, SearchConfig
 
 
 @dataclass

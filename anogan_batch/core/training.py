@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from anogan_batch.core.configs import SearchConfig, TrainConfig
 from anogan_batch.core.devices import pick_device
+from anogan_batch.core.model_config import TrainConfig
+from anogan_batch.core.search_config import SearchConfig
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
 

@@ -42,8 +42,8 @@ def bench_model(size: int, width: int, seed: int = 0, encoder: bool = False):
     As saved: `LoadedModel.for_scoring` readies them for scoring."""
     import torch
 
-    from anogan_batch.core.configs import ModelConfig, TrainConfig
     from anogan_batch.core.model import build_encoder, build_models, freeze
+    from anogan_batch.core.model_config import ModelConfig, TrainConfig
 
     torch.manual_seed(seed)
     # train's feature layer, so that the search measured is the one a trained model runs
@@ -91,10 +91,10 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
     import ray
     import torch
 
-    from anogan_batch.core.configs import SearchConfig
     from anogan_batch.core.model import to_model_space
     from anogan_batch.core.modeldir import LoadedModel
     from anogan_batch.core.search import latent_search
+    from anogan_batch.core.search_config import SearchConfig
 
     size, width = (28, 8) if quick else (64, 64)
     iterations = 5 if quick else 100
@@ -206,8 +206,8 @@ def _flop_efficiency(g, d, x, ids, search, batched: float, looped: float) -> dic
 
 def _batch_sweep(g, d, x, ids, sizes: list[int]) -> dict[str, float]:
     """Patches x steps per second of the batched search at several batch sizes."""
-    from anogan_batch.core.configs import SearchConfig
     from anogan_batch.core.search import latent_search
+    from anogan_batch.core.search_config import SearchConfig
 
     cfg = SearchConfig(iterations=3)
     out = {}
@@ -224,10 +224,10 @@ def _geval_reduction(quick: bool) -> dict[str, Any]:
     """G evaluations per patch: the paper's search vs the cheapest one that keeps its AUROC."""
     import torch
 
-    from anogan_batch.core.configs import SearchConfig
     from anogan_batch.core.model import model_input
     from anogan_batch.core.modeldir import load_model
     from anogan_batch.core.search import latent_search, resolve_search
+    from anogan_batch.core.search_config import SearchConfig
     from anogan_batch.evaluation.demo import bundled_model_dir, load_sample
     from anogan_batch.evaluation.evaluate import auroc
 
@@ -372,9 +372,9 @@ def _host_work(cfg, g, d, e, pixels, batch: int) -> dict[str, Any]:
     import torch
 
     from anogan_batch.core import scoring
-    from anogan_batch.core.configs import SearchConfig
     from anogan_batch.core.modeldir import LoadedModel
     from anogan_batch.core.search import resolve_search
+    from anogan_batch.core.search_config import SearchConfig
     from anogan_batch.io.tables import patch_table
     from anogan_batch.job.scorer import score_table
 

@@ -101,13 +101,15 @@ def write_mosaic_scans(scans: str, truth: str, *, seed: int = 0) -> tuple[int, i
 
 def run_demo(out: str, *, train: bool = False, iterations: int | None = None) -> dict:
     """Run the demo into `out` (its sub-folders are replaced) and print where things are."""
-    from anogan_batch.core.configs import SearchConfig, TrainConfig
+    from anogan_batch.core.model_config import TrainConfig
+    from anogan_batch.core.search_config import SearchConfig
     from anogan_batch.core.training import calibrate, train_gan
     from anogan_batch.evaluation.evaluate import evaluate_job
     from anogan_batch.evaluation.report import write_report
-    from anogan_batch.job.configs import IngestConfig, ScoreJobConfig
     from anogan_batch.job.ingest import ingest
+    from anogan_batch.job.ingest_config import IngestConfig
     from anogan_batch.job.runner import run_score_job
+    from anogan_batch.job.score_config import ScoreJobConfig
 
     out = storage.absolute(out)
     subs = ("scans", "truth.csv", "patches", "train_scans", "train_patches", "calibration_scans",

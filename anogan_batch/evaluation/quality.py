@@ -73,9 +73,10 @@ def evaluate_class(
     z, kept under row["extra_scores"] (scripts/quality_sweep.py's distance variants)."""
     import torch
 
-    from anogan_batch.core.configs import SearchConfig, TrainConfig
     from anogan_batch.core.model import model_input
+    from anogan_batch.core.model_config import TrainConfig
     from anogan_batch.core.search import latent_search, resolve_search
+    from anogan_batch.core.search_config import SearchConfig
     from anogan_batch.core.training import fit_gan
     from anogan_batch.evaluation.evaluate import auroc, average_precision
 
@@ -186,7 +187,7 @@ def run_quality(
 
 
 def _train_config(recipe: QualityRecipe):
-    from anogan_batch.core.configs import TrainConfig
+    from anogan_batch.core.model_config import TrainConfig
 
     return TrainConfig(seed=recipe.seed, **recipe.train)
 

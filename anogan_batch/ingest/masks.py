@@ -43,7 +43,7 @@ def foreground_mask(stored: np.ndarray) -> np.ndarray:
     """(H, W) bool: the scan's foreground, which `--min-foreground` keeps patches for (the
     module's docstring). Computed
     on a strided copy (MASK_SHORT_SIDE) and scaled back."""
-    from anogan_batch.config import PIXEL_MAX
+    from anogan_batch.fields import PIXEL_MAX
 
     h, w, c = stored.shape
     stride = max(1, min(MASK_MAX_STRIDE, min(h, w) // MASK_SHORT_SIDE))

@@ -224,7 +224,7 @@ def _offset_dtype(t: pa.DataType) -> np.dtype:
     return np.dtype("<i8") if pa.types.is_large_binary(t) else np.dtype("<i4")
 
 
-# How `residual_map` is stored (score's --residual-maps, job/configs.RESIDUAL_MAPS; the scorer
+# How `residual_map` is stored (score's --residual-maps, job/score_config.RESIDUAL_MAPS; the scorer
 # encodes it): float16 keeps a value of the map (0 to 2) within 2^-11 of itself, relative, at
 # half the bytes of float32
 MAP_DTYPES = {"compact": np.dtype("<f2"), "float32": np.dtype("<f4")}

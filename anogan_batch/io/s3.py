@@ -128,7 +128,7 @@ def object_store_options(uri: str) -> dict[str, str] | None:
     if not is_s3(uri):
         return None
     # deltalake commits to S3 with conditional puts (If-None-Match): concurrent writers of one
-    # table (the warehouse's, job/delta_tables.py) are safe with no locking provider
+    # table (the warehouse's, warehouse/delta_tables.py) are safe with no locking provider
     options = dict(S3RetryPolicy.from_env().object_store())
     endpoint = s3_endpoint()
     if endpoint:

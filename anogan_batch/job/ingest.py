@@ -43,7 +43,7 @@ from anogan_batch.io.patches import INGEST_SCHEMA, encode_pixels, patch_id_for
 from anogan_batch.io.readers import READERS, slice_suffix, suffix_of, to_stored
 from anogan_batch.io.s3 import describe_s3_failure
 from anogan_batch.io.storage import Listed
-from anogan_batch.job.configs import AUTO_RAY_FILES, AUTO_RAY_UNITS, IngestConfig
+from anogan_batch.job.ingest_config import AUTO_RAY_FILES, AUTO_RAY_UNITS, IngestConfig
 
 # files whose slices get '@0007'
 VOLUME_SUFFIXES = (".npy", ".tif", ".tiff", ".dcm", ".dicom", ".nii", ".nii.gz")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from anogan_batch.core.configs import SCORE_FIELDS, public_name
+from anogan_batch.core.search_config import SCORE_FIELDS, public_name
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
 from anogan_batch.job.layout import JobLayout

@@ -25,9 +25,9 @@ from anogan_batch.errors import InputError
 from anogan_batch.io import storage
 from anogan_batch.io.patches import PATCH_SCHEMA, SLICE
 from anogan_batch.io.tables import ray_read_parquet
-from anogan_batch.job.configs import ScoreJobConfig
 from anogan_batch.job.layout import PARTITION_COLUMN, JobLayout
 from anogan_batch.job.raykit import pending_bases, task_file_base
+from anogan_batch.job.score_config import AUTO_BATCH_CPU, AUTO_BATCH_GPU, ScoreJobConfig
 
 if TYPE_CHECKING:
     from anogan_batch.core.modeldir import ModelCard
@@ -104,12 +104,6 @@ def gpus_per_actor(cfg: ScoreJobConfig, cluster_gpus: float) -> float:
     if cfg.gpus_per_actor is not None:
         return cfg.gpus_per_actor
     return 1.0 if cfg.device.startswith("cuda") or cluster_gpus else 0.0
-
-
-# --batch-size auto: rows of an actor task. A GPU searches 1,024 patches ~6x faster than 64
-# (docs/performance.md), and a task of 64 would cost the driver 16x more tasks and progress
-# calls; each GPU actor then searches as many at once as its GPU holds (job/scorer.py).
-AUTO_BATCH_GPU, AUTO_BATCH_CPU = 1_024, 64
 
 
 def auto_batch_size(cfg: ScoreJobConfig, gpus: float) -> int:

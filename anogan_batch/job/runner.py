@@ -26,10 +26,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from anogan_batch.core.configs import SearchConfig, score_params
+from anogan_batch.core.search_config import SearchConfig, score_params
 from anogan_batch.errors import InputError, redact
 from anogan_batch.io import storage
-from anogan_batch.job.configs import ScoreJobConfig
 from anogan_batch.job.layout import JobLayout
 from anogan_batch.job.manifest import JobManifest, check_rerun, new_job_id, now
 from anogan_batch.job.pipeline import (
@@ -43,6 +42,7 @@ from anogan_batch.job.pipeline import (
     plan_resources,
     recover_pending,
 )
+from anogan_batch.job.score_config import ScoreJobConfig
 from anogan_batch.job.scorer import peak_rss_mb
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def prepare(cfg: ScoreJobConfig) -> Preflight:
     )
 
     if cfg.publishes_to == "iceberg":  # a catalog that cannot be opened fails now, not after
-        from anogan_batch.job.iceberg import load_catalog
+        from anogan_batch.warehouse.iceberg_tables import load_catalog
 
         load_catalog(cfg.published)
     card = read_model_card(cfg.model_dir)
@@ -157,7 +157,7 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
     manifest = open_manifest(cfg, prep)
     if manifest.status == "succeeded":
         # a rerun after a crash between the job's end and the warehouse's commit
-        publish_to_warehouse(cfg)
+        append_to_warehouse(cfg)
         return manifest
     run = Run(manifest, cfg.out, preflight_s=time.time() - started)
     try:
@@ -181,14 +181,14 @@ def run_score_job(cfg: ScoreJobConfig) -> JobManifest:
                 decide(cfg, prep, manifest)
             if cfg.table_format == "delta":
                 with run.phase("publish"):
-                    run.record["published"] = publish_tables(cfg)
+                    run.record["published"] = commit_delta_in_place(cfg)
         account(manifest, run, prep.rows, done_before)
         storage.delete(JobLayout(cfg.out).checkpoint)
         storage.delete(JobLayout(cfg.out).published_ids)
     except BaseException as e:
         run.fail(e)
         raise
-    publish_to_warehouse(cfg)  # only a succeeded job is published
+    append_to_warehouse(cfg)  # only a succeeded job is published
     return manifest
 
 
@@ -275,13 +275,13 @@ def skip_published(cfg: ScoreJobConfig, manifest: JobManifest) -> tuple[str, int
         return None
     path = JobLayout(cfg.out).published_ids
     if cfg.publishes_to == "iceberg":
-        from anogan_batch.job.iceberg import write_published_ids
+        from anogan_batch.warehouse.iceberg_tables import write_published_ids
 
         listed = write_published_ids(cfg.published, manifest.params, path)
     else:
-        from anogan_batch.job.delta_tables import write_published_ids_delta
+        from anogan_batch.warehouse.delta_tables import write_published_ids
 
-        listed = write_published_ids_delta(cfg.published, manifest.params, path)
+        listed = write_published_ids(cfg.published, manifest.params, path)
     if not listed:
         return None
     rows = manifest.input_rows
@@ -381,28 +381,29 @@ def decide(cfg: ScoreJobConfig, prep: Preflight, manifest: JobManifest) -> None:
     }
 
 
-def publish_to_warehouse(cfg: ScoreJobConfig) -> None:
+def append_to_warehouse(cfg: ScoreJobConfig) -> None:
     """Append the finished job to the long-lived Iceberg or Delta tables, if the job has
-    them (exactly once: see job/iceberg.py, job/delta_tables.py)."""
+    them (exactly once: see warehouse/iceberg_tables.py, warehouse/delta_tables.py)."""
     target = cfg.published
     if cfg.publishes_to == "iceberg":
-        from anogan_batch.job.iceberg import publish
+        from anogan_batch.warehouse.iceberg_tables import append_job_to_iceberg
 
-        done = publish(cfg.out, target)
+        done = append_job_to_iceberg(cfg.out, target)
     elif cfg.publishes_to == "delta":
-        from anogan_batch.job.delta_tables import publish_delta
+        from anogan_batch.warehouse.delta_tables import append_job_to_delta
 
-        done = publish_delta(cfg.out, target)
+        done = append_job_to_delta(cfg.out, target)
     else:
         return
     for table, rows in done.items():
         log.info("%s %s.%s: %s", cfg.publishes_to, target.namespace, target.table(table), rows)
 
 
-def publish_tables(cfg: ScoreJobConfig) -> dict[str, str]:
-    from anogan_batch.job.warehouse import publish
+def commit_delta_in_place(cfg: ScoreJobConfig) -> dict[str, str]:
+    """--table-format delta: the job's own tables become Delta tables where they are."""
+    from anogan_batch.warehouse.delta_in_place import commit_job_as_delta
 
-    return publish(cfg.out, cfg.table_format)
+    return commit_job_as_delta(cfg.out)
 
 
 def account(manifest: JobManifest, run: Run, input_rows: int, done_before: int) -> None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
-from anogan_batch.core.configs import SearchConfig
+from anogan_batch.core.search_config import SearchConfig
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -133,14 +133,14 @@ def score_table(
     `calibration`: the model's calibration scores for `cfg` (p-values; flags under `fpr`).
     `limit`: the most patches one search may hold, learnt from out-of-memory errors and kept
     by the caller from batch to batch (None: the whole batch at once). `encoding`: how
-    `residual_map` is stored (job/configs.RESIDUAL_MAPS). `searcher`: the thread the search
+    `residual_map` is stored (job/score_config.RESIDUAL_MAPS). `searcher`: the thread the search
     runs on, so that other calls' decoding and encoding overlap it (PatchScorer); None: this
     one."""
     import pyarrow as pa
     import torch
 
-    from anogan_batch.config import PIXEL_MAX
     from anogan_batch.core.scoring import search_batch
+    from anogan_batch.fields import PIXEL_MAX
     from anogan_batch.io.patches import decode_patches, int32_or_null
     from anogan_batch.job.heatmaps import patch_cells, patch_thumbs
 

@@ -1,4 +1,4 @@
-"""Publishing a finished job's tables in a warehouse format.
+"""`--table-format delta`: a finished job's own folder committed as Delta tables, in place.
 
 `parquet` (the default) is the job's own output: hive-partitioned Parquet that DuckDB, Spark,
 Trino, Athena and pandas read as it is. `delta` turns each output table into a Delta Lake table
@@ -18,7 +18,6 @@ import os
 
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
-from anogan_batch.job.configs import TABLE_FORMATS
 from anogan_batch.job.layout import PARTITION_COLUMN, JobLayout
 
 # table -> hive partition columns of its directory layout
@@ -30,12 +29,8 @@ TABLES = {
 }
 
 
-def publish(out: str, table_format: str) -> dict[str, str]:
-    """Publish OUT's tables as `table_format`; -> {table: uri} of what was published."""
-    if table_format == "parquet":
-        return {}
-    if table_format != "delta":
-        raise InputError(f"--table-format {table_format!r}: use one of {', '.join(TABLE_FORMATS)}")
+def commit_job_as_delta(out: str) -> dict[str, str]:
+    """Commit each of OUT's tables as a Delta table in place; -> {table: uri} committed."""
     try:
         import deltalake  # noqa: F401
     except ImportError:
@@ -61,7 +56,7 @@ def _convert_in_child(uri: str, partitions: tuple[str, ...], name: str) -> None:
 
     from anogan_batch.io.s3 import run_retried_child
 
-    cmd = [sys.executable, "-m", "anogan_batch.job.warehouse", uri, name, *partitions]
+    cmd = [sys.executable, "-m", "anogan_batch.warehouse.delta_in_place", uri, name, *partitions]
     r = run_retried_child(cmd)  # idempotent: a table that has its log is left as it is
     if r.returncode != 0:
         raise RuntimeError(f"Delta conversion of '{uri}' failed: {r.stderr.strip()[-2000:]}")

@@ -1,5 +1,5 @@
-"""The typed configs of the model, its training and the latent search: the one owner of
-their defaults. The CLI, the Python API, the bench and the demo take every default from here.
+"""The model's config (its architecture: everything needed to rebuild G, D and E) and the
+training's (how it is fitted; its flags are `train`'s): the one owner of their defaults.
 
 Light on purpose (no torch, numpy or pyarrow): the CLI reads these defaults for `--help`.
 Each config validates itself in `__post_init__`, so a bad value fails where it enters and the
@@ -10,8 +10,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from anogan_batch.config import INPUT_NORMS, PIXEL_MAX, check_choice, check_float, check_int
 from anogan_batch.errors import ConfigError
+from anogan_batch.fields import (
+    INPUT_NORMS,
+    PIXEL_MAX,
+    check_choice,
+    check_float,
+    check_int,
+    option,
+)
 
 PRIORS = ("uniform",)
 D_NORMS = ("batch", "spectral", "none")
@@ -88,105 +95,60 @@ class ModelConfig:
         return asdict(self)
 
 
-STARTS = ("auto", "prior", "encoder")
-# (Γ, Adam step size) by start when not given: the paper's search from the prior, a short
-# polish from E(x) (measured in docs/quality.md)
-PAPER = (500, 0.05)
-POLISH = (10, 0.003)
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Parameters of the latent search.
-
-    From a random start the defaults follow the paper (Γ = 500, λ = 0.1). From the encoder's
-    start, z_0 = E(x) is already the mapping, and the search only polishes it: Γ and the step
-    size default to `POLISH` (docs/quality.md: more steps from E(x) let G fit anomalies too,
-    which lowers the AUROC). `resolve_search` fills the Nones in.
-    """
-
-    iterations: int | None = None  # Γ (the most steps a patch gets when early stopping is on)
-    lam: float = 0.1  # λ, weight of the discrimination (feature) loss
-    lr: float | None = None  # Adam step size on z in [-1, 1]^latent
-    seed: int = 0
-    stop_tol: float | None = None  # relative loss decrease over stop_window that means "done"
-    stop_window: int = 10
-    min_iterations: int = 20
-    slots: int | None = None  # patches searched at once; None: the whole batch
-    precision: str = "fp32"  # "bf16": G and D run under bf16 autocast during the search
-    # z_0: "prior" (a seeded draw per patch), "encoder" (z_0 = E(x)), or "auto": the encoder
-    # when the model has one (see `resolve_search`)
-    start: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.iterations is not None:
-            check_int("iterations", self.iterations, min_value=0)
-        check_float("lambda", self.lam, low=0.0, high=1.0)
-        if self.lr is not None:
-            check_float("lr", self.lr, low=0.0, low_open=True)
-        check_int("seed", self.seed, min_value=0)
-        if self.stop_tol is not None:
-            check_float("stop_tol", self.stop_tol, low=0.0, low_open=True)
-        check_int("stop_window", self.stop_window, min_value=1)
-        check_int("min_iterations", self.min_iterations, min_value=0)
-        if self.slots is not None:
-            check_int("slots", self.slots, min_value=1)
-        check_choice("precision", self.precision, ("fp32", "bf16"))
-        check_choice("start", self.start, STARTS)
-
-
-# The search's fields that change a patch's score (batch size, actors and devices do not):
-# the one declaration behind the calibration's search key (core/calibration.search_key) and
-# job.json's params (job/manifest.SEARCH_KEYS), which spell `lam` as the CLI does.
-SCORE_FIELDS = (
-    "iterations", "lam", "lr", "seed", "stop_tol", "stop_window", "min_iterations",
-    "precision", "start",
-)  # fmt: skip
-PUBLIC_NAMES = {"lam": "lambda"}
-
-
-def public_name(field: str) -> str:
-    """How job.json and the CLI spell a SearchConfig field."""
-    return PUBLIC_NAMES.get(field, field)
-
-
-def score_params(search: SearchConfig) -> dict:
-    """A (resolved) search's SCORE_FIELDS under their public names, the stopping rule's knobs
-    only when the rule is on (None otherwise)."""
-    params = {public_name(f): getattr(search, f) for f in SCORE_FIELDS}
-    if search.stop_tol is None:
-        params["stop_window"] = params["min_iterations"] = None
-    return params
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Training parameters; saved in model.json under "training"."""
 
-    epochs: int = 30  # the quality recipe (docs/quality.md, fourth step: 20 → 30)
-    batch_size: int = 64
-    lr: float = 2e-4
-    beta1: float = 0.5
-    seed: int = 0
-    normal_label: str | None = None
-    latent_dim: int = ModelConfig.latent_dim
-    g_width: int = ModelConfig.g_width
-    d_width: int = ModelConfig.d_width
-    d_norm: str = ModelConfig.d_norm
-    max_patches: int | None = None  # cap on training patches (first by patch_id)
-    g_ema: float = 0.999  # decay of an exponential moving average of G's weights; 0: off
-    encoder_epochs: int = 30  # epochs of the izi_f encoder after the GAN; 0: no encoder
-    kappa: float = 1.0  # κ, weight of the D-feature term in the encoder's loss
-    # training batches (GAN and encoder) shifted by up to this many pixels each way, a patch
-    # at a time: augmentation that keeps a normal patch normal; 0: off
-    augment_shift: int = 0
-    input_norm: str = ModelConfig.input_norm  # how pixels become model input (model_input)
-    input_blur: float = ModelConfig.input_blur  # σ of the blur that ends model_input
-    feature_layer: int = ModelConfig.feature_layer  # D block whose output is the search's f
-    # share of the normal scans held out of training and scored for calibrated p-values
-    # (core/calibration.py); whole scans, so a scan's patches stay on one side; 0: none
-    calibration_fraction: float = 0.1
-    device: str | None = None  # None: CUDA when present, else CPU
+    # the quality recipe (docs/quality.md, fourth step: 20 → 30)
+    epochs: int = option(30, "passes over the normal patches")
+    batch_size: int = option(64, "patches a training step")
+    lr: float = option(2e-4, "Adam learning rate of G and D")
+    beta1: float = option(0.5, "Adam β1 of G and D (DCGAN's 0.5)")
+    seed: int = option(0, "random seed (deterministic on CPU)")
+    normal_label: str | None = option(
+        None, "train only on rows with this label", default_text="every row"
+    )
+    latent_dim: int = option(ModelConfig.latent_dim, "length of z")
+    g_width: int = option(ModelConfig.g_width, "generator width")
+    d_width: int = option(ModelConfig.d_width, "discriminator width")
+    d_norm: str = option(ModelConfig.d_norm, "discriminator normalisation: batch, spectral, none")
+    max_patches: int | None = option(
+        None, "cap on training patches (the first by patch_id)", default_text="all"
+    )
+    g_ema: float = option(0.999, "decay of the moving average of G's weights that is saved; 0: off")
+    encoder_epochs: int = option(
+        30, "epochs of the encoder (f-AnoGAN izi_f) trained after the GAN; 0 skips it"
+    )
+    kappa: float = option(1.0, "κ, weight of the D-feature term in the encoder's loss")
+    augment_shift: int = option(
+        0,
+        "shift training patches (GAN and encoder) by up to this many pixels each way, a patch "
+        "at a time: augmentation that keeps a normal patch normal; 0: off",
+    )
+    input_norm: str = option(
+        ModelConfig.input_norm,
+        "contrast: normalise each patch's contrast before G/D (docs/quality.md); none: pixels "
+        "as stored, for archives where absolute brightness is the signal",
+    )
+    input_blur: float = option(
+        ModelConfig.input_blur,
+        "σ in pixels of a Gaussian blur that ends the model input, for training and scoring: a "
+        "residual between blurred patches ignores strokes drawn a pixel off "
+        "(docs/quality.md); 0: none",
+    )
+    feature_layer: int = option(
+        ModelConfig.feature_layer,
+        "D block whose output is the feature layer f of the search: 0 the first, -1 the last "
+        "(docs/quality.md)",
+    )
+    calibration_fraction: float = option(
+        0.1,
+        "share of the normal scans held out of training and scored for calibrated p-values "
+        "(whole scans, so a scan's patches stay on one side; 0: none; docs/calibration.md)",
+    )
+    device: str | None = option(
+        None, "cpu, cuda, cuda:1 ...", default_text="CUDA when present, else the CPU"
+    )
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, min_value=1)

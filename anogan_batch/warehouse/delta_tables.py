@@ -1,6 +1,6 @@
 """Publishing finished jobs into long-lived Delta Lake tables (docs/warehouse.md).
 
-The same four tables as Iceberg's (job/published.py), at `<warehouse>/<namespace>/<table>`,
+The same four tables as Iceberg's (warehouse/job_rows.py), at `<warehouse>/<namespace>/<table>`,
 local or `s3://`. Exactly once by Delta's own idempotent-write record: each append commits an
 application transaction `anogan:<job_id>`, and a table whose log already holds it is skipped;
 the same job published twice at once conflicts on that transaction and the loser finds it
@@ -13,8 +13,8 @@ the table first (`alter.add_columns`).
 --skip-published reads the ids back: the `jobs` rows of this model and search, then their
 `patch_id`s from `patch_scores`, streamed through a pyarrow dataset with the filter pushed down.
 
-deltalake's native runtime can abort the interpreter at exit (see job/warehouse.py), so the
-work runs in a child process that leaves with os._exit.
+deltalake's native runtime can abort the interpreter at exit (see
+warehouse/delta_in_place.py), so the work runs in a child process that leaves with os._exit.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from typing import TYPE_CHECKING, Any
 from anogan_batch.errors import ConfigError, InputError
 from anogan_batch.io import storage
 from anogan_batch.io.s3 import is_s3_failure, run_retried_child
-from anogan_batch.job.configs import WarehouseTarget
 from anogan_batch.job.layout import JobLayout
-from anogan_batch.job.published import (
+from anogan_batch.warehouse.job_rows import (
     COMMIT_ATTEMPTS,
     JOBS,
     PARTITION_MODEL,
@@ -44,6 +43,7 @@ from anogan_batch.job.published import (
     write_data_files,
     write_id_files,
 )
+from anogan_batch.warehouse.target import WarehouseTarget
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 APP_PREFIX = "anogan:"  # Delta application transaction id of a published job: anogan:<job_id>
 
 
-def publish_delta(out: str, target: WarehouseTarget) -> dict[str, Any]:
+def append_job_to_delta(out: str, target: WarehouseTarget) -> dict[str, Any]:
     """Append the finished job in OUT to the Delta tables of target, exactly once.
     -> {table: rows appended, or "already published"}."""
     finished_job(out)  # clear errors here, not in the child
@@ -59,8 +59,8 @@ def publish_delta(out: str, target: WarehouseTarget) -> dict[str, Any]:
     return _in_child("publish", f"Delta publishing of '{out}'", out, _to_json(target))
 
 
-def write_published_ids_delta(target: WarehouseTarget, params: dict[str, Any], dest: str) -> int:
-    """Like iceberg.write_published_ids, from the Delta tables of target: the patch_ids
+def write_published_ids(target: WarehouseTarget, params: dict[str, Any], dest: str) -> int:
+    """Like iceberg_tables.write_published_ids, from the Delta tables of target: the patch_ids
     published for this model and search, as Parquet files under dest."""
     what = f"reading the published ids of '{_uri(target, JobLayout.PATCH_SCORES)}'"
     return _in_child("ids", what, _to_json(target), json.dumps(params), dest)
@@ -81,7 +81,7 @@ def _from_json(text: str) -> WarehouseTarget:
 
 
 def _in_child(command: str, what: str, *args: str) -> Any:
-    cmd = [sys.executable, "-m", "anogan_batch.job.delta_tables", command, *args]
+    cmd = [sys.executable, "-m", "anogan_batch.warehouse.delta_tables", command, *args]
     r = run_retried_child(cmd)
     if r.returncode == 0:
         return json.loads(r.stdout.strip().splitlines()[-1])
@@ -221,7 +221,7 @@ def _exists(uri: str, options: dict | None) -> bool:
     return DeltaTable.is_deltatable(uri, storage_options=options)
 
 
-if __name__ == "__main__":  # the child of publish_delta and write_published_ids_delta
+if __name__ == "__main__":  # the child of append_job_to_delta and write_published_ids
     try:
         work = {"publish": _publish, "ids": _published_ids}[sys.argv[1]]
         result = work(*sys.argv[2:])

@@ -1,5 +1,6 @@
-"""A finished job's rows for the long-lived warehouse tables (Iceberg: job/iceberg.py, Delta:
-job/delta_tables.py): which tables, in which order, which columns, and the `jobs` lineage row.
+"""A finished job's rows for the long-lived warehouse tables, which both formats share
+(Iceberg: warehouse/iceberg_tables.py, Delta: warehouse/delta_tables.py): which tables, in
+which order, which columns, and the `jobs` lineage row.
 
 The tables are `patch_scores`, `scan_scores`, `quarantine` (each with the lineage columns
 `job_id`, `model_id`, `job_started_at`) and `jobs`, published in that order: a job is complete

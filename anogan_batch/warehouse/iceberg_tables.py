@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from anogan_batch.errors import ConfigError, InputError
 from anogan_batch.io.s3 import S3RetryPolicy
-from anogan_batch.job.configs import WarehouseTarget
 from anogan_batch.job.layout import JobLayout
-from anogan_batch.job.published import (
+from anogan_batch.warehouse.job_rows import (
     COMMIT_ATTEMPTS,
     JOBS,
     PARTITION_DAY,
@@ -42,6 +41,7 @@ from anogan_batch.job.published import (
     write_data_files,
     write_id_files,
 )
+from anogan_batch.warehouse.target import WarehouseTarget
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -122,7 +122,7 @@ def _sqlite_properties(target: WarehouseTarget) -> dict[str, str]:
     return props
 
 
-def publish(out: str, target: WarehouseTarget) -> dict[str, Any]:
+def append_job_to_iceberg(out: str, target: WarehouseTarget) -> dict[str, Any]:
     """Append the finished job in OUT to the Iceberg tables of `target`, exactly once.
     -> {table: rows appended, or "already published"}."""
     manifest = finished_job(out)

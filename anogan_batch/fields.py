@@ -1,14 +1,18 @@
-"""Validation helpers shared by the typed configs (ModelConfig, SearchConfig, TrainConfig, ...).
+"""How a config field is declared and checked: the one place a field's flag, help and default
+come from (`option`), and the validation helpers each config's `__post_init__` calls.
 
-Each config is a frozen dataclass that validates itself in `__post_init__` with these helpers, so
-a bad value fails where it enters the system and the error names the field.
+Each config (ModelConfig, SearchConfig, TrainConfig, IngestConfig, ScoreJobConfig,
+WarehouseTarget) is a frozen dataclass; a field declared with `option` carries its `Flag`, from
+which the CLI builds the field's option (anogan_batch/flags.py). A bad value fails where it
+enters the system and the error names the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from anogan_batch.errors import ConfigError
@@ -20,6 +24,32 @@ T = TypeVar("T")
 INPUT_NORMS = ("none", "contrast")
 # Full scale of each stored pixel dtype: model space is p / PIXEL_MAX * 2 - 1 (docs/schema.md).
 PIXEL_MAX = {"uint8": 255.0, "uint16": 65535.0, "float32": 1.0}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A config field on the command line: `--<field-name>` (or `name`) with this help. The
+    option's default is the field's; `default_text` says what a None default means (shown as
+    "[default: ...]"), `parse` reads the option's text into the field's value (the option then
+    takes a string), and an `argument` is positional (MODEL_DIR ...)."""
+
+    help: str
+    name: str | None = None
+    default_text: str | None = None
+    parse: Callable[[str], Any] | None = None
+    argument: bool = False
+
+    def option_name(self, field: str) -> str:
+        return self.name or "--" + field.replace("_", "-")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **flag: Any) -> Any:
+    """A dataclass field (default `default`; none: required) with its command-line `Flag`."""
+    return dataclasses.field(default=default, metadata={"flag": Flag(help, **flag)})
+
+
+def flag_of(field: dataclasses.Field) -> Flag | None:
+    return field.metadata.get("flag")
 
 
 def check_int(field: str, value: Any, *, min_value: int | None = None) -> None:
