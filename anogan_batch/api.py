@@ -17,6 +17,14 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from anogan_batch.core.model_config import TrainConfig
 from anogan_batch.core.search_config import SearchConfig
+from anogan_batch.io.columns import (
+    ANOMALY_SCORE,
+    DISCRIMINATION_SCORE,
+    P_VALUE,
+    REASON,
+    RESIDUAL_MAP,
+    RESIDUAL_SCORE,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -129,7 +137,7 @@ class Detector:
         )
         size, channels = self.model.config.image_size, self.model.config.channels
         maps = np.full((len(ids), size, size, channels), np.nan, np.float32)
-        for i, raw in enumerate(out.column("residual_map").to_pylist()):
+        for i, raw in enumerate(out.column(RESIDUAL_MAP).to_pylist()):
             if raw is not None:
                 maps[i] = decode_map(raw, size, size, channels)
 
@@ -137,12 +145,12 @@ class Detector:
             return out.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
 
         return Scores(
-            column("anomaly_score"),
-            column("residual_score"),
-            column("discrimination_score"),
+            column(ANOMALY_SCORE),
+            column(RESIDUAL_SCORE),
+            column(DISCRIMINATION_SCORE),
             maps,
-            out.column("reason").to_pylist(),
-            column("p_value"),
+            out.column(REASON).to_pylist(),
+            column(P_VALUE),
         )
 
     def decision_function(self, patches: np.ndarray) -> np.ndarray:

@@ -14,7 +14,9 @@ from anogan_batch.cli import app
 from anogan_batch.flags import leaves
 
 COMMANDS = {c.callback.__name__: c for c in app.registered_commands}
-CONFIGURED = {name: c.callback.configs for name, c in COMMANDS.items() if hasattr(c.callback, "configs")}  # fmt: skip
+CONFIGURED = {
+    name: c.callback.configs for name, c in COMMANDS.items() if hasattr(c.callback, "configs")
+}
 
 
 def click_command(name: str):
@@ -80,8 +82,11 @@ def test_option_values_reach_the_config(monkeypatch):
     default = ScoreJobConfig("m", "p", "o")
     changed = {
         (path, name)
-        for path, obj, ref in (("", cfg, default), ("search", cfg.search, default.search),
-                               ("published", cfg.published, default.published))  # fmt: skip
+        for path, obj, ref in (
+            ("", cfg, default),
+            ("search", cfg.search, default.search),
+            ("published", cfg.published, default.published),
+        )
         for name in (f.name for f in dataclasses.fields(obj))
         if not dataclasses.is_dataclass(getattr(obj, name))
         and getattr(obj, name) != getattr(ref, name)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,13 +36,9 @@ MIN_CALIBRATION = 20  # below this, the smallest p-value 1/(n+1) is too coarse t
 def search_key(search: SearchConfig) -> str:
     """Identity of a (resolved) search: its parameters that change scores (SCORE_FIELDS,
     under the config's own names), hashed."""
-    from anogan_batch.core.search_config import SCORE_FIELDS
+    from anogan_batch.core.search_config import key_fields
 
-    params = {k: v for k, v in asdict(search).items() if k in SCORE_FIELDS}
-    if search.stop_tol is None:  # the stopping rule's knobs only matter when it is on
-        params.pop("stop_window")
-        params.pop("min_iterations")
-    text = json.dumps(params, sort_keys=True)
+    text = json.dumps(key_fields(search), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -383,12 +383,12 @@ def read_calibration(card: ModelCard, search: SearchConfig) -> tuple[np.ndarray 
     import pyarrow.parquet as pq
 
     from anogan_batch.core.calibration import search_key
+    from anogan_batch.core.search_config import describe
 
     key = search_key(search)
     records = card.doc.get("calibration") or {}
     if key not in records:
-        have = ", ".join(f"{r['search'].get('start')}/Γ={r['search'].get('iterations')}"
-                         for r in records.values()) or "none"  # fmt: skip
+        have = ", ".join(describe(r["search"]) for r in records.values()) or "none"
         why = (
             f"the model has no calibration for this search (key {key}; calibrated: {have}); "
             "run `anogan-batch calibrate` with the same search flags"

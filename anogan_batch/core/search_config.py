@@ -85,6 +85,8 @@ SCORE_FIELDS = (
     "precision", "start",
 )  # fmt: skip
 PUBLIC_NAMES = {"lam": "lambda"}
+# SCORE_FIELDS that change a score only when the stopping rule is on (stop_tol set)
+STOPPING_KNOBS = ("stop_window", "min_iterations")
 
 
 def public_name(field: str) -> str:
@@ -97,5 +99,19 @@ def score_params(search: SearchConfig) -> dict:
     only when the rule is on (None otherwise)."""
     params = {public_name(f): getattr(search, f) for f in SCORE_FIELDS}
     if search.stop_tol is None:
-        params["stop_window"] = params["min_iterations"] = None
+        params |= dict.fromkeys(STOPPING_KNOBS)
     return params
+
+
+def key_fields(search: SearchConfig) -> dict:
+    """A (resolved) search's SCORE_FIELDS under the config's names, without the stopping
+    rule's knobs when it is off: what core/calibration.search_key hashes."""
+    fields = {f: getattr(search, f) for f in SCORE_FIELDS}
+    if search.stop_tol is None:
+        fields = {f: v for f, v in fields.items() if f not in STOPPING_KNOBS}
+    return fields
+
+
+def describe(params: dict) -> str:
+    """A search's params (score_params) in a few words: its start and Γ."""
+    return f"{params.get('start')}/Γ={params.get('iterations')}"

@@ -28,6 +28,17 @@ from anogan_batch.core.model_config import TrainConfig
 from anogan_batch.core.search_config import SearchConfig
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
+from anogan_batch.io.columns import (
+    CHANNELS,
+    DTYPE,
+    HEIGHT,
+    IMAGE,
+    LABEL,
+    N_PATCHES,
+    PATCH_ID,
+    SCAN_ID,
+    WIDTH,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +63,21 @@ def load_training_patches(path: str, cfg: TrainConfig) -> TrainingData:
     ds = open_patch_table(path)
     filt = None
     if cfg.normal_label is not None:
-        if "label" not in ds.schema.names:
+        if LABEL not in ds.schema.names:
             raise InputError(
                 f"--normal-label {cfg.normal_label!r} given, but '{path}' has no 'label' column"
             )
-        filt = pads.field("label") == cfg.normal_label
+        filt = pads.field(LABEL) == cfg.normal_label
     cols = [
         c
-        for c in ("patch_id", "scan_id", "image", "height", "width", "channels", "dtype")
+        for c in (PATCH_ID, SCAN_ID, IMAGE, HEIGHT, WIDTH, CHANNELS, DTYPE)
         if c in ds.schema.names
     ]
     table = ds.to_table(columns=cols, filter=filt)
     if table.num_rows == 0:
         which = f"with label {cfg.normal_label!r} " if cfg.normal_label is not None else ""
         raise InputError(f"patch table '{path}' has no rows {which}to train on")
-    table = table.sort_by("patch_id")
+    table = table.sort_by(PATCH_ID)
     if cfg.max_patches is not None:
         table = table.slice(0, cfg.max_patches)
 
@@ -76,8 +87,8 @@ def load_training_patches(path: str, cfg: TrainConfig) -> TrainingData:
     if not ok.any():
         raise InputError(f"patch table '{path}': no readable rows; first problem: {reasons[0]}")
     digest = hashlib.sha256()
-    ids = table.column("patch_id").to_pylist()
-    scans = table.column("scan_id").to_pylist() if "scan_id" in table.column_names else ids
+    ids = table.column(PATCH_ID).to_pylist()
+    scans = table.column(SCAN_ID).to_pylist() if SCAN_ID in table.column_names else ids
     for i in np.flatnonzero(ok):
         digest.update(ids[i].encode() + b"\0" + pixels[i].tobytes())
     kept = np.flatnonzero(ok)
@@ -95,8 +106,8 @@ def _spec_of_first_row(table, path: str):
     from anogan_batch.io.patches import DTYPES, PatchSpec
 
     names = table.column_names
-    if all(c in names for c in ("height", "width", "channels", "dtype")):
-        h, w, c, dt = (table.column(k)[0].as_py() for k in ("height", "width", "channels", "dtype"))
+    if all(c in names for c in (HEIGHT, WIDTH, CHANNELS, DTYPE)):
+        h, w, c, dt = (table.column(k)[0].as_py() for k in (HEIGHT, WIDTH, CHANNELS, DTYPE))
         if h != w:
             raise InputError(f"patch table '{path}': patches are {h}x{w}; only square patches")
         if dt not in DTYPES:
@@ -334,7 +345,7 @@ def train_gan(patches: str, model_dir: str, cfg: TrainConfig, *, progress: bool 
 
     norm = table_normalisation(patches)  # read first: a mixed table fails before training
     data = load_training_patches(patches, cfg)
-    if norm is not None and norm["dtype"] != data.dtype:
+    if norm is not None and norm[DTYPE] != data.dtype:
         raise InputError(f"patch table '{patches}' records {norm} but holds {data.dtype} pixels")
     held_out = calibration_split(data, cfg)
     fit = fit_gan(data.pixels[~held_out], data.dtype, cfg, progress=progress)
@@ -352,7 +363,7 @@ def train_gan(patches: str, model_dir: str, cfg: TrainConfig, *, progress: bool 
         },
         "data": {
             "source": patches,
-            "n_patches": int((~held_out).sum()),
+            N_PATCHES: int((~held_out).sum()),
             "n_calibration_patches": int(held_out.sum()),
             "skipped_rows": data.skipped,
             "fingerprint_sha256": data.fingerprint,

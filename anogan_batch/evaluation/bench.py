@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from anogan_batch.io.columns import PATCH_ID, REASON
+
 
 def bench_model(size: int, width: int, seed: int = 0, encoder: bool = False):
     """A DCGAN at its initialisation with BatchNorm statistics from a few train-mode passes,
@@ -385,7 +387,7 @@ def _host_work(cfg, g, d, e, pixels, batch: int) -> dict[str, Any]:
     search = resolve_search(SearchConfig(iterations=0), has_encoder=True)
     device_search = scoring.device_search
     x, _ = scorer_input(rows, model)
-    done = device_search(model, x, rows.column("patch_id").to_pylist(), search, "cpu")
+    done = device_search(model, x, rows.column(PATCH_ID).to_pylist(), search, "cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     # the device's part (transfer, normalisation, blur, search) replaced by its result: what
@@ -400,7 +402,7 @@ def _host_work(cfg, g, d, e, pixels, batch: int) -> dict[str, Any]:
     finally:
         scoring.device_search = device_search
         torch.set_num_threads(threads)
-    assert isinstance(out, pa.Table) and out.column("reason").null_count == batch
+    assert isinstance(out, pa.Table) and out.column(REASON).null_count == batch
     return {
         "host_patches_per_s": rate,
         "host_batch": batch,

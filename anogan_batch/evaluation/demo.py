@@ -21,6 +21,7 @@ from importlib import resources
 import numpy as np
 
 from anogan_batch.io import storage
+from anogan_batch.io.columns import FLAGGED, HEIGHT, PATCH_ID, SCAN_ID, WIDTH, X, Y
 
 NORMAL_LABEL = "0"  # the digit the model was trained on
 PATCH_SIZE = 28
@@ -207,24 +208,24 @@ def overlay_shares(job: str, truth: str) -> dict[str, float]:
         if line.endswith(",lesion")
     }
     layout = JobLayout(job)
-    patches = read_columns(layout.patch_scores, ["patch_id", "scan_id", "x", "y"]).to_pylist()
+    patches = read_columns(layout.patch_scores, [PATCH_ID, SCAN_ID, X, Y]).to_pylist()
     tiles: dict[str, list[tuple[int, int]]] = {}
     for r in patches:
-        if r["patch_id"] in lesion:
-            tiles.setdefault(r["scan_id"], []).append((r["x"], r["y"]))
-    sizes = read_columns(layout.heatmaps, ["scan_id", "height", "width"]).to_pylist()
+        if r[PATCH_ID] in lesion:
+            tiles.setdefault(r[SCAN_ID], []).append((r[X], r[Y]))
+    sizes = read_columns(layout.heatmaps, [SCAN_ID, HEIGHT, WIDTH]).to_pylist()
     in_lesions = coloured = normal_coloured = normal_pixels = 0
     for scan in sizes:
-        rgb = np.asarray(Image.open(layout.overlay(scan["scan_id"])).convert("RGB"), np.int16)
+        rgb = np.asarray(Image.open(layout.overlay(scan[SCAN_ID])).convert("RGB"), np.int16)
         colour = (rgb[..., 0] != rgb[..., 1]) | (rgb[..., 1] != rgb[..., 2])
         inside = np.zeros_like(colour)
-        sy, sx = colour.shape[0] / scan["height"], colour.shape[1] / scan["width"]
-        for x, y in tiles.get(scan["scan_id"], []):
+        sy, sx = colour.shape[0] / scan[HEIGHT], colour.shape[1] / scan[WIDTH]
+        for x, y in tiles.get(scan[SCAN_ID], []):
             rows = slice(round(y * sy), round((y + PATCH_SIZE) * sy))
             inside[rows, round(x * sx) : round((x + PATCH_SIZE) * sx)] = True
         coloured += int(colour.sum())
         in_lesions += int((colour & inside).sum())
-        if scan["scan_id"].startswith("normal/"):
+        if scan[SCAN_ID].startswith("normal/"):
             normal_coloured += int(colour.sum())
             normal_pixels += colour.size
     return {
@@ -240,8 +241,8 @@ def decisions_line(decisions: dict, job: str) -> str:
     from anogan_batch.io.tables import read_columns
     from anogan_batch.job.layout import JobLayout
 
-    scans = read_columns(JobLayout(job).scan_scores, ["scan_id", "flagged"]).to_pylist()
-    flagged = [r["scan_id"] for r in scans if r["flagged"]]
+    scans = read_columns(JobLayout(job).scan_scores, [SCAN_ID, FLAGGED]).to_pylist()
+    flagged = [r[SCAN_ID] for r in scans if r[FLAGGED]]
     false = sum(not s.startswith("lesion/") for s in flagged)
     return (
         f"decisions: {decisions['patches_flagged']} patches flagged at p <= {DEMO_FPR}; "

@@ -14,6 +14,7 @@ import numpy as np
 
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
+from anogan_batch.io.columns import ANOMALY_SCORE, LABEL, MAX_SCORE, PATCH_ID
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -89,12 +90,12 @@ def read_truth(path: str) -> dict[str, str]:
     if path.endswith(".csv"):
         table = pacsv.read_csv(io.BytesIO(storage.read_bytes(path)))
     else:
-        table = read_columns(path, ["patch_id", "label"])
-    for col in ("patch_id", "label"):
+        table = read_columns(path, [PATCH_ID, LABEL])
+    for col in (PATCH_ID, LABEL):
         if col not in table.column_names:
             raise InputError(f"truth file '{path}' has no column '{col}'")
-    ids = table.column("patch_id").to_pylist()
-    return dict(zip(ids, map(str, table.column("label").to_pylist()), strict=True))
+    ids = table.column(PATCH_ID).to_pylist()
+    return dict(zip(ids, map(str, table.column(LABEL).to_pylist()), strict=True))
 
 
 def evaluate_job(out: str, normal_label: str, truth: str | None = None) -> dict[str, Any]:
@@ -109,15 +110,15 @@ def evaluate_job(out: str, normal_label: str, truth: str | None = None) -> dict[
 
     layout = JobLayout(out)
     patch_dir = layout.patch_scores
-    table = read_columns(patch_dir, ["anomaly_score", "label", "patch_id"])
-    if "label" not in table.column_names and truth is None:
+    table = read_columns(patch_dir, [ANOMALY_SCORE, LABEL, PATCH_ID])
+    if LABEL not in table.column_names and truth is None:
         raise InputError(f"'{patch_dir}' has no 'label' column: nothing to evaluate against")
-    labels = table.column("label").to_pylist() if "label" in table.column_names else []
+    labels = table.column(LABEL).to_pylist() if LABEL in table.column_names else []
     if truth is not None:
         known = read_truth(truth)
-        ids = table.column("patch_id").to_pylist()
+        ids = table.column(PATCH_ID).to_pylist()
         labels = [known.get(i, labels[k] if labels else None) for k, i in enumerate(ids)]
-    result = metrics(table.column("anomaly_score").to_numpy(), labels, normal_label)
+    result = metrics(table.column(ANOMALY_SCORE).to_numpy(), labels, normal_label)
     if result["n_normal"] == 0 or result["n_anomalous"] == 0:
         seen = sorted({lab for lab in labels if lab is not None})
         raise InputError(
@@ -129,10 +130,10 @@ def evaluate_job(out: str, normal_label: str, truth: str | None = None) -> dict[
     result["truth"] = truth
     scan_dir = layout.scan_scores
     if storage.exists(scan_dir) or storage.is_dir(scan_dir):
-        scans = read_columns(scan_dir, ["max_score", "label"])
-        scan_labels = scans.column("label").to_pylist()
-        scan_m = metrics(scans.column("max_score").to_numpy(), scan_labels, normal_label)
+        scans = read_columns(scan_dir, [MAX_SCORE, LABEL])
+        scan_labels = scans.column(LABEL).to_pylist()
+        scan_m = metrics(scans.column(MAX_SCORE).to_numpy(), scan_labels, normal_label)
         if scan_m["n_normal"] and scan_m["n_anomalous"]:
-            result["scan"] = {"score": "max_score", **scan_m}
+            result["scan"] = {"score": MAX_SCORE, **scan_m}
     storage.write_json(layout.metrics, result)
     return result

@@ -16,6 +16,30 @@ import numpy as np
 
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
+from anogan_batch.io.columns import (
+    ANOMALY_SCORE,
+    CHANNELS,
+    DISCRIMINATION_SCORE,
+    FLAGGED,
+    HEIGHT,
+    IMAGE,
+    JOB_ID,
+    LABEL,
+    LATENT,
+    MAX_SCORE,
+    MEAN_SCORE,
+    MODEL_ID,
+    N_PATCHES,
+    P95_SCORE,
+    P_VALUE,
+    PATCH_ID,
+    RESIDUAL_MAP,
+    RESIDUAL_SCORE,
+    SCAN_ID,
+    WIDTH,
+    X,
+    Y,
+)
 from anogan_batch.job.layout import JobLayout
 
 TOP_K = 16
@@ -59,44 +83,44 @@ def top_patches(out: str, k: int = TOP_K) -> list[dict[str, Any]]:
 
     manifest = JobManifest.load(out)
     scores = open_dataset(JobLayout(out).patch_scores)
-    light = scores.to_table(columns=["patch_id", "anomaly_score"])
+    light = scores.to_table(columns=[PATCH_ID, ANOMALY_SCORE])
     if light.num_rows == 0:
         return []
-    order = pc.sort_indices(light, [("anomaly_score", "descending")])[:k]
-    ids = light.column("patch_id").take(order)
+    order = pc.sort_indices(light, [(ANOMALY_SCORE, "descending")])[:k]
+    ids = light.column(PATCH_ID).take(order)
     cols = [
-        "patch_id",
-        "scan_id",
-        "x",
-        "y",
-        "label",
-        "anomaly_score",
-        "residual_score",
-        "discrimination_score",
-        "residual_map",
-        "latent",
-        "height",
-        "width",
-        "channels",
+        PATCH_ID,
+        SCAN_ID,
+        X,
+        Y,
+        LABEL,
+        ANOMALY_SCORE,
+        RESIDUAL_SCORE,
+        DISCRIMINATION_SCORE,
+        RESIDUAL_MAP,
+        LATENT,
+        HEIGHT,
+        WIDTH,
+        CHANNELS,
     ]
-    rows = scores.to_table(columns=cols, filter=pads.field("patch_id").isin(ids)).to_pylist()
-    rows.sort(key=lambda r: -r["anomaly_score"])
+    rows = scores.to_table(columns=cols, filter=pads.field(PATCH_ID).isin(ids)).to_pylist()
+    rows.sort(key=lambda r: -r[ANOMALY_SCORE])
 
     model = load_model(_model_dir(manifest))
     inputs = open_dataset(manifest.params["patches"]).to_table(
-        columns=["patch_id", "image"], filter=pads.field("patch_id").isin(ids)
+        columns=[PATCH_ID, IMAGE], filter=pads.field(PATCH_ID).isin(ids)
     )
     images = dict(
-        zip(inputs.column("patch_id").to_pylist(), inputs.column("image").to_pylist(), strict=True)
+        zip(inputs.column(PATCH_ID).to_pylist(), inputs.column(IMAGE).to_pylist(), strict=True)
     )
     spec = model.patch_spec
     for r in rows:
-        h, w, c = r["height"], r["width"], r["channels"]
-        z = torch.from_numpy(np.frombuffer(r.pop("latent"), dtype="<f4").copy())[None]
+        h, w, c = r[HEIGHT], r[WIDTH], r[CHANNELS]
+        z = torch.from_numpy(np.frombuffer(r.pop(LATENT), dtype="<f4").copy())[None]
         with torch.no_grad():
             gz = to_pixel_space(model.generator(z))[0].numpy()
-        raw_map = r.pop("residual_map")  # None: scored with --residual-maps none
-        raw = images.get(r["patch_id"])
+        raw_map = r.pop(RESIDUAL_MAP)  # None: scored with --residual-maps none
+        raw = images.get(r[PATCH_ID])
         if raw is not None:
             # x as the model reads it (contrast-normalised when the model is), on G(z)'s scale
             x = np.frombuffer(raw, dtype=DTYPES[spec.dtype]).reshape(1, h, w, c)
@@ -182,9 +206,9 @@ def gather(out: str) -> ReportData:
     scan_columns, scans = _top_scans(layout)
     overlays = []
     for row in scans[:TOP_SCANS]:
-        path = layout.overlay(row["scan_id"])
+        path = layout.overlay(row[SCAN_ID])
         if storage.exists(path):
-            overlays.append((row["scan_id"], storage.read_bytes(path)))
+            overlays.append((row[SCAN_ID], storage.read_bytes(path)))
     return ReportData(
         manifest=manifest,
         metrics=metrics,
@@ -215,16 +239,16 @@ def _scores_and_labels(layout: JobLayout, metrics: dict) -> tuple[np.ndarray, li
     """Every patch's score and label (eval's truth, when it used one: the ROC it measured)."""
     from anogan_batch.io.tables import read_columns
 
-    table = read_columns(layout.patch_scores, ["anomaly_score", "label", "patch_id"])
-    scores = table.column("anomaly_score").to_numpy()
+    table = read_columns(layout.patch_scores, [ANOMALY_SCORE, LABEL, PATCH_ID])
+    scores = table.column(ANOMALY_SCORE).to_numpy()
     labels = (
-        table.column("label").to_pylist() if "label" in table.column_names else [None] * len(scores)
+        table.column(LABEL).to_pylist() if LABEL in table.column_names else [None] * len(scores)
     )
     if metrics.get("truth"):
         from anogan_batch.evaluation.evaluate import read_truth
 
         truth = read_truth(metrics["truth"])
-        ids = table.column("patch_id").to_pylist()
+        ids = table.column(PATCH_ID).to_pylist()
         labels = [truth.get(i, lab) for i, lab in zip(ids, labels, strict=True)]
     return scores, labels
 
@@ -246,15 +270,15 @@ def _top_scans(layout: JobLayout) -> tuple[list[str], list[dict[str, Any]]]:
 
     from anogan_batch.io.tables import read_columns, table_columns
 
-    columns = ["scan_id", "label", "n_patches", "max_score", "mean_score", "p95_score"]
+    columns = [SCAN_ID, LABEL, N_PATCHES, MAX_SCORE, MEAN_SCORE, P95_SCORE]
     scan_dir = layout.scan_scores
     if not (storage.is_dir(scan_dir) or storage.exists(scan_dir)):
         return columns, []
-    decided = [c for c in ("p_value", "flagged") if c in table_columns(scan_dir)]
+    decided = [c for c in (P_VALUE, FLAGGED) if c in table_columns(scan_dir)]
     scans = read_columns(scan_dir, columns + decided)
-    order = [("max_score", "descending")]
-    if "flagged" in decided:
-        scans = scans.append_column("_flag", pc.fill_null(scans.column("flagged"), False))
+    order = [(MAX_SCORE, "descending")]
+    if FLAGGED in decided:
+        scans = scans.append_column("_flag", pc.fill_null(scans.column(FLAGGED), False))
         order = [("_flag", "descending"), *order]
     return columns + decided, scans.sort_by(order).slice(0, 20).to_pylist()
 
@@ -264,9 +288,9 @@ def _job_rows(manifest, metrics: dict) -> list[dict[str, Any]]:
     return [
         {"key": k, "value": v}
         for k, v in (
-            ("job_id", manifest.job_id),
+            (JOB_ID, manifest.job_id),
             ("status", manifest.status),
-            ("model_id", manifest.model_id),
+            (MODEL_ID, manifest.model_id),
             (
                 "input / scored / quarantined",
                 f"{manifest.input_rows} / {manifest.scored_rows} / {manifest.quarantined_rows}",
@@ -287,7 +311,7 @@ def render(data: ReportData) -> str:
     from anogan_batch.io.plots import histogram_svg, line_chart_svg
 
     hist = histogram_svg(data.score_groups, title="anomaly score by label",
-                         xlabel="anomaly_score", marker=data.threshold)  # fmt: skip
+                         xlabel=ANOMALY_SCORE, marker=data.threshold)  # fmt: skip
     roc = ""
     if data.roc is not None:
         caption, fpr, tpr = data.roc

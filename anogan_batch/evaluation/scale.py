@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from anogan_batch.io.columns import X, Y
+
 SIZE = 16  # patch side of the scale model: the smallest a DCGAN here has
 SCAN_PATCHES = 1_024  # patches a scan (a 32 x 32 grid of patches)
 FILE_ROWS = 250_000  # rows a Parquet file of the synthetic table
@@ -78,7 +80,7 @@ def write_synthetic_table(path: str, rows: int) -> str:
         ]
         table = patch_table(_unique(digits[index % len(digits)], start),
                             [str(s % 2) for s in scan], ids=ids, scan_ids=scan_ids)  # fmt: skip
-        for name, values in (("x", x), ("y", y)):  # patch_table puts a patch at (0, 0)
+        for name, values in ((X, x), (Y, y)):  # patch_table puts a patch at (0, 0)
             table = table.set_column(
                 table.schema.get_field_index(name), name, pa.array(values, pa.int32())
             )

@@ -18,6 +18,21 @@ from typing import Any
 
 import numpy as np
 
+from anogan_batch.io.columns import (
+    ANOMALY_SCORE,
+    CELL,
+    GRID_HEIGHT,
+    GRID_WIDTH,
+    HEAT,
+    HEATMAP,
+    LABEL,
+    PATCH_ID,
+    SCAN_ID,
+    THUMB,
+    X,
+    Y,
+)
+
 TILE = 256
 PATCH = 256
 GLASS = (236, 234, 238)
@@ -53,7 +68,7 @@ def run_slide_bench(side: int, folder: str | None = None) -> dict[str, Any]:
     figures["ingest_vs_raw_decode"] = round(
         figures["ingest"]["pixels_per_s"] / figures["raw_decode"]["pixels_per_s"], 3
     )
-    figures["heatmap"] = heatmap_figures(out, root)
+    figures[HEATMAP] = heatmap_figures(out, root)
     return figures
 
 
@@ -154,23 +169,23 @@ def heatmap_figures(patches: str, root: str) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     source = pads.dataset(patches, format="parquet")
     rows = source.count_rows()
-    for k, batch in enumerate(source.to_batches(columns=["patch_id", "scan_id", "x", "y"],
+    for k, batch in enumerate(source.to_batches(columns=[PATCH_ID, SCAN_ID, X, Y],
                                                 batch_size=65_536)):  # fmt: skip
         n = batch.num_rows
         heat = rng.random((n, g * g), dtype=np.float32).astype("<f2")
         thumb = rng.integers(0, 256, (n, g * g * 3), dtype=np.uint8)
         table = pa.table({
-            **{c: batch.column(c) for c in ("patch_id", "scan_id", "x", "y")},
-            "anomaly_score": pa.array(rng.random(n)),
-            "label": pa.nulls(n, pa.string()),
-            "heat": pa.array([h.tobytes() for h in heat], pa.binary()),
-            "thumb": pa.array([t.tobytes() for t in thumb], pa.binary()),
+            **{c: batch.column(c) for c in (PATCH_ID, SCAN_ID, X, Y)},
+            ANOMALY_SCORE: pa.array(rng.random(n)),
+            LABEL: pa.nulls(n, pa.string()),
+            HEAT: pa.array([h.tobytes() for h in heat], pa.binary()),
+            THUMB: pa.array([t.tobytes() for t in thumb], pa.binary()),
         })  # fmt: skip
         pq.write_table(table, os.path.join(target, f"part-{k:04d}.parquet"))
     started = time.perf_counter()
     run = _sampled_python(HEATMAP_SCRIPT, out, patches, str(PATCH), str(rows))
     (row,) = pq.read_table(os.path.join(out, "heatmaps")).to_pylist()
-    grid = {k: row[k] for k in ("cell", "grid_height", "grid_width")}
+    grid = {k: row[k] for k in (CELL, GRID_HEIGHT, GRID_WIDTH)}
     return {"seconds": round(time.perf_counter() - started, 1), "patches": rows, **grid, **run}
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from anogan_batch.io.columns import SCAN_ID, SLICE
+
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 
@@ -125,11 +127,9 @@ def run_volume_bench(folder: str | None = None, slices: int = 300) -> dict[str, 
                          "file_mb": round(sum(p.stat().st_size for p in (root / name).rglob("*")
                                                   if p.is_file()) / 2**20, 1)}  # fmt: skip
         if name == "dicom":
-            volume = [s for s in scans if s["slice"] is not None]
-            in_order = [
-                os.path.basename(s["path"]) for s in sorted(volume, key=lambda s: s["slice"])
-            ]
+            volume = [s for s in scans if s[SLICE] is not None]
+            in_order = [os.path.basename(s["path"]) for s in sorted(volume, key=lambda s: s[SLICE])]
             figures[name]["one_volume_in_position_order"] = in_order == made["order"]
-            figures[name]["scout_on_its_own"] = any(s["scan_id"].endswith("/SCOUT")
+            figures[name]["scout_on_its_own"] = any(s[SCAN_ID].endswith("/SCOUT")
                                                     for s in scans)  # fmt: skip
     return figures

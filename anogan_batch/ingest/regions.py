@@ -19,6 +19,21 @@ import numpy as np
 from anogan_batch.ingest import levels, plan
 from anogan_batch.ingest.masks import foreground_mask
 from anogan_batch.ingest.sources import Source, TiffSource, open_tiff
+from anogan_batch.io.columns import (
+    CHANNELS,
+    DTYPE,
+    HEIGHT,
+    IMAGE,
+    LABEL,
+    LEVEL,
+    MPP,
+    PATCH_ID,
+    SCAN_ID,
+    SLICE,
+    WIDTH,
+    X,
+    Y,
+)
 from anogan_batch.io.readers import Image, ReadOptions, to_stored
 
 # formats a region read is tried for (a stack of pages falls back to io/readers)
@@ -100,19 +115,19 @@ def cut_unit(
             yield Failed(x0, y0, _one_line(e))
             continue
         yield {
-            "patch_id": patch_id_for(scan_id, x0, y0, p),
-            "scan_id": scan_id,
-            "x": x0,
-            "y": y0,
-            "slice": None,
-            "image": encode_pixels(pixels),
-            "height": p,
-            "width": p,
-            "channels": pixels.shape[2],
-            "dtype": pixels.dtype.name,
-            "label": label,
-            "level": res.level,
-            "mpp": res.mpp,
+            PATCH_ID: patch_id_for(scan_id, x0, y0, p),
+            SCAN_ID: scan_id,
+            X: x0,
+            Y: y0,
+            SLICE: None,
+            IMAGE: encode_pixels(pixels),
+            HEIGHT: p,
+            WIDTH: p,
+            CHANNELS: pixels.shape[2],
+            DTYPE: pixels.dtype.name,
+            LABEL: label,
+            LEVEL: res.level,
+            MPP: res.mpp,
         }
 
 

@@ -25,6 +25,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from anogan_batch.io.columns import MPP
+
 # Decoded tiles a TiffSource keeps: a row of 256-pixel RGB tiles across 40,000 pixels is
 # 30 MB, so neighbouring patch rows reuse their tiles.
 CACHE_BYTES = 64 * 2**20
@@ -66,7 +68,7 @@ class Source:
             "format": self.format,
             "backend": self.backend,
             "levels": [list(lv) for lv in self.levels],
-            "mpp": self.mpp,
+            MPP: self.mpp,
         }
 
     def check_read(self, w: int, h: int) -> None:

@@ -20,30 +20,27 @@ import numpy as np
 import pyarrow as pa
 
 from anogan_batch.errors import InputError
+from anogan_batch.io.columns import (
+    CHANNELS,
+    DTYPE,
+    HEIGHT,
+    IMAGE,
+    INT_COLUMNS,
+    PATCH_ID,
+    REQUIRED_COLUMNS,
+    SCAN_ID,
+    STRING_COLUMNS,
+    WIDTH,
+    X,
+    Y,
+    ingest_schema,
+    patch_schema,
+)
 
-PATCH_SCHEMA = pa.schema(
-    [
-        ("patch_id", pa.string()),
-        ("scan_id", pa.string()),
-        ("x", pa.int32()),
-        ("y", pa.int32()),
-        ("image", pa.binary()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("channels", pa.int32()),
-        ("dtype", pa.string()),
-        ("label", pa.string()),
-    ]
-)
-REQUIRED_COLUMNS = ("patch_id", "scan_id", "x", "y", "image")
-# A volume's slice (null for a 2-D scan or a slide): optional in any patch table, carried by
-# score to patch_scores; ingest always writes it
-SLICE = pa.field("slice", pa.int32())
-# What ingest writes: the slice, and how each row's scan was read (the level and the µm per
-# pixel read, when the file has a pixel size: train and score ignore these)
-INGEST_SCHEMA = pa.schema(
-    [*PATCH_SCHEMA, SLICE, pa.field("level", pa.int32()), pa.field("mpp", pa.float64())]
-)
+# The patch table's columns (io/columns.py owns them); what ingest writes adds the slice, the
+# level and the µm per pixel read
+PATCH_SCHEMA = patch_schema()
+INGEST_SCHEMA = ingest_schema()
 DTYPES = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
 
 
@@ -80,8 +77,6 @@ def encode_pixels(pixels: np.ndarray) -> bytes:
     return np.ascontiguousarray(pixels, dtype=DTYPES[name]).tobytes()
 
 
-STRING_COLUMNS = ("patch_id", "scan_id", "label", "dtype")
-INT_COLUMNS = ("x", "y", "slice", "height", "width", "channels")
 POSITION_MAX = 2**31 - 1  # x and y are int32 in every output table
 
 
@@ -98,7 +93,7 @@ def check_columns(schema: pa.Schema, where: str) -> None:
                 f"patch table '{where}' has no column '{col}'; required columns are "
                 f"{', '.join(REQUIRED_COLUMNS)} (found: {', '.join(schema.names) or 'none'})"
             )
-    for col in names & set(STRING_COLUMNS + INT_COLUMNS + ("image",)):
+    for col in names & set(STRING_COLUMNS + INT_COLUMNS + (IMAGE,)):
         typ = schema.field(col).type
         if pa.types.is_null(typ):
             if col in REQUIRED_COLUMNS:
@@ -106,7 +101,7 @@ def check_columns(schema: pa.Schema, where: str) -> None:
                     f"patch table '{where}': column '{col}' is null in every row (type null); "
                     "it is required"
                 )
-        elif col == "image" and not (pa.types.is_binary(typ) or pa.types.is_large_binary(typ)):
+        elif col == IMAGE and not (pa.types.is_binary(typ) or pa.types.is_large_binary(typ)):
             raise InputError(
                 f"patch table '{where}': column 'image' must be binary (raw pixels), found {typ}"
             )
@@ -132,14 +127,14 @@ def identity_problems(table: pa.Table) -> list[str | None]:
     Columns the caller did not read (training reads no positions) are not checked."""
     n = table.num_rows
     reasons: list[str | None] = [None] * n
-    names = [c for c in ("patch_id", "scan_id", "x", "y") if c in table.column_names]
+    names = [c for c in (PATCH_ID, SCAN_ID, X, Y) if c in table.column_names]
     columns = {c: table.column(c).to_pylist() for c in names}
     for i in range(n):
         for col in names:
             value = columns[col][i]
             if value is None:
                 reasons[i] = f"{col} is null"
-            elif col in ("x", "y") and not 0 <= value <= POSITION_MAX:
+            elif col in (X, Y) and not 0 <= value <= POSITION_MAX:
                 reasons[i] = f"{col} is {value}, outside 0..{POSITION_MAX}"
             else:
                 continue
@@ -170,9 +165,9 @@ def _shapes(table: pa.Table) -> list[tuple[int, int, int] | None]:
     """Each row's (height, width, channels), or None where the table does not say (columns
     absent, or a null in the row): such a row is checked by its byte length alone."""
     n = table.num_rows
-    if not all(c in table.column_names for c in ("height", "width", "channels")):
+    if not all(c in table.column_names for c in (HEIGHT, WIDTH, CHANNELS)):
         return [None] * n
-    h, w, c = (table.column(name).to_pylist() for name in ("height", "width", "channels"))
+    h, w, c = (table.column(name).to_pylist() for name in (HEIGHT, WIDTH, CHANNELS))
     return [None if None in s else s for s in zip(h, w, c, strict=True)]
 
 
@@ -189,11 +184,11 @@ def decode_patches(table: pa.Table, spec: PatchSpec) -> tuple[np.ndarray, list[s
     if n == 0:
         return pixels, reasons
 
-    images = table.column("image").combine_chunks()
+    images = table.column(IMAGE).combine_chunks()
     if pa.types.is_null(images.type):
         images = pa.nulls(n, pa.binary())
     shapes = _shapes(table)
-    dtypes = table.column("dtype").to_pylist() if "dtype" in table.column_names else [None] * n
+    dtypes = table.column(DTYPE).to_pylist() if DTYPE in table.column_names else [None] * n
     reasons = identity_problems(table)
 
     nulls = images.is_null().to_numpy(zero_copy_only=False)

@@ -14,6 +14,18 @@ from typing import TYPE_CHECKING, Any
 
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
+from anogan_batch.io.columns import (
+    CHANNELS,
+    DTYPE,
+    HEIGHT,
+    IMAGE,
+    LABEL,
+    PATCH_ID,
+    SCAN_ID,
+    WIDTH,
+    X,
+    Y,
+)
 from anogan_batch.io.patches import check_columns
 
 if TYPE_CHECKING:
@@ -169,7 +181,7 @@ def _id_counts_in_driver(path: str, io_cpus: float, rows: int) -> tuple[int, int
     times less memory than pyarrow's group-by table (docs/performance.md)."""
     import pyarrow.compute as pc
 
-    ids = open_dataset(path).to_table(columns=["patch_id"]).column("patch_id")
+    ids = open_dataset(path).to_table(columns=[PATCH_ID]).column(PATCH_ID)
     ids = ids.combine_chunks() if ids.num_chunks != 1 else ids.chunk(0)
     nulls = ids.null_count
     ordered = ids.take(pc.array_sort_indices(ids, null_placement="at_end"))
@@ -190,18 +202,18 @@ def _id_counts_on_ray(path: str, io_cpus: float, rows: int) -> tuple[int, int, l
 
     ds = ray_read_parquet(
         path, num_cpus=io_cpus, file_extensions=["parquet", "parq", "pq"]
-    ).select_columns(["patch_id"])
+    ).select_columns([PATCH_ID])
     flagged = (
-        ds.groupby("patch_id", num_partitions=id_partitions(rows))
+        ds.groupby(PATCH_ID, num_partitions=id_partitions(rows))
         .count()
-        .filter(expr=col("patch_id").is_null() | (col("count()") > 1))
+        .filter(expr=col(PATCH_ID).is_null() | (col("count()") > 1))
         .materialize()
     )
     rows = flagged.take_all() if flagged.count() <= 10_000 else flagged.take(10_000)
-    nulls = sum(r["count()"] for r in rows if r["patch_id"] is None)
-    repeated = [r for r in rows if r["patch_id"] is not None]
+    nulls = sum(r["count()"] for r in rows if r[PATCH_ID] is None)
+    repeated = [r for r in rows if r[PATCH_ID] is not None]
     n_repeated = flagged.count() - (1 if nulls else 0)
-    first = sorted((r["patch_id"], r["count()"]) for r in repeated)[:SHOWN_IDS]
+    first = sorted((r[PATCH_ID], r["count()"]) for r in repeated)[:SHOWN_IDS]
     return nulls, n_repeated, first
 
 
@@ -253,13 +265,13 @@ def count_listed_ids(
     if rows + listed <= driver_rows:
         import pyarrow.compute as pc
 
-        ids = open_dataset(path).to_table(columns=["patch_id"]).column("patch_id")
-        listed_ids = open_dataset(ids_path).to_table(columns=["patch_id"]).column("patch_id")
+        ids = open_dataset(path).to_table(columns=[PATCH_ID]).column(PATCH_ID)
+        listed_ids = open_dataset(ids_path).to_table(columns=[PATCH_ID]).column(PATCH_ID)
         return int(pc.sum(pc.is_in(ids, value_set=pc.unique(listed_ids))).as_py() or 0)
-    left = ray_read_parquet(path, columns=["patch_id"], num_cpus=io_cpus)
-    right = ray_read_parquet(ids_path, columns=["patch_id"], num_cpus=io_cpus)
+    left = ray_read_parquet(path, columns=[PATCH_ID], num_cpus=io_cpus)
+    right = ray_read_parquet(ids_path, columns=[PATCH_ID], num_cpus=io_cpus)
     return left.join(right, join_type="left_semi", num_partitions=id_partitions(rows + listed),
-                     on=("patch_id",)).count()  # fmt: skip
+                     on=(PATCH_ID,)).count()  # fmt: skip
 
 
 def first_rows(ds: pads.Dataset, columns: list[str], n: int = 1) -> pa.Table:
@@ -347,16 +359,16 @@ def patch_table(
     ids = ids or [patch_id_for(s, 0, 0, h) for s in scan_ids]
     return pa.table(
         {
-            "patch_id": ids,
-            "scan_id": scan_ids,
-            "x": pa.array(np.zeros(n), pa.int32()),
-            "y": pa.array(np.zeros(n), pa.int32()),
-            "image": [encode_pixels(p) for p in pixels],
-            "height": pa.array([h] * n, pa.int32()),
-            "width": pa.array([w] * n, pa.int32()),
-            "channels": pa.array([c] * n, pa.int32()),
-            "dtype": [pixels.dtype.name] * n,
-            "label": labels if labels is not None else [None] * n,
+            PATCH_ID: ids,
+            SCAN_ID: scan_ids,
+            X: pa.array(np.zeros(n), pa.int32()),
+            Y: pa.array(np.zeros(n), pa.int32()),
+            IMAGE: [encode_pixels(p) for p in pixels],
+            HEIGHT: pa.array([h] * n, pa.int32()),
+            WIDTH: pa.array([w] * n, pa.int32()),
+            CHANNELS: pa.array([c] * n, pa.int32()),
+            DTYPE: [pixels.dtype.name] * n,
+            LABEL: labels if labels is not None else [None] * n,
         },
         schema=PATCH_SCHEMA,
     )
@@ -382,7 +394,7 @@ def check_normalisation(table: dict | None, model: dict, patches: str, model_dir
     """InputError when a table's recorded normalisation differs from the model's."""
     if table is None:
         return
-    want = {"dtype": model.get("pixel_dtype"), "window": model.get("window")}
+    want = {DTYPE: model.get("pixel_dtype"), "window": model.get("window")}
     if table != want:
         raise InputError(
             f"patch table '{patches}' was normalised as {table}, but model '{model_dir}' was "

@@ -24,13 +24,38 @@ import numpy as np
 
 from anogan_batch.core.calibration import bonferroni, heat_cell
 from anogan_batch.io import storage
-from anogan_batch.job.heatmaps import MAP_COLUMNS, Cells, HeatmapGeometry, ScanSize, render_scan
+from anogan_batch.io.columns import (
+    ANOMALY_SCORE,
+    HEAT,
+    HEAT_SLICE,
+    HEIGHT,
+    LABEL,
+    MAP_COLUMNS,
+    MAX_PATCH_ID,
+    MAX_SCORE,
+    MAX_SLICE,
+    MAX_X,
+    MAX_Y,
+    MEAN_SCORE,
+    MIN_SCORE,
+    N_ABOVE_THRESHOLD,
+    N_PATCHES,
+    P95_SCORE,
+    P_VALUE,
+    PATCH_ID,
+    SCAN_ID,
+    SLICE,
+    STD_SCORE,
+    SUMMARY_COLUMNS,
+    THUMB,
+    WIDTH,
+    X,
+    Y,
+    scan_schema,
+)
+from anogan_batch.job.heatmaps import Cells, HeatmapGeometry, ScanSize, render_scan
 from anogan_batch.job.layout import JobLayout
 
-SUMMARY_COLUMNS = (
-    "scan_id", "n_patches", "max_score", "mean_score", "p95_score", "min_score", "std_score",
-    "n_above_threshold", "max_patch_id", "max_x", "max_y", "max_slice", "label", "p_value",
-)  # fmt: skip
 # what each input contributes to the shuffle ("kind" tells them apart)
 SCORE, SIZE = "score", "size"
 # Jobs up to these sizes are grouped in the driver: its memory holds about twice the bytes,
@@ -49,27 +74,27 @@ SCAN_GROUP_ROWS = 65_536
 
 def scan_summary(group: dict[str, np.ndarray], threshold: float | None) -> dict[str, Any]:
     """One scan's patches (numpy columns) -> one summary row (as 1-element columns)."""
-    scores = group["anomaly_score"].astype(np.float64)
+    scores = group[ANOMALY_SCORE].astype(np.float64)
     top = int(np.argmax(scores))
-    labels = {v for v in group["label"].tolist() if v is not None}
+    labels = {v for v in group[LABEL].tolist() if v is not None}
     label = labels.pop() if len(labels) == 1 else ("mixed" if labels else None)
     above = None if threshold is None else int((scores > threshold).sum())
-    p_value = _scan_p_value(group.get("p_value"))
+    p_value = _scan_p_value(group.get(P_VALUE))
     return {
-        "scan_id": [group["scan_id"][0]],
-        "n_patches": np.array([len(scores)], dtype=np.int64),
-        "max_score": [float(scores.max())],
-        "mean_score": [float(scores.mean())],
-        "p95_score": [float(np.quantile(scores, 0.95))],
-        "min_score": [float(scores.min())],
-        "std_score": [float(scores.std())],
-        "n_above_threshold": [above],
-        "max_patch_id": [group["patch_id"][top]],
-        "max_x": np.array([group["x"][top]], dtype=np.int32),
-        "max_y": np.array([group["y"][top]], dtype=np.int32),
-        "max_slice": [_hottest_slice(group, top)],
-        "label": [label],
-        "p_value": [p_value],
+        SCAN_ID: [group[SCAN_ID][0]],
+        N_PATCHES: np.array([len(scores)], dtype=np.int64),
+        MAX_SCORE: [float(scores.max())],
+        MEAN_SCORE: [float(scores.mean())],
+        P95_SCORE: [float(np.quantile(scores, 0.95))],
+        MIN_SCORE: [float(scores.min())],
+        STD_SCORE: [float(scores.std())],
+        N_ABOVE_THRESHOLD: [above],
+        MAX_PATCH_ID: [group[PATCH_ID][top]],
+        MAX_X: np.array([group[X][top]], dtype=np.int32),
+        MAX_Y: np.array([group[Y][top]], dtype=np.int32),
+        MAX_SLICE: [_hottest_slice(group, top)],
+        LABEL: [label],
+        P_VALUE: [p_value],
     }
 
 
@@ -79,7 +104,7 @@ def _floats(values: np.ndarray) -> np.ndarray:
 
 def _hottest_slice(group: dict[str, np.ndarray], top: int) -> int | None:
     """The slice of a volume's most anomalous patch; None for a 2-D scan or a slide."""
-    value = group["slice"][top] if "slice" in group else None
+    value = group[SLICE][top] if SLICE in group else None
     return int(value) if value is not None and np.isfinite(value) else None
 
 
@@ -93,39 +118,6 @@ def _scan_p_value(p_values) -> float | None:
     return None if np.isnan(value) else value
 
 
-def scan_schema(heatmaps: bool):
-    """The columns of OUT/scan_scores (and, with `heatmaps`, of OUT/heatmaps), typed once so
-    that every file of the table has one schema whatever nulls its scans hold."""
-    import pyarrow as pa
-
-    summary = [
-        ("scan_id", pa.string()),
-        ("n_patches", pa.int64()),
-        *((name, pa.float64()) for name in SUMMARY_COLUMNS[2:7]),
-        ("n_above_threshold", pa.int64()),
-        ("max_patch_id", pa.string()),
-        ("max_x", pa.int32()),
-        ("max_y", pa.int32()),
-        ("max_slice", pa.int32()),
-        ("label", pa.string()),
-        ("p_value", pa.float64()),
-    ]
-    maps = [
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("heat_slice", pa.int32()),
-        ("cell", pa.float64()),
-        ("grid_height", pa.int32()),
-        ("grid_width", pa.int32()),
-        ("heatmap", pa.binary()),
-        ("max_heat", pa.float64()),
-        ("mean_heat", pa.float64()),
-        ("overlay", pa.string()),
-        ("heatmap_skipped", pa.string()),
-    ]
-    return pa.schema(summary + (maps if heatmaps else []))
-
-
 def _typed(batch, heatmaps: bool):
     """A batch of scan rows (pyarrow) in `scan_schema`."""
     schema = scan_schema(heatmaps)
@@ -137,17 +129,17 @@ def _union_schema():
 
     return pa.schema(
         [
-            ("scan_id", pa.string()),
+            (SCAN_ID, pa.string()),
             ("kind", pa.string()),
-            ("x", pa.int64()),
-            ("y", pa.int64()),
-            ("slice", pa.int64()),
-            ("anomaly_score", pa.float64()),
-            ("patch_id", pa.string()),
-            ("label", pa.string()),
-            ("p_value", pa.float64()),
-            ("heat", pa.binary()),  # the patch's heat cells (float16)
-            ("thumb", pa.binary()),  # its pixels per cell (uint8)
+            (X, pa.int64()),
+            (Y, pa.int64()),
+            (SLICE, pa.int64()),
+            (ANOMALY_SCORE, pa.float64()),
+            (PATCH_ID, pa.string()),
+            (LABEL, pa.string()),
+            (P_VALUE, pa.float64()),
+            (HEAT, pa.binary()),  # the patch's heat cells (float16)
+            (THUMB, pa.binary()),  # its pixels per cell (uint8)
             ("downsample", pa.float64()),  # a scan's level-0 pixels per pixel read
         ]
     )
@@ -158,18 +150,18 @@ def to_union_rows(batch, kind: str):
     import pyarrow as pa
 
     n = batch.num_rows
-    cols = {"scan_id": batch.column("scan_id"), "kind": pa.array([kind] * n, pa.string())}
+    cols = {SCAN_ID: batch.column(SCAN_ID), "kind": pa.array([kind] * n, pa.string())}
     if kind == SIZE:  # the scan's size rides in x (width) and y (height)
-        cols |= {"x": batch.column("width"), "y": batch.column("height")}
+        cols |= {X: batch.column(WIDTH), Y: batch.column(HEIGHT)}
         if "downsample" in batch.column_names:
             cols["downsample"] = batch.column("downsample")
     else:
-        cols |= {"x": batch.column("x"), "y": batch.column("y")}
+        cols |= {X: batch.column(X), Y: batch.column(Y)}
     if kind == SCORE:
-        for name in ("anomaly_score", "patch_id", "label", "p_value", "slice"):
+        for name in (ANOMALY_SCORE, PATCH_ID, LABEL, P_VALUE, SLICE):
             if name in batch.column_names:
                 cols[name] = batch.column(name)
-        for name in ("heat", "thumb"):
+        for name in (HEAT, THUMB):
             if name in batch.column_names:
                 cols[name] = batch.column(name)
     schema = _union_schema()
@@ -186,8 +178,8 @@ def scan_row(
     """One scan's union rows -> its summary (+ heatmap) row; [] when nothing was scored."""
     # one order for a scan's rows, whatever order the shuffle delivered them in: float sums
     # (mean, std, the stitched heatmap) then come out bit for bit the same on every run
-    group["slice"] = _floats(group["slice"])  # NaN: no slice (null from Arrow, as None or NaN)
-    order = np.lexsort((group["y"], group["x"], np.nan_to_num(group["slice"], nan=-1.0),
+    group[SLICE] = _floats(group[SLICE])  # NaN: no slice (null from Arrow, as None or NaN)
+    order = np.lexsort((group[Y], group[X], np.nan_to_num(group[SLICE], nan=-1.0),
                         group["kind"]))  # fmt: skip
     group = {k: v[order] for k, v in group.items()}
     scored = group["kind"] == SCORE
@@ -196,14 +188,14 @@ def scan_row(
     row = scan_summary({k: v[scored] for k, v in group.items()}, threshold)
     if heatmaps:
         geometry = HeatmapGeometry(*heatmaps)
-        hottest = row["max_slice"][0]
+        hottest = row[MAX_SLICE][0]
         if hottest is not None:  # a volume: the heatmap of its hottest slice
-            group = {k: v[(group["kind"] != SCORE) | (group["slice"] == hottest)]
+            group = {k: v[(group["kind"] != SCORE) | (group[SLICE] == hottest)]
                      for k, v in group.items()}  # fmt: skip
         cells, recorded = scan_cells(group, geometry)
-        overlay = JobLayout(out).overlay(str(group["scan_id"][0]))
+        overlay = JobLayout(out).overlay(str(group[SCAN_ID][0]))
         row |= render_scan(cells, geometry.size, overlay, recorded, tuple(geometry.heat))
-        row["heat_slice"] = [hottest]
+        row[HEAT_SLICE] = [hottest]
     return row
 
 
@@ -221,9 +213,9 @@ def scan_cells(
     recorded = _recorded(group)
     ds = recorded.downsample if recorded else 1.0
     rows = np.flatnonzero(group["kind"] == SCORE)
-    x, y = _floats(group["x"][rows]), _floats(group["y"][rows])
+    x, y = _floats(group[X][rows]), _floats(group[Y][rows])
     heat_len, thumb_len = g * g * 2, g * g * geometry.channels
-    heats, thumbs = group["heat"][rows], group["thumb"][rows]
+    heats, thumbs = group[HEAT][rows], group[THUMB][rows]
     fits = np.array([h is not None and len(h) == heat_len for h in heats], dtype=bool)
     keep = fits & np.isfinite(x) & np.isfinite(y) & (x >= 0) & (y >= 0)
     whole = all(t is not None and len(t) == thumb_len for t in thumbs[keep])
@@ -245,7 +237,7 @@ def _recorded(group: dict[str, np.ndarray]) -> ScanSize | None:
     """The scan's size as ingest recorded it (level-0 pixels, the downsample it was read at);
     None when unknown or not positive. The size rides in x (width) and y (height)."""
     for i in np.flatnonzero(group["kind"] == SIZE):
-        w, h = _position(group["x"][i]), _position(group["y"][i])
+        w, h = _position(group[X][i]), _position(group[Y][i])
         ds = group["downsample"][i] if "downsample" in group else None
         ds = float(ds) if ds is not None and np.isfinite(ds) and 0 < ds < 2**20 else 1.0
         if w is not None and h is not None and w > 0 and h > 0:
@@ -342,15 +334,15 @@ def _inputs(out: str, patches: str, heatmaps: tuple | None) -> list[tuple[str, l
     """(path, columns, kind) of each table the groupby brings together."""
     from anogan_batch.io.tables import table_columns
 
-    score_cols = ["scan_id", "x", "y", "anomaly_score", "patch_id", "label"]
+    score_cols = [SCAN_ID, X, Y, ANOMALY_SCORE, PATCH_ID, LABEL]
     stored = table_columns(JobLayout(out).patch_scores)
-    wanted = ("p_value", "slice") + (("heat", "thumb") if heatmaps else ())
+    wanted = (P_VALUE, SLICE) + ((HEAT, THUMB) if heatmaps else ())
     score_cols += [c for c in wanted if c in stored]
     inputs = [(JobLayout(out).patch_scores, score_cols, SCORE)]
     if heatmaps:
         scans_file = storage.join(patches, "_scans.parquet")
         if storage.exists(scans_file):
-            cols = ["scan_id", "height", "width"]
+            cols = [SCAN_ID, HEIGHT, WIDTH]
             cols += [c for c in ("downsample",) if c in table_columns(scans_file)]
             inputs.append((scans_file, cols, SIZE))
     return inputs
@@ -369,7 +361,7 @@ def _group_on_ray(inputs, target: str, args: tuple, io_cpus: float, partitions: 
 
     parts = [read(*i) for i in inputs]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    rows = ds.groupby("scan_id", num_partitions=partitions).map_groups(
+    rows = ds.groupby(SCAN_ID, num_partitions=partitions).map_groups(
         scan_row, fn_args=args, batch_format="numpy", num_cpus=io_cpus
     )
     rows = rows.map_batches(
@@ -402,11 +394,11 @@ def _group_in_driver(inputs, args: tuple):
 
     union = pa.concat_tables(
         [table for path, cols, kind in inputs for table in read(path, cols, kind)]
-    ).sort_by("scan_id")
+    ).sort_by(SCAN_ID)
     columns = {
         name: union.column(name).to_numpy(zero_copy_only=False) for name in union.column_names
     }
-    scan_ids = columns["scan_id"]
+    scan_ids = columns[SCAN_ID]
     starts = np.flatnonzero(np.r_[True, scan_ids[1:] != scan_ids[:-1]])
     schema = scan_schema(bool(args[2]))
     rows: dict[str, list] = {name: [] for name in schema.names}

@@ -14,6 +14,7 @@ import numpy as np
 
 from anogan_batch.core.calibration import benjamini_hochberg, bh_flags, drift, p_value_counts
 from anogan_batch.io import storage
+from anogan_batch.io.columns import FLAGGED, P_VALUE
 from anogan_batch.job.layout import JobLayout
 
 
@@ -26,10 +27,10 @@ def patch_p_values(out: str, n_calibration: int) -> tuple[int, dict[str, Any]]:
     path = JobLayout(out).patch_scores
     if not storage.list_files(path, suffixes=(".parquet",)):
         return 0, drift(counts)
-    for batch in stream_batches(open_dataset(path), ["p_value", "flagged"]):
-        p = batch.column("p_value").to_numpy(zero_copy_only=False).astype(np.float64)
+    for batch in stream_batches(open_dataset(path), [P_VALUE, FLAGGED]):
+        p = batch.column(P_VALUE).to_numpy(zero_copy_only=False).astype(np.float64)
         counts += p_value_counts(p, n_calibration)
-        flagged += int(np.sum(batch.column("flagged").to_numpy(zero_copy_only=False) == True))  # noqa: E712
+        flagged += int(np.sum(batch.column(FLAGGED).to_numpy(zero_copy_only=False) == True))  # noqa: E712
     return flagged, drift(counts)
 
 
@@ -52,13 +53,11 @@ def flag_scans(out: str, fdr: float | None) -> dict[str, Any]:
     result: dict[str, Any] = {"scans": count_rows(ds, path)}
     threshold = None
     if fdr is not None:
-        p = _column(ds, "p_value")
+        p = _column(ds, P_VALUE)
         flags, threshold = benjamini_hochberg(p, fdr)
         result |= {"scans_flagged": int(flags.sum()), "scan_p_threshold": threshold}
-    columns = [c for c in ds.schema.names if c != "flagged"]  # a rerun's decision replaces it
-    schema = pa.schema([ds.schema.field(c) for c in columns]).append(
-        pa.field("flagged", pa.bool_())
-    )
+    columns = [c for c in ds.schema.names if c != FLAGGED]  # a rerun's decision replaces it
+    schema = pa.schema([ds.schema.field(c) for c in columns]).append(pa.field(FLAGGED, pa.bool_()))
     storage.delete(staged)
     storage.makedirs(staged)
     fs, inner = storage.filesystem_for(storage.join(staged, "part-0.parquet"))
@@ -67,7 +66,7 @@ def flag_scans(out: str, fdr: float | None) -> dict[str, Any]:
             if threshold is None:
                 column = pa.nulls(batch.num_rows, pa.bool_())
             else:
-                column = pa.array(bh_flags(_floats(batch.column("p_value")), threshold))
+                column = pa.array(bh_flags(_floats(batch.column(P_VALUE)), threshold))
             w.write_batch(pa.RecordBatch.from_arrays([*batch.columns, column], schema=schema))
     storage.delete(path)
     storage.move(storage.join(staged, "part-0.parquet"), storage.join(path, "part-0.parquet"))

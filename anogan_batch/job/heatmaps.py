@@ -40,6 +40,20 @@ import numpy as np
 
 from anogan_batch.core.calibration import box_blur, heat_blur_cells, heat_cell
 from anogan_batch.io import storage
+from anogan_batch.io.columns import (
+    CELL,
+    GRID_HEIGHT,
+    GRID_WIDTH,
+    HEAT_SLICE,
+    HEATMAP,
+    HEATMAP_SKIPPED,
+    HEIGHT,
+    MAX_HEAT,
+    MEAN_HEAT,
+    OVERLAY,
+    SCAN_ID,
+    WIDTH,
+)
 
 # The fixed scale of a model whose calibration has no `heat` record (model space spans 0..2):
 HEAT_FLOOR = 0.1  # smoothed residual per cell below which nothing is drawn
@@ -51,10 +65,6 @@ MAX_GRID_CELLS = 2**22
 MAX_OVERLAY_PIXELS = 2**22
 # Patches stitched at a time: bounds the index arrays of a scan with millions of patches.
 STITCH_CHUNK = 16_384
-MAP_COLUMNS = (
-    "height", "width", "heat_slice", "cell", "grid_height", "grid_width", "heatmap", "max_heat",
-    "mean_heat", "overlay", "heatmap_skipped",
-)  # fmt: skip
 
 
 class HeatmapGeometry(NamedTuple):
@@ -228,29 +238,29 @@ def render_scan(
     storage.write_bytes(overlay, png_bytes(enlarge(colorize(thumb, heat, radius, scale), shape[2])))
     level0 = (recorded.height, recorded.width) if recorded else (height, width)
     return {
-        "height": np.array([level0[0]], dtype=np.int32),
-        "width": np.array([level0[1]], dtype=np.int32),
-        "heat_slice": [None],  # a volume's: set by the caller
-        "cell": np.array([shape[2] * ds], dtype=np.float64),  # level-0 pixels a side
-        "grid_height": np.array([heat.shape[0]], dtype=np.int32),
-        "grid_width": np.array([heat.shape[1]], dtype=np.int32),
-        "heatmap": [heat.astype("<f4").tobytes()],
-        "max_heat": [float(heat.max())],
-        "mean_heat": [float(heat.mean())],
-        "overlay": [overlay],
-        "heatmap_skipped": [None],
+        HEIGHT: np.array([level0[0]], dtype=np.int32),
+        WIDTH: np.array([level0[1]], dtype=np.int32),
+        HEAT_SLICE: [None],  # a volume's: set by the caller
+        CELL: np.array([shape[2] * ds], dtype=np.float64),  # level-0 pixels a side
+        GRID_HEIGHT: np.array([heat.shape[0]], dtype=np.int32),
+        GRID_WIDTH: np.array([heat.shape[1]], dtype=np.int32),
+        HEATMAP: [heat.astype("<f4").tobytes()],
+        MAX_HEAT: [float(heat.max())],
+        MEAN_HEAT: [float(heat.mean())],
+        OVERLAY: [overlay],
+        HEATMAP_SKIPPED: [None],
     }
 
 
 def _skipped(height: int, width: int, why: str) -> dict:
     bounded = [min(v, np.iinfo(np.int32).max) for v in (height, width)]
-    nulls = {k: [None] for k in ("heat_slice", "cell", "grid_height", "grid_width", "heatmap",
-                                 "max_heat", "mean_heat", "overlay")}  # fmt: skip
+    nulls = {k: [None] for k in (HEAT_SLICE, CELL, GRID_HEIGHT, GRID_WIDTH, HEATMAP,
+                                 MAX_HEAT, MEAN_HEAT, OVERLAY)}  # fmt: skip
     return {
-        "height": np.array(bounded[:1], dtype=np.int32),
-        "width": np.array(bounded[1:], dtype=np.int32),
+        HEIGHT: np.array(bounded[:1], dtype=np.int32),
+        WIDTH: np.array(bounded[1:], dtype=np.int32),
         **nulls,
-        "heatmap_skipped": [why],
+        HEATMAP_SKIPPED: [why],
     }
 
 
@@ -270,19 +280,19 @@ def heat_grid_for(out: str, scan_id: str) -> tuple[np.ndarray, float]:
     from anogan_batch.job.layout import JobLayout
 
     ds = open_dataset(JobLayout(out).heatmaps)
-    wanted = ("cell", "grid_height", "grid_width", "heatmap", "heatmap_skipped")
+    wanted = (CELL, GRID_HEIGHT, GRID_WIDTH, HEATMAP, HEATMAP_SKIPPED)
     columns = [c for c in wanted if c in ds.schema.names]
-    if "grid_height" not in columns:
+    if GRID_HEIGHT not in columns:
         raise InputError(f"'{out}/heatmaps' was written by an older version: rerun the job")
-    rows = ds.to_table(columns=columns, filter=pads.field("scan_id") == scan_id)
+    rows = ds.to_table(columns=columns, filter=pads.field(SCAN_ID) == scan_id)
     if rows.num_rows == 0:
         raise InputError(f"no heatmap for scan_id {scan_id!r} in '{out}/heatmaps'")
-    if rows.column("heatmap")[0].as_py() is None:
-        why = rows.column("heatmap_skipped")[0].as_py()
+    if rows.column(HEATMAP)[0].as_py() is None:
+        why = rows.column(HEATMAP_SKIPPED)[0].as_py()
         raise InputError(f"scan_id {scan_id!r} has no heatmap: {why}")
-    h, w = rows.column("grid_height")[0].as_py(), rows.column("grid_width")[0].as_py()
-    grid = np.frombuffer(rows.column("heatmap")[0].as_py(), dtype="<f4").reshape(h, w)
-    return grid, float(rows.column("cell")[0].as_py())
+    h, w = rows.column(GRID_HEIGHT)[0].as_py(), rows.column(GRID_WIDTH)[0].as_py()
+    grid = np.frombuffer(rows.column(HEATMAP)[0].as_py(), dtype="<f4").reshape(h, w)
+    return grid, float(rows.column(CELL)[0].as_py())
 
 
 # The export's tiles and how small its coarsest level gets

@@ -39,6 +39,23 @@ from anogan_batch.ingest import regions
 from anogan_batch.ingest.masks import foreground_mask
 from anogan_batch.ingest.plan import cut_patches
 from anogan_batch.io import storage
+from anogan_batch.io.columns import (
+    CHANNELS,
+    DTYPE,
+    HEIGHT,
+    IMAGE,
+    LABEL,
+    LEVEL,
+    MPP,
+    N_PATCHES,
+    PATCH_ID,
+    REASON,
+    SCAN_ID,
+    SLICE,
+    WIDTH,
+    X,
+    Y,
+)
 from anogan_batch.io.patches import INGEST_SCHEMA, encode_pixels, patch_id_for
 from anogan_batch.io.readers import READERS, slice_suffix, suffix_of, to_stored
 from anogan_batch.io.s3 import describe_s3_failure
@@ -48,12 +65,12 @@ from anogan_batch.job.ingest_config import AUTO_RAY_FILES, AUTO_RAY_UNITS, Inges
 # files whose slices get '@0007'
 VOLUME_SUFFIXES = (".npy", ".tif", ".tiff", ".dcm", ".dicom", ".nii", ".nii.gz")
 SCAN_FIELDS = (
-    "path", "scan_id", "label", "height", "width", "channels", "dtype",
-    "n_patches", "n_skipped", "normalisation", "reason",
+    "path", SCAN_ID, LABEL, HEIGHT, WIDTH, CHANNELS, DTYPE,
+    N_PATCHES, "n_skipped", "normalisation", REASON,
     # how the scan was read: level, level-0 pixels per pixel read, µm per pixel read, the
     # source (format, backend, levels, pyramid: JSON) and why an asked resolution was not used
-    "level", "downsample", "mpp", "source", "warning",
-    "slice",  # the row's slice of a volume (a volume has a row a slice; null otherwise)
+    LEVEL, "downsample", MPP, "source", "warning",
+    SLICE,  # the row's slice of a volume (a volume has a row a slice; null otherwise)
 )  # fmt: skip
 UNITS = "_units"  # a region scan's deferred work units (JSON), between the two phases
 FLUSH_BYTES = 64 * 2**20  # a unit's rows written out at about this many bytes
@@ -131,7 +148,7 @@ def _suffix(name: str) -> str:
 
 def _scan_row(path: str, **values) -> dict:
     row = dict.fromkeys(SCAN_FIELDS)
-    row.update({"path": path, "n_patches": 0, "n_skipped": 0, **values})
+    row.update({"path": path, N_PATCHES: 0, "n_skipped": 0, **values})
     return row
 
 
@@ -271,16 +288,16 @@ def process_region_file(f: Listed, src: str, cfg: IngestConfig):
         if len(plan.units) > 1 or _unit_bytes(plan, cfg.patch_size, source.channels) > FLUSH_BYTES:
             # the units' rows are counted when they have run (settle_units)
             scan[UNITS] = json.dumps([regions.rows_to_json(u) for u in plan.units])
-            scan["n_patches"] = 0
+            scan[N_PATCHES] = 0
             return [], [scan]
         rows, failed = [], []
         for item in regions.cut_unit(source, res, plan.units[0] if plan.units else [], params,
                                      scan_id, label):  # fmt: skip
             (failed if isinstance(item, regions.Failed) else rows).append(item)
-        scan["n_patches"] = len(rows)
+        scan[N_PATCHES] = len(rows)
         if failed and not rows:  # nothing of it could be read: the scan's own reason
-            scan["reason"] = f"no region could be read: {failed[0].reason}"
-            scan["n_patches"], failed = 0, []
+            scan[REASON] = f"no region could be read: {failed[0].reason}"
+            scan[N_PATCHES], failed = 0, []
         return rows, [scan] + [_failed_row(f.shown, scan_id, x) for x in failed]
     finally:
         fh.close()
@@ -324,19 +341,19 @@ def cut_scan(
             continue
         rows.append(
             {
-                "patch_id": patch_id_for(scan_id, x, y, size, slice_),
-                "scan_id": scan_id,
-                "x": x,
-                "y": y,
-                "slice": slice_,
-                "image": encode_pixels(patch),
-                "height": size,
-                "width": size,
-                "channels": c,
-                "dtype": patch.dtype.name,
-                "label": label,
-                "level": 0,
-                "mpp": None,
+                PATCH_ID: patch_id_for(scan_id, x, y, size, slice_),
+                SCAN_ID: scan_id,
+                X: x,
+                Y: y,
+                SLICE: slice_,
+                IMAGE: encode_pixels(patch),
+                HEIGHT: size,
+                WIDTH: size,
+                CHANNELS: c,
+                DTYPE: patch.dtype.name,
+                LABEL: label,
+                LEVEL: 0,
+                MPP: None,
             }
         )
     return rows, skipped
@@ -397,14 +414,14 @@ def ingest_chunk(files: list[Listed], src: str, out: str, cfg: IngestConfig) -> 
     for f in files:
         rows, file_scans = process_file(f, src, cfg)
         pending.extend(rows)
-        size += sum(len(r["image"]) for r in rows)
+        size += sum(len(r[IMAGE]) for r in rows)
         scans.extend(file_scans)
         # a part at rows_per_file rows, or sooner at FLUSH_BYTES of pixels (large patches)
         while len(pending) >= cfg.rows_per_file or (pending and size >= FLUSH_BYTES):
             take = cfg.rows_per_file if len(pending) >= cfg.rows_per_file else len(pending)
             _write_part(out, f"part-{key}-{parts:04d}.parquet", pending[:take])
             pending, parts = pending[take:], parts + 1
-            size = sum(len(r["image"]) for r in pending)
+            size = sum(len(r[IMAGE]) for r in pending)
     if pending:
         _write_part(out, f"part-{key}-{parts:04d}.parquet", pending)
     return scans
@@ -424,8 +441,8 @@ def _ray_ingest_batch(batch: dict, src: str, out: str, cfg: IngestConfig):
 def _scan_schema(units: bool = True):
     import pyarrow as pa
 
-    ints = ("height", "width", "channels", "n_patches", "n_skipped", "level", "slice")
-    floats = ("downsample", "mpp")
+    ints = (HEIGHT, WIDTH, CHANNELS, N_PATCHES, "n_skipped", LEVEL, SLICE)
+    floats = ("downsample", MPP)
 
     def typed(name: str):
         return pa.int64() if name in ints else pa.float64() if name in floats else pa.string()
@@ -447,8 +464,8 @@ def unit_items(scans: list[dict], files: dict[str, Listed]) -> list[dict]:
         for index, rows in enumerate(json.loads(scan[UNITS])):
             items.append({
                 "path": os.fsencode(f.path), "name": f.name, "shown": f.shown,
-                "scan_id": scan["scan_id"], "label": scan["label"], "level": scan["level"],
-                "downsample": scan["downsample"], "mpp": scan["mpp"], "index": index,
+                SCAN_ID: scan[SCAN_ID], LABEL: scan[LABEL], LEVEL: scan[LEVEL],
+                "downsample": scan["downsample"], MPP: scan[MPP], "index": index,
                 "rows": rows,
             })  # fmt: skip
     return items
@@ -463,9 +480,9 @@ def run_unit(item: dict, out: str, cfg: IngestConfig) -> dict:
 
     path = os.fsdecode(bytes(item["path"]))
     source = regions.cached_source(path, cfg.max_pixels)
-    lv = source.levels[int(item["level"])]
+    lv = source.levels[int(item[LEVEL])]
     ds = float(item["downsample"])
-    res = Resolution(int(item["level"]), ds / lv.downsample, ds, item["mpp"], None)
+    res = Resolution(int(item[LEVEL]), ds / lv.downsample, ds, item[MPP], None)
     rows = regions.rows_from_json(item["rows"])
     key = hashlib.sha1(str(item["name"]).encode("utf-8", "surrogatepass")).hexdigest()[:16]
     target = storage.join(out, f"part-{key}-u{int(item['index']):05d}.parquet")
@@ -475,19 +492,19 @@ def run_unit(item: dict, out: str, cfg: IngestConfig) -> dict:
         fs.open_output_stream(inner) as f,
         pq.ParquetWriter(f, INGEST_SCHEMA, compression="zstd") as writer,
     ):
-        for row in regions.cut_unit(source, res, rows, _region_params(cfg), item["scan_id"],
-                                    item["label"]):  # fmt: skip
+        for row in regions.cut_unit(source, res, rows, _region_params(cfg), item[SCAN_ID],
+                                    item[LABEL]):  # fmt: skip
             if isinstance(row, regions.Failed):
-                failed.append(_failed_row(item["shown"], item["scan_id"], row))
+                failed.append(_failed_row(item["shown"], item[SCAN_ID], row))
                 continue
             pending.append(row)
-            size += len(row["image"])
+            size += len(row[IMAGE])
             if size >= FLUSH_BYTES:  # a unit's rows never all in memory
                 writer.write_table(_rows_table(pending))
                 written, pending, size = written + len(pending), [], 0
         writer.write_table(_rows_table(pending))
         written += len(pending)
-    return {"scan_id": item["scan_id"], "written": written, "failed": json.dumps(failed)}
+    return {SCAN_ID: item[SCAN_ID], "written": written, "failed": json.dumps(failed)}
 
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -525,8 +542,8 @@ def plan_series(files: list[Listed], src: str, cfg: IngestConfig) -> tuple[list[
                  "spacing": v.spacing, "problems": v.problems, "slices": len(v.names)}  # fmt: skip
         members = [[os.fsencode(by_name[n].path).hex(), n, by_name[n].shown] for n in v.names]
         items.append({
-            "kind": "volume", "index": len(items), "scan_id": scan_id, "name": first.name,
-            "label": label_for(src, first.name) if cfg.label_from_parent else None,
+            "kind": "volume", "index": len(items), SCAN_ID: scan_id, "name": first.name,
+            LABEL: label_for(src, first.name) if cfg.label_from_parent else None,
             "members": json.dumps(members), "source": json.dumps(about),
         })  # fmt: skip
     return items, [f for f in files if f.name not in in_volumes]
@@ -547,30 +564,30 @@ def run_volume(item: dict, out: str, cfg: IngestConfig) -> dict:
         fs.open_output_stream(inner) as f,
         pq.ParquetWriter(f, INGEST_SCHEMA, compression="zstd") as writer,
     ):
-        scan_id = item["scan_id"]
+        scan_id = item[SCAN_ID]
         for k, (hex_path, name, shown) in enumerate(json.loads(item["members"])):
             listed = Listed(os.fsdecode(bytes.fromhex(hex_path)), name)
             try:
                 (image,) = read_dicom(read_file(listed, cfg.max_file_bytes), cfg.read_options)
                 pixels, norm = to_stored(image, cfg.read_options)
-                rows, skipped = cut_scan(pixels, scan_id, item["label"], cfg, k)
+                rows, skipped = cut_scan(pixels, scan_id, item[LABEL], cfg, k)
             except Exception as e:  # this slice is unreadable; the volume's others are not
                 scans.append(_scan_row(shown, scan_id=scan_id, slice=k, reason=_one_line(e)))
                 continue
             h, w, c = pixels.shape
             scans.append(_scan_row(
-                shown, scan_id=scan_id, label=item["label"], height=h, width=w, channels=c,
+                shown, scan_id=scan_id, label=item[LABEL], height=h, width=w, channels=c,
                 dtype=pixels.dtype.name, n_patches=len(rows), n_skipped=skipped,
                 normalisation=json.dumps(norm, sort_keys=True), level=0, downsample=1.0,
                 source=item["source"], slice=k,
             ))  # fmt: skip
             pending.extend(rows)
-            if sum(len(r["image"]) for r in pending) >= FLUSH_BYTES:
+            if sum(len(r[IMAGE]) for r in pending) >= FLUSH_BYTES:
                 writer.write_table(_rows_table(pending))
                 pending = []
         writer.write_table(_rows_table(pending))
     # each slice's row counts its own patches: nothing for settle_units to add up
-    return {"scan_id": item["scan_id"], "written": 0, "failed": "[]", "scans": json.dumps(scans)}
+    return {SCAN_ID: item[SCAN_ID], "written": 0, "failed": "[]", "scans": json.dumps(scans)}
 
 
 def run_item(item: dict, out: str, cfg: IngestConfig) -> dict:
@@ -619,16 +636,16 @@ def settle_units(scans: list[dict], done: list[dict]) -> list[dict]:
     written: dict[str, int] = {}
     failed: list[dict] = []
     for d in done:
-        written[d["scan_id"]] = written.get(d["scan_id"], 0) + int(d["written"])
+        written[d[SCAN_ID]] = written.get(d[SCAN_ID], 0) + int(d["written"])
         failed.extend(json.loads(d["failed"]))
         failed.extend(json.loads(d["scans"]))  # a volume's slices: their own scan rows
     for scan in scans:
         if scan.pop(UNITS, None):
-            scan["n_patches"] = written.get(scan["scan_id"], 0)
-            if not scan["n_patches"]:  # nothing of it could be read: the scan's own reason
-                first = next((f["reason"] for f in failed if f["scan_id"] == scan["scan_id"]),
+            scan[N_PATCHES] = written.get(scan[SCAN_ID], 0)
+            if not scan[N_PATCHES]:  # nothing of it could be read: the scan's own reason
+                first = next((f[REASON] for f in failed if f[SCAN_ID] == scan[SCAN_ID]),
                              "no patch was cut")  # fmt: skip
-                scan["reason"] = f"no region could be read: {first}"
+                scan[REASON] = f"no region could be read: {first}"
     return scans + failed
 
 
@@ -726,13 +743,13 @@ def ingest(src: str, out: str, cfg: IngestConfig) -> IngestSummary:
         use_ray = use_ray or _use_ray(cfg, len(files), len(items))
         scans = settle_units(scans, run_units(items, out, cfg, use_ray))
 
-    good = [s for s in scans if s["reason"] is None]
-    bad = [s for s in scans if s["reason"] is not None]
+    good = [s for s in scans if s[REASON] is None]
+    bad = [s for s in scans if s[REASON] is not None]
     norms = sorted({s["normalisation"] for s in good})
     summary = IngestSummary(
         files=listed + len(refused),
-        scans=len({s["scan_id"] for s in good}),
-        patches=sum(s["n_patches"] for s in good),
+        scans=len({s[SCAN_ID] for s in good}),
+        patches=sum(s[N_PATCHES] for s in good),
         skipped_patches=sum(s["n_skipped"] for s in good),
         quarantined=len(bad),
         normalisation=[json.loads(n) for n in norms],
@@ -748,7 +765,7 @@ def ingest(src: str, out: str, cfg: IngestConfig) -> IngestSummary:
     if summary.patches == 0:
         if bad:
             why = f"{len(bad)} file(s) could not be used; first: '{bad[0]['path']}': "
-            why += bad[0]["reason"]
+            why += bad[0][REASON]
         else:
             why = f"all {summary.skipped_patches} patches fell below --min-foreground"
         raise InputError(f"ingest of '{src}' produced no patches: {why}")

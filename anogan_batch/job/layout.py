@@ -27,8 +27,9 @@ import re
 from dataclasses import dataclass
 
 from anogan_batch.io import storage
+from anogan_batch.io.columns import JOB_ID
 
-PARTITION_COLUMN = "job_id"  # patch_scores/job_id=<id>/: hive partitioning by job
+PARTITION_COLUMN = JOB_ID  # patch_scores/job_id=<id>/: hive partitioning by job
 SLUG_CHARS = 48  # readable part of a file stem; the hash keeps stems unique
 HASH_CHARS = 20  # 80 bits of sha256: no collision expected below ~10^11 distinct values
 _NOT_SLUG = re.compile(r"[^A-Za-z0-9_-]+")

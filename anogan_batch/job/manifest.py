@@ -15,6 +15,7 @@ from typing import Any
 from anogan_batch.core.search_config import SCORE_FIELDS, public_name
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
+from anogan_batch.io.columns import MODEL_ID
 from anogan_batch.job.layout import JobLayout
 
 # Parameters that change a patch's scores. Batch size, actor count and devices do not.
@@ -22,7 +23,7 @@ from anogan_batch.job.layout import JobLayout
 # (the key under which --skip-published takes a published score as this job's own).
 SEARCH_KEYS = tuple(public_name(f) for f in SCORE_FIELDS)
 IDENTITY_KEYS = (
-    "model_id", "patches", *SEARCH_KEYS,
+    MODEL_ID, "patches", *SEARCH_KEYS,
     # p_value and flagged are written with the patch rows: a rerun must use the same ones
     "calibration_id", "fpr",
 )  # fmt: skip

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
-from anogan_batch.io.patches import PATCH_SCHEMA, SLICE
+from anogan_batch.io.columns import JOB_ID, PATCH_ID, QUARANTINE_COLUMNS, REASON, SLICE
+from anogan_batch.io.patches import PATCH_SCHEMA
 from anogan_batch.io.tables import ray_read_parquet
 from anogan_batch.job.layout import PARTITION_COLUMN, JobLayout
 from anogan_batch.job.raykit import pending_bases, task_file_base
@@ -39,7 +40,6 @@ IO_CPUS = 0.5  # logical CPUs of read/write/aggregate tasks: light work, must ne
 # holds one at a time, and every reader plans from the footers, whose size grows with the
 # number of row groups (one per scored batch made a 10 M-row job's footers hundreds of MB)
 ROW_GROUP_MB = 64.0
-QUARANTINE_COLUMNS = ("patch_id", "scan_id", "x", "y", "label", "reason", "job_id", "model_id")
 
 
 @dataclass(frozen=True)
@@ -152,8 +152,8 @@ def make_sink(out: str, rows_per_file: int, rows_per_group: int):
         def write_block(self, block, block_index, ctx) -> None:
             table = block.to_arrow()
             base = task_file_base(self, ctx)
-            is_bad = pc.is_valid(table.column("reason"))
-            scored = table.filter(pc.invert(is_bad)).drop_columns(["reason"])
+            is_bad = pc.is_valid(table.column(REASON))
+            scored = table.filter(pc.invert(is_bad)).drop_columns([REASON])
             bad = table.filter(is_bad).select(list(QUARANTINE_COLUMNS))
             if scored.num_rows:
                 pads.write_dataset(
@@ -226,16 +226,16 @@ def build_pipeline(
 
     ds = ray_read_parquet(
         cfg.patches,
-        columns=[c for c in (*PATCH_SCHEMA.names, SLICE.name) if c in columns],
+        columns=[c for c in (*PATCH_SCHEMA.names, SLICE) if c in columns],
         num_cpus=IO_CPUS,
         file_extensions=["parquet", "parq", "pq"],
     )
     if skip_ids is not None:
         path, partitions = skip_ids
-        published = ray_read_parquet(path, columns=["patch_id"], num_cpus=IO_CPUS)
+        published = ray_read_parquet(path, columns=[PATCH_ID], num_cpus=IO_CPUS)
         # a hash join spread over the cluster: neither side needs to fit in one process
         ds = ds.join(published, join_type="left_anti", num_partitions=partitions,
-                     on=("patch_id",))  # fmt: skip
+                     on=(PATCH_ID,))  # fmt: skip
     # Blocks of one batch each: an actor task is then one search, so progress, failures and
     # retries are per batch, and a file's worth of rows is committed as soon as it is scored
     # (without this, Ray hands an actor a whole read block, often a whole file).
@@ -245,7 +245,7 @@ def build_pipeline(
         fn_constructor_kwargs={
             "model": card,
             "search": cfg.search,
-            "job_id": job_id,
+            JOB_ID: job_id,
             "device": cfg.device,
             "threads": res.threads,
             "progress": progress,

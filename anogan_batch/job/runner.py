@@ -29,6 +29,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from anogan_batch.core.search_config import SearchConfig, score_params
 from anogan_batch.errors import InputError, redact
 from anogan_batch.io import storage
+from anogan_batch.io.columns import (
+    CHANNELS,
+    DTYPE,
+    HEIGHT,
+    IMAGE,
+    MODEL_ID,
+    PATCH_ID,
+    REASON,
+    WIDTH,
+)
 from anogan_batch.job.layout import JobLayout
 from anogan_batch.job.manifest import JobManifest, check_rerun, new_job_id, now
 from anogan_batch.job.pipeline import (
@@ -69,7 +79,7 @@ def first_quarantine_reason(out: str) -> str | None:
     quarantine = JobLayout(out).quarantine
     if not output_rows(quarantine):
         return None
-    return first_rows(open_dataset(quarantine), ["reason"]).column("reason")[0].as_py()
+    return first_rows(open_dataset(quarantine), [REASON]).column(REASON)[0].as_py()
 
 
 class Preflight(NamedTuple):
@@ -112,15 +122,13 @@ def prepare(cfg: ScoreJobConfig) -> Preflight:
     table = inspect_patch_table(cfg.patches)
     if table.rows == 0:
         raise InputError(f"patch table '{cfg.patches}' is empty: nothing to score")
-    sample = first_rows(ds, ["patch_id", "image", "height", "width", "channels", "dtype"])
+    sample = first_rows(ds, [PATCH_ID, IMAGE, HEIGHT, WIDTH, CHANNELS, DTYPE])
     cols = sample.column_names
-    image = sample.column("image")[0].as_py()
+    image = sample.column(IMAGE)[0].as_py()
     shape = None
-    if all(c in cols for c in ("height", "width", "channels")):
-        shape = tuple(
-            int(sample.column(c)[0].as_py() or 0) for c in ("height", "width", "channels")
-        )
-    dtype = sample.column("dtype")[0].as_py() if "dtype" in cols else None
+    if all(c in cols for c in (HEIGHT, WIDTH, CHANNELS)):
+        shape = tuple(int(sample.column(c)[0].as_py() or 0) for c in (HEIGHT, WIDTH, CHANNELS))
+    dtype = sample.column(DTYPE)[0].as_py() if DTYPE in cols else None
     problem = row_problem(card.patch_spec, None if image is None else len(image), shape, dtype)
     if problem is not None:
         raise InputError(
@@ -133,7 +141,7 @@ def prepare(cfg: ScoreJobConfig) -> Preflight:
 
 def identity(cfg: ScoreJobConfig, prep: Preflight) -> dict[str, Any]:
     return {
-        "model_id": prep.model_id,
+        MODEL_ID: prep.model_id,
         "calibration_id": prep.calibration_info.get("calibration_id"),
         "fpr": cfg.fpr,
         "patches": cfg.patches,
@@ -452,7 +460,7 @@ def _execute(
     fs, _ = storage.filesystem_for(checkpoint)
     previous = ctx.checkpoint_config
     ctx.checkpoint_config = CheckpointConfig(
-        id_column="patch_id",
+        id_column=PATCH_ID,
         checkpoint_path=checkpoint,
         override_filesystem=fs,
         # job.json, not Ray, decides when a job is over: a checkpoint deleted before

@@ -22,6 +22,31 @@ from typing import TYPE_CHECKING, NoReturn
 import numpy as np
 
 from anogan_batch.core.search_config import SearchConfig
+from anogan_batch.io.columns import (
+    ANOMALY_SCORE,
+    CHANNELS,
+    DISCRIMINATION_SCORE,
+    FLAGGED,
+    HEAT,
+    HEIGHT,
+    JOB_ID,
+    LABEL,
+    LATENT,
+    MODEL_ID,
+    P_VALUE,
+    PATCH_ID,
+    REASON,
+    RESIDUAL_MAP,
+    RESIDUAL_SCORE,
+    SCAN_ID,
+    SEARCH_STEPS,
+    SLICE,
+    THUMB,
+    WIDTH,
+    X,
+    Y,
+    scorer_schema,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -30,40 +55,6 @@ if TYPE_CHECKING:
     from anogan_batch.core.scoring import SearchLimit
 
 log = logging.getLogger(__name__)
-
-
-def output_schema() -> pa.Schema:
-    """Rows leaving the scorer: patch_scores columns plus `reason` (null when scored)."""
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("patch_id", pa.string()),
-            ("scan_id", pa.string()),
-            ("x", pa.int32()),
-            ("y", pa.int32()),
-            ("slice", pa.int32()),  # a volume's slice; null for 2-D scans and slides
-            ("label", pa.string()),
-            ("anomaly_score", pa.float64()),
-            ("residual_score", pa.float64()),
-            ("discrimination_score", pa.float64()),
-            ("residual_map", pa.binary()),  # float16/32 LE, (height, width, channels)
-            ("latent", pa.binary()),  # float32 LE, the final z (latent_dim,)
-            # the patch's cells of a heat grid (job/heatmaps.py): float16 LE (G, G) residual
-            # means, and uint8 (G, G, C) pixel means, G = side / core/calibration.heat_cell
-            ("heat", pa.binary()),
-            ("thumb", pa.binary()),
-            ("search_steps", pa.int32()),  # steps the search took (fewer with early stopping)
-            ("p_value", pa.float64()),  # conformal p-value; null without a calibration
-            ("flagged", pa.bool_()),  # p_value <= --fpr; null without --fpr or a calibration
-            ("height", pa.int32()),
-            ("width", pa.int32()),
-            ("channels", pa.int32()),
-            ("job_id", pa.string()),
-            ("model_id", pa.string()),
-            ("reason", pa.string()),
-        ]
-    )
 
 
 def peak_rss_mb() -> float:
@@ -129,7 +120,7 @@ def score_table(
     encoding: str = "float32",
     searcher: DeviceThread | None = None,
 ) -> pa.Table:
-    """Score one batch of patch rows in process; returns rows of `output_schema()`.
+    """Score one batch of patch rows in process; returns rows of `io/columns.scorer_schema()`.
     `calibration`: the model's calibration scores for `cfg` (p-values; flags under `fpr`).
     `limit`: the most patches one search may hold, learnt from out-of-memory errors and kept
     by the caller from batch to batch (None: the whole batch at once). `encoding`: how
@@ -148,7 +139,7 @@ def score_table(
     n = table.num_rows
     pixels, reasons = decode_patches(table, spec)
     ok = np.array([r is None for r in reasons], dtype=bool)
-    ids = table.column("patch_id").to_pylist()
+    ids = table.column(PATCH_ID).to_pylist()
 
     idx = np.flatnonzero(ok)
     # stored pixels, (B, H, W, C): the device converts them (core/scoring.device_search)
@@ -189,38 +180,38 @@ def score_table(
     s = spec.size
     return pa.table(
         {
-            "patch_id": col("patch_id", pa.string()),
-            "scan_id": col("scan_id", pa.string()),
-            "x": int32_or_null(table, "x"),
-            "y": int32_or_null(table, "y"),
-            "slice": int32_or_null(table, "slice"),
-            "label": col("label", pa.string()),
-            "anomaly_score": pa.array(anomaly, pa.float64(), mask=nulls),
-            "residual_score": pa.array(residual, pa.float64(), mask=nulls),
-            "discrimination_score": pa.array(discrimination, pa.float64(), mask=nulls),
-            "residual_map": pa.array(
+            PATCH_ID: col(PATCH_ID, pa.string()),
+            SCAN_ID: col(SCAN_ID, pa.string()),
+            X: int32_or_null(table, X),
+            Y: int32_or_null(table, Y),
+            SLICE: int32_or_null(table, SLICE),
+            LABEL: col(LABEL, pa.string()),
+            ANOMALY_SCORE: pa.array(anomaly, pa.float64(), mask=nulls),
+            RESIDUAL_SCORE: pa.array(residual, pa.float64(), mask=nulls),
+            DISCRIMINATION_SCORE: pa.array(discrimination, pa.float64(), mask=nulls),
+            RESIDUAL_MAP: pa.array(
                 [m if k else None for m, k in zip(maps, scored, strict=True)], pa.binary()
             ),
-            "latent": pa.array(
+            LATENT: pa.array(
                 [z if k else None for z, k in zip(latents, scored, strict=True)], pa.binary()
             ),
-            "heat": pa.array(
+            HEAT: pa.array(
                 [h if k else None for h, k in zip(heats, scored, strict=True)], pa.binary()
             ),
-            "thumb": pa.array(
+            THUMB: pa.array(
                 [t if k else None for t, k in zip(thumbs, scored, strict=True)], pa.binary()
             ),
-            "search_steps": pa.array(steps, pa.int32(), mask=nulls),
-            "p_value": p_values,
-            "flagged": flagged,
-            "height": pa.array(np.full(n, s, np.int32), pa.int32()),
-            "width": pa.array(np.full(n, s, np.int32), pa.int32()),
-            "channels": pa.array(np.full(n, spec.channels, np.int32), pa.int32()),
-            "job_id": pa.array([job_id] * n, pa.string()),
-            "model_id": pa.array([model.model_id] * n, pa.string()),
-            "reason": pa.array(reasons, pa.string()),
+            SEARCH_STEPS: pa.array(steps, pa.int32(), mask=nulls),
+            P_VALUE: p_values,
+            FLAGGED: flagged,
+            HEIGHT: pa.array(np.full(n, s, np.int32), pa.int32()),
+            WIDTH: pa.array(np.full(n, s, np.int32), pa.int32()),
+            CHANNELS: pa.array(np.full(n, spec.channels, np.int32), pa.int32()),
+            JOB_ID: pa.array([job_id] * n, pa.string()),
+            MODEL_ID: pa.array([model.model_id] * n, pa.string()),
+            REASON: pa.array(reasons, pa.string()),
         },
-        schema=output_schema(),
+        schema=scorer_schema(),
     )
 
 
@@ -367,7 +358,7 @@ class PatchScorer:
 
         if self.progress is None:  # in process: the caller decides
             raise error
-        first = batch.column("patch_id")[0].as_py() if batch.num_rows else None
+        first = batch.column(PATCH_ID)[0].as_py() if batch.num_rows else None
         key = f"{first}|{batch.num_rows}"
         failures = ray.get(self.progress.device_fault.remote(key, self.info["where"], str(error)))
         if len(failures) >= DEVICE_ATTEMPTS:
@@ -391,7 +382,7 @@ class PatchScorer:
 
         if not devices.faults_injected() or not batch.num_rows:
             return
-        ids = batch.column("patch_id").to_pylist()
+        ids = batch.column(PATCH_ID).to_pylist()
         key = f"{ids[0]}|{batch.num_rows}"
         attempt = ray.get(self.progress.faults_of.remote(key)) if self.progress else 0
         devices.inject_sticky(ids, attempt)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from anogan_batch.errors import ConfigError, InputError
 from anogan_batch.io import storage
+from anogan_batch.io.columns import JOB_ID, MODEL_ID, PATCH_ID
 from anogan_batch.io.s3 import is_s3_failure, run_retried_child
 from anogan_batch.job.layout import JobLayout
 from anogan_batch.warehouse.job_rows import (
@@ -105,16 +106,14 @@ def _published_ids(target_json: str, params_json: str, dest: str) -> int:
         return 0
     jobs = DeltaTable(uris[JOBS], storage_options=options).to_pyarrow_dataset()
     same = same_search_jobs(
-        jobs.to_table(
-            columns=["job_id", "params"], filter=pc.field("model_id") == params["model_id"]
-        ),
+        jobs.to_table(columns=[JOB_ID, "params"], filter=pc.field(MODEL_ID) == params[MODEL_ID]),
         params,
     )
     if not same:
         return 0
     patches = DeltaTable(uris[JobLayout.PATCH_SCORES], storage_options=options)
     scanner = patches.to_pyarrow_dataset().scanner(
-        columns=["patch_id"], filter=pc.field("job_id").isin(same)
+        columns=[PATCH_ID], filter=pc.field(JOB_ID).isin(same)
     )
     return write_id_files(scanner.to_batches(), dest)
 

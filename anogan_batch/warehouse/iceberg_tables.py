@@ -25,6 +25,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from anogan_batch.errors import ConfigError, InputError
+from anogan_batch.io.columns import JOB_ID, MODEL_ID, PATCH_ID
 from anogan_batch.io.s3 import S3RetryPolicy
 from anogan_batch.job.layout import JobLayout
 from anogan_batch.warehouse.job_rows import (
@@ -274,15 +275,13 @@ def write_published_ids(target: WarehouseTarget, params: dict[str, Any], dest: s
         return 0
     jobs = (
         catalog.load_table(tables[JOBS])
-        .scan(
-            row_filter=EqualTo("model_id", params["model_id"]), selected_fields=("job_id", "params")
-        )
+        .scan(row_filter=EqualTo(MODEL_ID, params[MODEL_ID]), selected_fields=(JOB_ID, "params"))
         .to_arrow()
     )
     same = same_search_jobs(jobs, params)
     if not same:
         return 0
     scan = catalog.load_table(tables[JobLayout.PATCH_SCORES]).scan(
-        row_filter=In("job_id", same), selected_fields=("patch_id",)
+        row_filter=In(JOB_ID, same), selected_fields=(PATCH_ID,)
     )
     return write_id_files(scan.to_arrow_batch_reader(), dest)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
+from anogan_batch.io.columns import ARRAY_COLUMNS, JOB_ID, JOB_STARTED_AT, MODEL_ID, PATCH_ID
 from anogan_batch.job.layout import JobLayout
 from anogan_batch.job.manifest import SEARCH_KEYS, JobManifest
 
@@ -27,10 +28,8 @@ if TYPE_CHECKING:
 # Published in this order; `jobs` last marks the job complete in the warehouse.
 JOBS = "jobs"  # the warehouse's own table: one row per job
 TABLE_ORDER = (JobLayout.PATCH_SCORES, JobLayout.SCAN_SCORES, JobLayout.QUARANTINE, JOBS)
-# Per patch, several KB: they stay in the job's Parquet files (docs/warehouse.md).
-LEFT_IN_OUT = ("residual_map", "latent", "heat", "thumb")
 # The columns both formats partition by (when a table has them): a day of jobs, a model.
-PARTITION_DAY, PARTITION_MODEL = "job_started_at", "model_id"
+PARTITION_DAY, PARTITION_MODEL = JOB_STARTED_AT, MODEL_ID
 
 
 def finished_job(out: str) -> JobManifest:
@@ -75,12 +74,12 @@ def job_rows(out: str, manifest: JobManifest, name: str) -> JobRows | None:
     rows = count_rows(ds, path)
     if rows == 0:
         return None
-    columns = [c for c in ds.schema.names if c not in LEFT_IN_OUT]
+    columns = [c for c in ds.schema.names if c not in ARRAY_COLUMNS]
     # constants as Arrow scalars repeated, never as Python lists of a batch's length: those
     # leave the interpreter's memory larger after every batch (docs/performance.md)
     lineage_columns = {
-        "job_id": pa.scalar(manifest.job_id, pa.string()),
-        "model_id": pa.scalar(manifest.model_id, pa.string()),
+        JOB_ID: pa.scalar(manifest.job_id, pa.string()),
+        MODEL_ID: pa.scalar(manifest.model_id, pa.string()),
     }
     started = pa.scalar(_timestamp(manifest.started_at), pa.timestamp("us", tz="UTC"))
 
@@ -89,7 +88,7 @@ def job_rows(out: str, manifest: JobManifest, name: str) -> JobRows | None:
         for column, value in lineage_columns.items():
             if column not in batch.schema.names:
                 batch = batch.append_column(column, pa.repeat(value, n))
-        return _plain_types(batch.append_column("job_started_at", pa.repeat(started, n)))
+        return _plain_types(batch.append_column(JOB_STARTED_AT, pa.repeat(started, n)))
 
     def batches() -> Iterator[pa.RecordBatch]:
         for batch in stream_batches(ds, columns):  # pulled: one batch in memory
@@ -159,10 +158,10 @@ def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
 
 def _jobs_row(out: str, manifest: JobManifest) -> dict[str, Any]:
     return {
-        "job_id": manifest.job_id, "status": manifest.status,
+        JOB_ID: manifest.job_id, "status": manifest.status,
         "started_at": _timestamp(manifest.started_at),
         "finished_at": _timestamp(manifest.finished_at),
-        "model_id": manifest.model_id,
+        MODEL_ID: manifest.model_id,
         "calibration_id": (manifest.calibration or {}).get("calibration_id"),
         "input_rows": manifest.input_rows, "scored_rows": manifest.scored_rows,
         "quarantined_rows": manifest.quarantined_rows,
@@ -179,9 +178,9 @@ def jobs_schema() -> pa.Schema:
 
     utc = pa.timestamp("us", tz="UTC")
     return pa.schema([
-        ("job_id", pa.string()), ("status", pa.string()),
+        (JOB_ID, pa.string()), ("status", pa.string()),
         ("started_at", utc), ("finished_at", utc),
-        ("model_id", pa.string()), ("calibration_id", pa.string()),
+        (MODEL_ID, pa.string()), ("calibration_id", pa.string()),
         ("input_rows", pa.int64()), ("scored_rows", pa.int64()),
         ("quarantined_rows", pa.int64()), ("patches_per_second", pa.float64()),
         ("params", pa.string()), ("out", pa.string()), ("manifest", pa.string()),
@@ -209,14 +208,14 @@ def same_search_jobs(jobs: pa.Table, params: dict[str, Any]) -> list[str]:
     search parameters (SEARCH_KEYS): their patch ids are what --skip-published skips."""
     want = _search_of(params)
     return [
-        row["job_id"]
-        for row in jobs.select(["job_id", "params"]).to_pylist()
+        row[JOB_ID]
+        for row in jobs.select([JOB_ID, "params"]).to_pylist()
         if _search_of(json.loads(row["params"])) == want
     ]
 
 
 def _search_of(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: params.get(k) for k in ("model_id", *SEARCH_KEYS)}
+    return {k: params.get(k) for k in (MODEL_ID, *SEARCH_KEYS)}
 
 
 def write_id_files(batches: Iterable[pa.RecordBatch], dest: str) -> int:
@@ -239,7 +238,7 @@ def _write_ids(batches: list, path: str) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_batches(batches).select(["patch_id"])
+    table = pa.Table.from_batches(batches).select([PATCH_ID])
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     storage.write_bytes(path, buffer.getvalue())
