@@ -95,7 +95,7 @@ def calibrate(
 ) -> None:
     """Score a site's normal patches and store them as the model's calibration for one
     search (score's default unless its flags say otherwise): the weights and model_id stay."""
-    from anogan_batch.core.training import calibrate as run_calibrate
+    from anogan_batch.core.calibrating import calibrate as run_calibrate
 
     r = run_calibrate(model_dir, patches, normal_label=normal_label, search=search, device=device)
     _echo(

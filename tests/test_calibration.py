@@ -212,7 +212,7 @@ def test_calibrate_names_the_patches_it_could_not_score_and_raises_device_faults
     import shutil
 
     from anogan_batch.core import search as search_module
-    from anogan_batch.core.training import calibrate_arrays
+    from anogan_batch.core.calibrating import calibrate_arrays
 
     model = tmp_path / "model"
     shutil.copytree(calibrated, model)
@@ -291,11 +291,11 @@ def test_a_calibrated_scale_darkens_normal_digits_and_keeps_anomalies_hot(sample
 
     import torch
 
+    from anogan_batch.core.calibrating import calibrate_arrays
     from anogan_batch.core.calibration import box_blur, cell_means, heat_blur_cells, heat_cell
     from anogan_batch.core.modeldir import load_model
     from anogan_batch.core.scoring import search_batch
     from anogan_batch.core.search import resolve_search
-    from anogan_batch.core.training import calibrate_arrays
     from anogan_batch.evaluation.demo import bundled_model_dir
     from anogan_batch.job.heatmaps import HEAT_FLOOR
 

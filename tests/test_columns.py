@@ -21,6 +21,7 @@ OTHER_MEANINGS = {
     ("core/modeldir.py", "channels"),
     ("core/modeldir.py", "heat"),
     ("core/modeldir.py", "anomaly_score"),
+    ("core/training.py", "n_patches"),  # model.json's count of training patches
     ("job/runner.py", "heat"),  # the calibration record's heat scale (core/modeldir.py)
     ("core/calibration.py", "cell"),  # the heat scale's record
     ("io/readers.py", "image"),  # the size check's name for a decoded image

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from anogan_batch.core.model_config import TrainConfig
-from anogan_batch.core.training import fit_gan, load_training_patches, train_gan
+from anogan_batch.core.patch_data import load_training_patches
+from anogan_batch.core.training import fit_gan, train_gan
 from anogan_batch.errors import InputError
 from tests.conftest import make_patch_table
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import io
 import logging
 import time
@@ -25,98 +24,14 @@ import numpy as np
 
 from anogan_batch.core.devices import pick_device
 from anogan_batch.core.model_config import TrainConfig
-from anogan_batch.core.search_config import SearchConfig
+from anogan_batch.core.patch_data import TrainingData, load_training_patches
 from anogan_batch.errors import InputError
 from anogan_batch.io import storage
 from anogan_batch.io.columns import (
-    CHANNELS,
     DTYPE,
-    HEIGHT,
-    IMAGE,
-    LABEL,
-    N_PATCHES,
-    PATCH_ID,
-    SCAN_ID,
-    WIDTH,
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainingData:
-    pixels: np.ndarray  # (N, S, S, C) of the table's dtype
-    dtype: str
-    fingerprint: str  # sha256 over (patch_id, image bytes) in patch_id order
-    skipped: int  # rows not readable as the first row's shape/dtype
-    patch_ids: list[str] = field(default_factory=list)  # of `pixels`, row for row
-    scan_ids: list[str] = field(default_factory=list)  # (the patch_id where there is none)
-
-
-def load_training_patches(path: str, cfg: TrainConfig) -> TrainingData:
-    """Read the normal patches of a patch table into memory, checked and fingerprinted."""
-    import pyarrow.dataset as pads
-
-    from anogan_batch.io.patches import decode_patches
-    from anogan_batch.io.tables import open_patch_table
-
-    ds = open_patch_table(path)
-    filt = None
-    if cfg.normal_label is not None:
-        if LABEL not in ds.schema.names:
-            raise InputError(
-                f"--normal-label {cfg.normal_label!r} given, but '{path}' has no 'label' column"
-            )
-        filt = pads.field(LABEL) == cfg.normal_label
-    cols = [
-        c
-        for c in (PATCH_ID, SCAN_ID, IMAGE, HEIGHT, WIDTH, CHANNELS, DTYPE)
-        if c in ds.schema.names
-    ]
-    table = ds.to_table(columns=cols, filter=filt)
-    if table.num_rows == 0:
-        which = f"with label {cfg.normal_label!r} " if cfg.normal_label is not None else ""
-        raise InputError(f"patch table '{path}' has no rows {which}to train on")
-    table = table.sort_by(PATCH_ID)
-    if cfg.max_patches is not None:
-        table = table.slice(0, cfg.max_patches)
-
-    spec = _spec_of_first_row(table, path)
-    pixels, reasons = decode_patches(table, spec)
-    ok = np.array([r is None for r in reasons])
-    if not ok.any():
-        raise InputError(f"patch table '{path}': no readable rows; first problem: {reasons[0]}")
-    digest = hashlib.sha256()
-    ids = table.column(PATCH_ID).to_pylist()
-    scans = table.column(SCAN_ID).to_pylist() if SCAN_ID in table.column_names else ids
-    for i in np.flatnonzero(ok):
-        digest.update(ids[i].encode() + b"\0" + pixels[i].tobytes())
-    kept = np.flatnonzero(ok)
-    return TrainingData(
-        pixels[ok],
-        spec.dtype,
-        digest.hexdigest(),
-        int((~ok).sum()),
-        [ids[i] for i in kept],
-        [scans[i] if scans[i] is not None else ids[i] for i in kept],
-    )
-
-
-def _spec_of_first_row(table, path: str):
-    from anogan_batch.io.patches import DTYPES, PatchSpec
-
-    names = table.column_names
-    if all(c in names for c in (HEIGHT, WIDTH, CHANNELS, DTYPE)):
-        h, w, c, dt = (table.column(k)[0].as_py() for k in (HEIGHT, WIDTH, CHANNELS, DTYPE))
-        if h != w:
-            raise InputError(f"patch table '{path}': patches are {h}x{w}; only square patches")
-        if dt not in DTYPES:
-            raise InputError(f"patch table '{path}': unsupported pixel dtype {dt!r}")
-        return PatchSpec(int(h), int(c), dt)
-    raise InputError(
-        f"patch table '{path}' has no height/width/channels/dtype columns, which training "
-        "needs to know the patch shape (anogan-batch ingest writes them)"
-    )
 
 
 @dataclass
@@ -363,7 +278,7 @@ def train_gan(patches: str, model_dir: str, cfg: TrainConfig, *, progress: bool 
         },
         "data": {
             "source": patches,
-            N_PATCHES: int((~held_out).sum()),
+            "n_patches": int((~held_out).sum()),
             "n_calibration_patches": int(held_out.sum()),
             "skipped_rows": data.skipped,
             "fingerprint_sha256": data.fingerprint,
@@ -384,6 +299,8 @@ def train_gan(patches: str, model_dir: str, cfg: TrainConfig, *, progress: bool 
     )
     _write_artefacts(model_dir, fit.generator, fit.config, history, cfg.seed)
     if held_out.any():
+        from anogan_batch.core.calibrating import calibrate_arrays
+
         calibrate_arrays(
             model_dir,
             data.pixels[held_out],
@@ -448,96 +365,3 @@ def _write_artefacts(model_dir, g, model_cfg, history, seed: int) -> None:
         ylabel="BCE loss",
     )
     storage.write_bytes(storage.join(model_dir, "loss_curve.svg"), svg.encode())
-
-
-def calibrate(
-    model_dir: str,
-    patches: str,
-    *,
-    normal_label: str | None = None,
-    search: SearchConfig | None = None,
-    device: str | None = None,
-) -> dict[str, Any]:
-    """(Re)calibrate a trained model on a site's own normal patches (a patch table), without
-    retraining: the weights and model_id stay, the calibration for `search` is replaced."""
-    from datetime import UTC, datetime
-
-    from anogan_batch.core.modeldir import read_model_card
-
-    card = read_model_card(model_dir)
-    data = load_training_patches(patches, TrainConfig(normal_label=normal_label))
-    spec = card.patch_spec
-    if data.pixels.shape[1:] != (spec.size, spec.size, spec.channels) or data.dtype != spec.dtype:
-        raise InputError(
-            f"patch table '{patches}' holds {data.pixels.shape[1:]} {data.dtype} patches; "
-            f"model '{model_dir}' reads {(spec.size, spec.size, spec.channels)} {spec.dtype}"
-        )
-    record = {
-        "source": patches,
-        "normal_label": normal_label,
-        "held_out_by": "calibrate",
-        "fingerprint_sha256": data.fingerprint,
-        "calibrated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    return calibrate_arrays(
-        model_dir, data.pixels, data.patch_ids, data=record, search=search, device=device
-    )
-
-
-def calibrate_arrays(
-    model_dir: str,
-    pixels: np.ndarray,
-    patch_ids: list[str],
-    *,
-    data: dict[str, Any],
-    search: SearchConfig | None = None,
-    device: str | None = None,
-    batch_size: int = 64,
-) -> dict[str, Any]:
-    """Score normal patches (N, S, S, C) with `search` (default: score's default search for
-    this model), the way a job scores them, and store the scores as the model's calibration
-    for that search. -> {calibration_id, n, search_key}."""
-    import torch
-
-    from anogan_batch.core.calibration import (
-        HEAT_PATCHES,
-        MIN_CALIBRATION,
-        normal_heat,
-        search_key,
-    )
-    from anogan_batch.core.modeldir import load_model, write_calibration
-    from anogan_batch.core.scoring import SearchLimit, search_batch
-    from anogan_batch.core.search import resolve_search
-
-    if len(pixels) < MIN_CALIBRATION:
-        raise InputError(
-            f"{len(pixels)} normal patches to calibrate with; a calibration needs at least "
-            f"{MIN_CALIBRATION} (the smallest p-value is 1/(n+1))"
-        )
-    model = load_model(model_dir)
-    search = resolve_search(search or SearchConfig(), has_encoder=model.encoder is not None)
-    device = pick_device(device or "auto")
-    model.for_scoring(device)
-    # the job's own loop (core/scoring.py): a device fault is raised, never a missing score
-    scores, maps, excluded, limit = [], [], {}, SearchLimit()
-    for lo in range(0, len(pixels), batch_size):
-        ids = patch_ids[lo : lo + batch_size]
-        x = torch.from_numpy(pixels[lo : lo + batch_size])
-        found = search_batch(model, x, ids, search, device, limit)
-        for k, why in found.failed.items():
-            excluded[ids[k]] = why
-        for k in np.flatnonzero(~np.isfinite(found.anomaly)):
-            excluded.setdefault(ids[k], "search produced a non-finite score")
-        finite = np.isfinite(found.anomaly)
-        scores.append(found.anomaly[finite])
-        if sum(len(m) for m in maps) < HEAT_PATCHES:
-            maps.append(found.residual_map[finite])
-    values = np.concatenate(scores)
-    if excluded:  # as the job would quarantine them: named, not dropped in silence
-        first = next(iter(excluded.items()))
-        log.warning("calibration: %d of %d patches not scored, e.g. %r: %s",
-                    len(excluded), len(pixels), *first)  # fmt: skip
-        data = {**data, "excluded": len(excluded), "excluded_example": list(first)}
-    heat = normal_heat(maps, model.config.image_size)
-    calibration_id = write_calibration(model_dir, search, values, data, heat=heat)
-    return {"calibration_id": calibration_id, "n": len(values), "search_key": search_key(search)}

@@ -102,9 +102,10 @@ def write_mosaic_scans(scans: str, truth: str, *, seed: int = 0) -> tuple[int, i
 
 def run_demo(out: str, *, train: bool = False, iterations: int | None = None) -> dict:
     """Run the demo into `out` (its sub-folders are replaced) and print where things are."""
+    from anogan_batch.core.calibrating import calibrate
     from anogan_batch.core.model_config import TrainConfig
     from anogan_batch.core.search_config import SearchConfig
-    from anogan_batch.core.training import calibrate, train_gan
+    from anogan_batch.core.training import train_gan
     from anogan_batch.evaluation.evaluate import evaluate_job
     from anogan_batch.evaluation.report import write_report
     from anogan_batch.job.ingest import ingest
