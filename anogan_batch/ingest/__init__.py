@@ -13,5 +13,5 @@
 - `regions`: a slide's plan and its units cut into patch rows.
 - `series`: DICOM headers grouped and ordered into volumes.
 
-May import io/ and the package's root modules (errors, config); job/ runs it.
+May import io/ and the package's root modules (errors, fields); job/ runs it.
 """

@@ -1,5 +1,6 @@
-"""Bytes in and out, no torch: the bottom layer (may import only errors and config).
+"""Bytes in and out, no torch: the bottom layer (may import only errors and fields).
 
+- `columns`: every table's column names, schemas and column subsets (the one spelling).
 - `storage`: local and s3:// paths alike (walk, read, write, move, open for ranged reads).
 - `s3`: the S3 filesystem, endpoint and region, and the one retry policy.
 - `patches`: the patch table's format (schema, ids, pixel and residual-map encodings).

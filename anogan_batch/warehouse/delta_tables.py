@@ -57,7 +57,7 @@ def append_job_to_delta(out: str, target: WarehouseTarget) -> dict[str, Any]:
     -> {table: rows appended, or "already published"}."""
     finished_job(out)  # clear errors here, not in the child
     _uri(target, JOBS)
-    return _in_child("publish", f"Delta publishing of '{out}'", out, _to_json(target))
+    return _in_child("append", f"Appending '{out}' to the Delta tables", out, _to_json(target))
 
 
 def write_published_ids(target: WarehouseTarget, params: dict[str, Any], dest: str) -> int:
@@ -118,7 +118,7 @@ def _published_ids(target_json: str, params_json: str, dest: str) -> int:
     return write_id_files(scanner.to_batches(), dest)
 
 
-def _publish(out: str, target_json: str) -> dict[str, Any]:
+def _append_job(out: str, target_json: str) -> dict[str, Any]:
     from anogan_batch.io.s3 import object_store_options
 
     manifest = finished_job(out)
@@ -222,7 +222,7 @@ def _exists(uri: str, options: dict | None) -> bool:
 
 if __name__ == "__main__":  # the child of append_job_to_delta and write_published_ids
     try:
-        work = {"publish": _publish, "ids": _published_ids}[sys.argv[1]]
+        work = {"append": _append_job, "ids": _published_ids}[sys.argv[1]]
         result = work(*sys.argv[2:])
     except Exception as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
