@@ -52,6 +52,24 @@ def flag_of(field: dataclasses.Field) -> Flag | None:
     return field.metadata.get("flag")
 
 
+def as_flags(config: Any) -> list[str]:
+    """The command-line words that give a command `config`'s values (a None keeps the
+    command's default): what a program that runs a command for a config passes it."""
+    words: list[str] = []
+    for f in dataclasses.fields(config):
+        flag, value = flag_of(f), getattr(config, f.name)
+        if flag is None or flag.argument or value is None:
+            continue
+        if flag.parse is not None:
+            raise ValueError(f"{f.name}: a field read by a parser has no flag form here")
+        name = flag.option_name(f.name)
+        if isinstance(value, bool):
+            words += [name] if value else ([f"--no-{name[2:]}"] if f.default is True else [])
+        else:
+            words += [name, str(value)]
+    return words
+
+
 def check_int(field: str, value: Any, *, min_value: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(field, value, "must be an integer")

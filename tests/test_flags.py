@@ -11,6 +11,7 @@ import pytest
 import typer.main
 
 from anogan_batch.cli import app
+from anogan_batch.core.search_config import SearchConfig
 from anogan_batch.flags import leaves
 
 COMMANDS = {c.callback.__name__: c for c in app.registered_commands}
@@ -109,3 +110,23 @@ def test_a_bad_option_value_names_the_field(capsys):
     assert "actors" in capsys.readouterr().err
     assert cli.run(["ingest", "s", "o", "--patch-size", "8", "--window", "40"]) == 2
     assert "--window" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "search",
+    [
+        SearchConfig(),
+        SearchConfig(iterations=7, lam=0.3, lr=0.01, seed=4, start="prior", precision="bf16"),
+        SearchConfig(stop_tol=0.02, stop_window=5, min_iterations=3, slots=8, start="encoder"),
+    ],
+)
+def test_a_config_as_flags_reads_back_as_the_same_config(search, monkeypatch):
+    """fields.as_flags (what the bench passes its `score` jobs) round-trips through the CLI."""
+    from anogan_batch import cli
+    from anogan_batch.fields import as_flags
+    from anogan_batch.job import runner
+
+    seen = []
+    monkeypatch.setattr(runner, "run_score_job", lambda cfg: seen.append(cfg) or _stop())
+    assert cli.run(["score", "m", "p", "o", *as_flags(search)]) == 3
+    assert seen[0].search == search

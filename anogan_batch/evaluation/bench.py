@@ -301,15 +301,11 @@ def _score_process(model_dir: str, table: str, out: str, args: list[str]) -> dic
 
 def _search_flags(search) -> list[str]:
     """`score` flags that give the job the same search as `search` in process."""
+    from anogan_batch.fields import as_flags
+
     if search.stop_tol is not None or search.slots is not None:
         raise ValueError("the bench's job figures use the fixed-Γ search")
-    flags = ["--lambda", str(search.lam), "--seed", str(search.seed), "--start", search.start]
-    flags += ["--precision", search.precision]
-    if search.iterations is not None:
-        flags += ["--iterations", str(search.iterations)]
-    if search.lr is not None:
-        flags += ["--lr", str(search.lr)]
-    return flags
+    return as_flags(search)
 
 
 def _job_vs_inprocess(cfg, g, d, e, pixels, search, batch) -> dict[str, Any]:
