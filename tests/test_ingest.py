@@ -298,3 +298,26 @@ def test_specks_on_the_glass_are_not_foreground():
         far = _erode(far)
     assert not (mask & far).any()  # the specks are gone (195 mask pixels without the opening)
     assert (mask & tissue).sum() >= 0.97 * tissue.sum()  # the tissue is not
+
+
+@pytest.mark.parametrize("kind", ["png", "dicom series"])
+def test_s3_past_its_retries_is_raised_never_quarantined(kind, tmp_path, monkeypatch):
+    """A scan file whose bytes S3 cannot deliver after the retry policy is the storage's
+    fault, not the file's: ingest raises (exit 1; a rerun redoes it), and no scan is
+    quarantined as "unreadable"."""
+    from anogan_batch.job import ingest as ingest_job
+    from tests.volumes import write_series
+
+    src = tmp_path / "src"
+    if kind == "png":
+        src.mkdir()
+        Image.fromarray(np.full((32, 32), 200, np.uint8)).save(src / "a.png")
+    else:
+        write_series(src, 4, scout=False)
+
+    def unreachable(f, limit):
+        raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: refused")
+
+    monkeypatch.setattr(ingest_job, "read_file", unreachable)
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        ingest(str(src), str(tmp_path / "out"), IngestConfig(16, engine="local"))

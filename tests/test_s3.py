@@ -248,3 +248,16 @@ def test_a_slide_on_s3_is_read_by_region_in_units(bucket, tmp_path, monkeypatch)
     assert rows.num_rows > 20 and len([k for k in keys(bucket, "slide-patches/") if "-u" in k]) > 1
     want = pads.dataset(tmp_path / "local-patches", format="parquet").to_table()
     assert rows.equals(want.sort_by("patch_id"))
+
+
+def test_read_bytes_holds_no_more_than_its_limit(bucket):
+    """A size from data never becomes an allocation: with a limit, one byte past it is all a
+    read holds of a larger object (the caller then refuses it), on S3 as on disk."""
+    from anogan_batch.io import storage
+
+    body = bytes(range(256)) * 40  # 10,240 bytes
+    boto3.client("s3").put_object(Bucket=bucket, Key="big.bin", Body=body)
+    path = f"s3://{bucket}/big.bin"
+    assert storage.read_bytes(path, 100) == body[:101]
+    assert storage.read_bytes(path, len(body)) == body
+    assert storage.read_bytes(path) == body

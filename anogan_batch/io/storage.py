@@ -209,11 +209,13 @@ def list_files(path: str, *, suffixes: tuple[str, ...] = ()) -> list[str]:
     return sorted(out)
 
 
-def read_bytes(path: str) -> bytes:
+def read_bytes(path: str, limit: int | None = None) -> bytes:
+    """The file's bytes; with `limit`, at most limit + 1 of them, so that a caller can refuse
+    a file over its limit without holding what a size from data asks for."""
     fs, inner = filesystem_for(path)
     try:
         with fs.open_input_stream(inner) as f:
-            return f.read()
+            return f.read() if limit is None else f.read(limit + 1)
     except FileNotFoundError as e:
         raise InputError(f"'{path}' does not exist") from e
 

@@ -166,13 +166,21 @@ def _region_params(cfg: IngestConfig) -> regions.RegionParams:
 def read_file(f: Listed, limit: int) -> bytes:
     """A scan file's bytes, never more than `limit` (a file may have grown since listing)."""
     if storage.is_s3(f.path):
-        raw = storage.read_bytes(f.path)
+        raw = storage.read_bytes(f.path, limit)
     else:
         with open(f.path, "rb") as fh:
             raw = fh.read(limit + 1)
     if len(raw) > limit:
         raise ValueError(f"file is over the {limit:,} bytes a scan may have (see --max-pixels)")
     return raw
+
+
+def raise_storage_faults(e: BaseException) -> None:
+    """Re-raise `e` when it is S3 failing past its retry policy: the storage's fault, not the
+    file's, so never a quarantine reason (exit 1; a rerun resumes). Called first in every
+    handler that quarantines a file or a slice for what reading it raised."""
+    if describe_s3_failure(e) is not None:
+        raise e
 
 
 def process_file(f: Listed, src: str, cfg: IngestConfig) -> tuple[list[dict], list[dict]]:
@@ -185,8 +193,7 @@ def process_file(f: Listed, src: str, cfg: IngestConfig) -> tuple[list[dict], li
         try:
             done = process_region_file(f, src, cfg)
         except Exception as e:  # the header or the plan: this one file is unreadable
-            if describe_s3_failure(e) is not None:  # S3 past its retries: exit 1, not quarantine
-                raise
+            raise_storage_faults(e)
             return [], [_scan_row(path, reason=f"unreadable {ext} file: {_one_line(e)}")]
         if done is not None:
             return done
@@ -199,6 +206,7 @@ def process_file(f: Listed, src: str, cfg: IngestConfig) -> tuple[list[dict], li
             raise ValueError("file is empty (0 bytes)")
         images = reader(raw, cfg.read_options)
     except Exception as e:  # any decoder error means this one file is unreadable
+        raise_storage_faults(e)
         return [], [_scan_row(path, reason=f"unreadable {ext} file: {_one_line(e)}")]
     base_id = scan_id_for(f.name)
     label = label_for(src, f.name) if cfg.label_from_parent else None
@@ -375,7 +383,11 @@ def user_mask(cfg: IngestConfig, scan_id: str) -> np.ndarray | None:
     for suffix in MASK_SUFFIXES:
         path = storage.join(cfg.mask, scan_id + suffix)
         if storage.exists(path):
-            (image,) = READERS[suffix](storage.read_bytes(path), cfg.read_options)[:1]
+            raw = storage.read_bytes(path, cfg.max_file_bytes)
+            if len(raw) > cfg.max_file_bytes:
+                raise ValueError(f"mask '{path}' is over the {cfg.max_file_bytes:,} bytes a "
+                                 "scan may have (see --max-pixels)")  # fmt: skip
+            (image,) = READERS[suffix](raw, cfg.read_options)[:1]
             return image.values
     raise ValueError(f"no mask for scan_id {scan_id!r} in '{cfg.mask}' (looked for "
                      f"{', '.join(scan_id + s for s in MASK_SUFFIXES)})")  # fmt: skip
@@ -572,6 +584,7 @@ def run_volume(item: dict, out: str, cfg: IngestConfig) -> dict:
                 pixels, norm = to_stored(image, cfg.read_options)
                 rows, skipped = cut_scan(pixels, scan_id, item[LABEL], cfg, k)
             except Exception as e:  # this slice is unreadable; the volume's others are not
+                raise_storage_faults(e)
                 scans.append(_scan_row(shown, scan_id=scan_id, slice=k, reason=_one_line(e)))
                 continue
             h, w, c = pixels.shape
