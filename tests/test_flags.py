@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 import typer.main
@@ -130,3 +131,41 @@ def test_a_config_as_flags_reads_back_as_the_same_config(search, monkeypatch):
     monkeypatch.setattr(runner, "run_score_job", lambda cfg: seen.append(cfg) or _stop())
     assert cli.run(["score", "m", "p", "o", *as_flags(search)]) == 3
     assert seen[0].search == search
+
+
+# The flags CONTRACT.md's command table promises (renamed or dropped: never).
+CONTRACT_FLAGS = {
+    "ingest": ("--patch-size", "--stride", "--label-from-parent"),
+    "train": ("--epochs", "--seed", "--normal-label"),
+    "score": (
+        "--iterations",
+        "--lambda",
+        "--batch-size",
+        "--actors",
+        "--gpus-per-actor",
+        "--seed",
+        "--job-id",
+    ),
+    "eval": ("--normal-label",),
+    "report": ("--html",),
+    "demo": ("--out",),
+    "bench": ("--json",),
+}
+CONTRACT = Path(__file__).resolve().parents[2] / "shared" / "CONTRACT.md"
+
+
+def test_every_flag_the_contract_names_is_an_option_of_its_command():
+    group = typer.main.get_command(app)
+    for command, flags in CONTRACT_FLAGS.items():
+        options = {o for p in group.commands[command].params for o in (*p.opts, *p.secondary_opts)}
+        assert set(flags) <= options, f"{command}: {set(flags) - options}"
+
+
+def test_the_contract_names_no_flag_this_test_does_not_hold():
+    if not CONTRACT.exists():
+        pytest.skip("CONTRACT.md is not beside this checkout")
+    for line in CONTRACT.read_text().splitlines():
+        m = re.match(r"\| `anogan-batch (\w+) ([^`]*)`", line)
+        if m:
+            named = set(re.findall(r"--[a-z][a-z0-9-]*", m.group(2)))
+            assert named <= set(CONTRACT_FLAGS[m.group(1)]), (m.group(1), named)

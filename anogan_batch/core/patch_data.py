@@ -10,7 +10,17 @@ import numpy as np
 
 from anogan_batch.core.model_config import TrainConfig
 from anogan_batch.errors import InputError
-from anogan_batch.io.columns import CHANNELS, DTYPE, HEIGHT, IMAGE, LABEL, PATCH_ID, SCAN_ID, WIDTH
+from anogan_batch.io.columns import (
+    CHANNELS,
+    DTYPE,
+    HEIGHT,
+    IMAGE,
+    LABEL,
+    PATCH_ID,
+    SCAN_ID,
+    SHAPE_COLUMNS,
+    WIDTH,
+)
 
 
 @dataclass
@@ -76,8 +86,8 @@ def _spec_of_first_row(table, path: str):
     from anogan_batch.io.patches import DTYPES, PatchSpec
 
     names = table.column_names
-    if all(c in names for c in (HEIGHT, WIDTH, CHANNELS, DTYPE)):
-        h, w, c, dt = (table.column(k)[0].as_py() for k in (HEIGHT, WIDTH, CHANNELS, DTYPE))
+    if all(c in names for c in (*SHAPE_COLUMNS, DTYPE)):
+        h, w, c, dt = (table.column(k)[0].as_py() for k in (*SHAPE_COLUMNS, DTYPE))
         if h != w:
             raise InputError(f"patch table '{path}': patches are {h}x{w}; only square patches")
         if dt not in DTYPES:

@@ -106,10 +106,8 @@ def score_params(search: SearchConfig) -> dict:
 def key_fields(search: SearchConfig) -> dict:
     """A (resolved) search's SCORE_FIELDS under the config's names, without the stopping
     rule's knobs when it is off: what core/calibration.search_key hashes."""
-    fields = {f: getattr(search, f) for f in SCORE_FIELDS}
-    if search.stop_tol is None:
-        fields = {f: v for f, v in fields.items() if f not in STOPPING_KNOBS}
-    return fields
+    stopping = search.stop_tol is not None
+    return {f: getattr(search, f) for f in SCORE_FIELDS if stopping or f not in STOPPING_KNOBS}
 
 
 def describe(params: dict) -> str:

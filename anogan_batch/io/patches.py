@@ -21,16 +21,14 @@ import pyarrow as pa
 
 from anogan_batch.errors import InputError
 from anogan_batch.io.columns import (
-    CHANNELS,
     DTYPE,
-    HEIGHT,
     IMAGE,
     INT_COLUMNS,
     PATCH_ID,
     REQUIRED_COLUMNS,
     SCAN_ID,
+    SHAPE_COLUMNS,
     STRING_COLUMNS,
-    WIDTH,
     X,
     Y,
     ingest_schema,
@@ -165,9 +163,9 @@ def _shapes(table: pa.Table) -> list[tuple[int, int, int] | None]:
     """Each row's (height, width, channels), or None where the table does not say (columns
     absent, or a null in the row): such a row is checked by its byte length alone."""
     n = table.num_rows
-    if not all(c in table.column_names for c in (HEIGHT, WIDTH, CHANNELS)):
+    if not all(c in table.column_names for c in SHAPE_COLUMNS):
         return [None] * n
-    h, w, c = (table.column(name).to_pylist() for name in (HEIGHT, WIDTH, CHANNELS))
+    h, w, c = (table.column(name).to_pylist() for name in SHAPE_COLUMNS)
     return [None if None in s else s for s in zip(h, w, c, strict=True)]
 
 

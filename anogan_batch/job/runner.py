@@ -30,14 +30,12 @@ from anogan_batch.core.search_config import SearchConfig, score_params
 from anogan_batch.errors import InputError, redact
 from anogan_batch.io import storage
 from anogan_batch.io.columns import (
-    CHANNELS,
     DTYPE,
-    HEIGHT,
     IMAGE,
     MODEL_ID,
     PATCH_ID,
     REASON,
-    WIDTH,
+    SHAPE_COLUMNS,
 )
 from anogan_batch.job.layout import JobLayout
 from anogan_batch.job.manifest import JobManifest, check_rerun, new_job_id, now
@@ -122,12 +120,12 @@ def prepare(cfg: ScoreJobConfig) -> Preflight:
     table = inspect_patch_table(cfg.patches)
     if table.rows == 0:
         raise InputError(f"patch table '{cfg.patches}' is empty: nothing to score")
-    sample = first_rows(ds, [PATCH_ID, IMAGE, HEIGHT, WIDTH, CHANNELS, DTYPE])
+    sample = first_rows(ds, [PATCH_ID, IMAGE, *SHAPE_COLUMNS, DTYPE])
     cols = sample.column_names
     image = sample.column(IMAGE)[0].as_py()
     shape = None
-    if all(c in cols for c in (HEIGHT, WIDTH, CHANNELS)):
-        shape = tuple(int(sample.column(c)[0].as_py() or 0) for c in (HEIGHT, WIDTH, CHANNELS))
+    if all(c in cols for c in SHAPE_COLUMNS):
+        shape = tuple(int(sample.column(c)[0].as_py() or 0) for c in SHAPE_COLUMNS)
     dtype = sample.column(DTYPE)[0].as_py() if DTYPE in cols else None
     problem = row_problem(card.patch_spec, None if image is None else len(image), shape, dtype)
     if problem is not None:
