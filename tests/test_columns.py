@@ -22,6 +22,10 @@ OTHER_MEANINGS = {
     ("core/modeldir.py", "heat"),
     ("core/modeldir.py", "anomaly_score"),
     ("core/training.py", "n_patches"),  # model.json's count of training patches
+    ("core/training.py", "source"),  # model.json: the table trained / calibrated on
+    ("core/calibrating.py", "source"),
+    ("core/training.py", "normalisation"),  # model.json: the pixel normalisation learnt
+    ("core/modeldir.py", "normalisation"),
     ("job/runner.py", "heat"),  # the calibration record's heat scale (core/modeldir.py)
     ("core/calibration.py", "cell"),  # the heat scale's record
     ("io/readers.py", "image"),  # the size check's name for a decoded image

@@ -32,6 +32,7 @@ from anogan_batch.io.columns import (
     X,
     Y,
 )
+from anogan_batch.io.patches import INGEST_RECORD
 
 TILE = 256
 PATCH = 256
@@ -56,7 +57,7 @@ def run_slide_bench(side: int, folder: str | None = None) -> dict[str, Any]:
     figures["raw_decode"] = raw_decode_rate(path)
     out = os.path.join(root, "patches")
     run = _run_sampled(["ingest", slides, out, "--patch-size", str(PATCH)])
-    with open(os.path.join(out, "_ingest.json")) as f:
+    with open(os.path.join(out, INGEST_RECORD)) as f:
         summary = json.load(f)
     pixels = summary["patches"] * PATCH * PATCH
     figures["ingest"] = {

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from anogan_batch.io.columns import SCAN_ID, SLICE
+from anogan_batch.io.columns import PATH, SCAN_ID, SLICE
+from anogan_batch.io.patches import INGEST_RECORD, SCANS_FILE
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
@@ -120,15 +121,15 @@ def run_volume_bench(folder: str | None = None, slices: int = 300) -> dict[str, 
         out = root / f"{name}-patches"
         run = _run_sampled(["ingest", str(root / name), str(out), "--patch-size", "64",
                             "--window", "40,400", "--engine", "local"])  # fmt: skip
-        scans = pq.read_table(out / "_scans.parquet").to_pylist()
-        with open(out / "_ingest.json") as f:
+        scans = pq.read_table(out / SCANS_FILE).to_pylist()
+        with open(out / INGEST_RECORD) as f:
             summary = json.load(f)
         figures[name] = {**run, "scans": summary["scans"], "patches": summary["patches"],
                          "file_mb": round(sum(p.stat().st_size for p in (root / name).rglob("*")
                                                   if p.is_file()) / 2**20, 1)}  # fmt: skip
         if name == "dicom":
             volume = [s for s in scans if s[SLICE] is not None]
-            in_order = [os.path.basename(s["path"]) for s in sorted(volume, key=lambda s: s[SLICE])]
+            in_order = [os.path.basename(s[PATH]) for s in sorted(volume, key=lambda s: s[SLICE])]
             figures[name]["one_volume_in_position_order"] = in_order == made["order"]
             figures[name]["scout_on_its_own"] = any(s[SCAN_ID].endswith("/SCOUT")
                                                     for s in scans)  # fmt: skip

@@ -4,8 +4,9 @@ subsets each table is read or written by (docs/schema.md is the users' descripti
 Other modules use these names, never the string: tests/test_columns.py holds every column to
 one spelling. Light on purpose (pyarrow loads when a schema is first built).
 
-Tables: the patch table (input; what ingest writes), and a job's outputs under OUT:
-patch_scores, scan_scores, heatmaps and quarantine (job/layout.JobLayout names their folders).
+Tables: the patch table (input; what ingest writes) and ingest's _scans beside it
+(io/patches.SCANS_FILE), and a job's outputs under OUT: patch_scores, scan_scores, heatmaps
+and quarantine (job/layout.JobLayout names their folders).
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ MAX_HEAT, MEAN_HEAT = "max_heat", "mean_heat"
 OVERLAY = "overlay"
 HEATMAP_SKIPPED = "heatmap_skipped"
 
+# --- ingest's _scans table (io/patches.SCANS_FILE): a row a scan, a slice or an unreadable file
+PATH = "path"  # the file, as listed
+N_SKIPPED = "n_skipped"  # patches below --min-foreground
+NORMALISATION = "normalisation"  # how values became stored pixels (JSON)
+DOWNSAMPLE = "downsample"  # level-0 pixels per pixel read
+SOURCE = "source"  # format, backend, levels, pyramid (JSON)
+WARNING = "warning"  # why an asked resolution was not used
+
 # --- the warehouse's lineage column (warehouse/job_rows.py)
 JOB_STARTED_AT = "job_started_at"
 
@@ -82,6 +91,10 @@ SUMMARY_COLUMNS = (
 MAP_COLUMNS = (
     HEIGHT, WIDTH, HEAT_SLICE, CELL, GRID_HEIGHT, GRID_WIDTH, HEATMAP, MAX_HEAT, MEAN_HEAT,
     OVERLAY, HEATMAP_SKIPPED,
+)  # fmt: skip
+SCANS_COLUMNS = (
+    PATH, SCAN_ID, LABEL, HEIGHT, WIDTH, CHANNELS, DTYPE, N_PATCHES, N_SKIPPED, NORMALISATION,
+    REASON, LEVEL, DOWNSAMPLE, MPP, SOURCE, WARNING, SLICE,
 )  # fmt: skip
 # per patch, several KB: they stay in the job's own Parquet files (docs/warehouse.md)
 ARRAY_COLUMNS = (RESIDUAL_MAP, LATENT, HEAT, THUMB)
@@ -187,3 +200,16 @@ def scan_schema(heatmaps: bool) -> pa.Schema:
         (HEATMAP_SKIPPED, pa.string()),
     ]
     return pa.schema(summary + (maps if heatmaps else []))
+
+
+def scans_schema(*extra: str) -> pa.Schema:
+    """Ingest's _scans table (SCANS_COLUMNS), and `extra` string columns of its own."""
+    import pyarrow as pa
+
+    ints = (HEIGHT, WIDTH, CHANNELS, N_PATCHES, N_SKIPPED, LEVEL, SLICE)
+    floats = (DOWNSAMPLE, MPP)
+
+    def typed(name: str) -> pa.DataType:
+        return pa.int64() if name in ints else pa.float64() if name in floats else pa.string()
+
+    return pa.schema([(name, typed(name)) for name in (*SCANS_COLUMNS, *extra)])

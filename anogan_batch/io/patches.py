@@ -39,6 +39,11 @@ from anogan_batch.io.columns import (
 # level and the µm per pixel read
 PATCH_SCHEMA = patch_schema()
 INGEST_SCHEMA = ingest_schema()
+# What ingest writes beside a patch table's part files (docs/schema.md): its counts and pixel
+# normalisation (job/ingest.IngestSummary), a row a scan, a row an unreadable file or region
+INGEST_RECORD = "_ingest.json"
+SCANS_FILE = "_scans.parquet"
+QUARANTINE_FILE = "_quarantine.parquet"
 DTYPES = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
 
 

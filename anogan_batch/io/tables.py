@@ -20,13 +20,14 @@ from anogan_batch.io.columns import (
     HEIGHT,
     IMAGE,
     LABEL,
+    NORMALISATION,
     PATCH_ID,
     SCAN_ID,
     WIDTH,
     X,
     Y,
 )
-from anogan_batch.io.patches import check_columns
+from anogan_batch.io.patches import INGEST_RECORD, check_columns
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -378,10 +379,10 @@ def table_normalisation(path: str) -> dict | None:
     """The pixel normalisation ingest recorded for a patch table, or None when unrecorded
     (a table not written by `ingest`). A table mixing several is an error: one model can
     only have learned one."""
-    record = storage.join(path, "_ingest.json")
+    record = storage.join(path, INGEST_RECORD)
     if not storage.exists(record):
         return None
-    norms = storage.read_json(record).get("normalisation") or []
+    norms = storage.read_json(record).get(NORMALISATION) or []
     if len(norms) > 1:
         raise InputError(
             f"patch table '{path}' mixes pixel normalisations {norms}; ingest scans of each "

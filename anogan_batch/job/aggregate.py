@@ -26,6 +26,7 @@ from anogan_batch.core.calibration import bonferroni, heat_cell
 from anogan_batch.io import storage
 from anogan_batch.io.columns import (
     ANOMALY_SCORE,
+    DOWNSAMPLE,
     HEAT,
     HEAT_SLICE,
     HEIGHT,
@@ -53,6 +54,7 @@ from anogan_batch.io.columns import (
     Y,
     scan_schema,
 )
+from anogan_batch.io.patches import SCANS_FILE
 from anogan_batch.job.heatmaps import Cells, HeatmapGeometry, ScanSize, render_scan
 from anogan_batch.job.layout import JobLayout
 
@@ -140,7 +142,7 @@ def _union_schema():
             (P_VALUE, pa.float64()),
             (HEAT, pa.binary()),  # the patch's heat cells (float16)
             (THUMB, pa.binary()),  # its pixels per cell (uint8)
-            ("downsample", pa.float64()),  # a scan's level-0 pixels per pixel read
+            (DOWNSAMPLE, pa.float64()),  # a scan's level-0 pixels per pixel read
         ]
     )
 
@@ -153,8 +155,8 @@ def to_union_rows(batch, kind: str):
     cols = {SCAN_ID: batch.column(SCAN_ID), "kind": pa.array([kind] * n, pa.string())}
     if kind == SIZE:  # the scan's size rides in x (width) and y (height)
         cols |= {X: batch.column(WIDTH), Y: batch.column(HEIGHT)}
-        if "downsample" in batch.column_names:
-            cols["downsample"] = batch.column("downsample")
+        if DOWNSAMPLE in batch.column_names:
+            cols[DOWNSAMPLE] = batch.column(DOWNSAMPLE)
     else:
         cols |= {X: batch.column(X), Y: batch.column(Y)}
     if kind == SCORE:
@@ -238,7 +240,7 @@ def _recorded(group: dict[str, np.ndarray]) -> ScanSize | None:
     None when unknown or not positive. The size rides in x (width) and y (height)."""
     for i in np.flatnonzero(group["kind"] == SIZE):
         w, h = _position(group[X][i]), _position(group[Y][i])
-        ds = group["downsample"][i] if "downsample" in group else None
+        ds = group[DOWNSAMPLE][i] if DOWNSAMPLE in group else None
         ds = float(ds) if ds is not None and np.isfinite(ds) and 0 < ds < 2**20 else 1.0
         if w is not None and h is not None and w > 0 and h > 0:
             return ScanSize(h, w, ds)
@@ -340,10 +342,10 @@ def _inputs(out: str, patches: str, heatmaps: tuple | None) -> list[tuple[str, l
     score_cols += [c for c in wanted if c in stored]
     inputs = [(JobLayout(out).patch_scores, score_cols, SCORE)]
     if heatmaps:
-        scans_file = storage.join(patches, "_scans.parquet")
+        scans_file = storage.join(patches, SCANS_FILE)
         if storage.exists(scans_file):
             cols = [SCAN_ID, HEIGHT, WIDTH]
-            cols += [c for c in ("downsample",) if c in table_columns(scans_file)]
+            cols += [c for c in (DOWNSAMPLE,) if c in table_columns(scans_file)]
             inputs.append((scans_file, cols, SIZE))
     return inputs
 

@@ -41,6 +41,7 @@ from anogan_batch.ingest.plan import cut_patches
 from anogan_batch.io import storage
 from anogan_batch.io.columns import (
     CHANNELS,
+    DOWNSAMPLE,
     DTYPE,
     HEIGHT,
     IMAGE,
@@ -48,15 +49,28 @@ from anogan_batch.io.columns import (
     LEVEL,
     MPP,
     N_PATCHES,
+    N_SKIPPED,
+    NORMALISATION,
     PATCH_ID,
+    PATH,
     REASON,
     SCAN_ID,
+    SCANS_COLUMNS,
     SLICE,
+    SOURCE,
     WIDTH,
     X,
     Y,
+    scans_schema,
 )
-from anogan_batch.io.patches import INGEST_SCHEMA, encode_pixels, patch_id_for
+from anogan_batch.io.patches import (
+    INGEST_RECORD,
+    INGEST_SCHEMA,
+    QUARANTINE_FILE,
+    SCANS_FILE,
+    encode_pixels,
+    patch_id_for,
+)
 from anogan_batch.io.readers import READERS, slice_suffix, suffix_of, to_stored
 from anogan_batch.io.s3 import describe_s3_failure
 from anogan_batch.io.storage import Listed
@@ -64,14 +78,6 @@ from anogan_batch.job.ingest_config import AUTO_RAY_FILES, AUTO_RAY_UNITS, Inges
 
 # files whose slices get '@0007'
 VOLUME_SUFFIXES = (".npy", ".tif", ".tiff", ".dcm", ".dicom", ".nii", ".nii.gz")
-SCAN_FIELDS = (
-    "path", SCAN_ID, LABEL, HEIGHT, WIDTH, CHANNELS, DTYPE,
-    N_PATCHES, "n_skipped", "normalisation", REASON,
-    # how the scan was read: level, level-0 pixels per pixel read, µm per pixel read, the
-    # source (format, backend, levels, pyramid: JSON) and why an asked resolution was not used
-    LEVEL, "downsample", MPP, "source", "warning",
-    SLICE,  # the row's slice of a volume (a volume has a row a slice; null otherwise)
-)  # fmt: skip
 UNITS = "_units"  # a region scan's deferred work units (JSON), between the two phases
 FLUSH_BYTES = 64 * 2**20  # a unit's rows written out at about this many bytes
 
@@ -147,8 +153,8 @@ def _suffix(name: str) -> str:
 
 
 def _scan_row(path: str, **values) -> dict:
-    row = dict.fromkeys(SCAN_FIELDS)
-    row.update({"path": path, N_PATCHES: 0, "n_skipped": 0, **values})
+    row = dict.fromkeys(SCANS_COLUMNS)
+    row.update({PATH: path, N_PATCHES: 0, N_SKIPPED: 0, **values})
     return row
 
 
@@ -444,23 +450,14 @@ def _ray_ingest_batch(batch: dict, src: str, out: str, cfg: IngestConfig):
 
     files = [
         Listed(os.fsdecode(bytes(p)), str(n), int(z))
-        for p, n, z in zip(batch["path"], batch["name"], batch["size"], strict=True)
+        for p, n, z in zip(batch[PATH], batch["name"], batch["size"], strict=True)
     ]
     scans = ingest_chunk(files, src, out, cfg)
     return pa.Table.from_pylist(scans, schema=_scan_schema())
 
 
 def _scan_schema(units: bool = True):
-    import pyarrow as pa
-
-    ints = (HEIGHT, WIDTH, CHANNELS, N_PATCHES, "n_skipped", LEVEL, SLICE)
-    floats = ("downsample", MPP)
-
-    def typed(name: str):
-        return pa.int64() if name in ints else pa.float64() if name in floats else pa.string()
-
-    names = SCAN_FIELDS + ((UNITS,) if units else ())
-    return pa.schema([(name, typed(name)) for name in names])
+    return scans_schema(*((UNITS,) if units else ()))
 
 
 # ---- the second phase: a region scan's work units, one task each ---------------------------
@@ -472,12 +469,12 @@ def unit_items(scans: list[dict], files: dict[str, Listed]) -> list[dict]:
     for scan in scans:
         if not scan.get(UNITS):
             continue
-        f = files[scan["path"]]
+        f = files[scan[PATH]]
         for index, rows in enumerate(json.loads(scan[UNITS])):
             items.append({
-                "path": os.fsencode(f.path), "name": f.name, "shown": f.shown,
+                PATH: os.fsencode(f.path), "name": f.name, "shown": f.shown,
                 SCAN_ID: scan[SCAN_ID], LABEL: scan[LABEL], LEVEL: scan[LEVEL],
-                "downsample": scan["downsample"], MPP: scan[MPP], "index": index,
+                DOWNSAMPLE: scan[DOWNSAMPLE], MPP: scan[MPP], "index": index,
                 "rows": rows,
             })  # fmt: skip
     return items
@@ -490,10 +487,10 @@ def run_unit(item: dict, out: str, cfg: IngestConfig) -> dict:
 
     from anogan_batch.ingest.levels import Resolution
 
-    path = os.fsdecode(bytes(item["path"]))
+    path = os.fsdecode(bytes(item[PATH]))
     source = regions.cached_source(path, cfg.max_pixels)
     lv = source.levels[int(item[LEVEL])]
-    ds = float(item["downsample"])
+    ds = float(item[DOWNSAMPLE])
     res = Resolution(int(item[LEVEL]), ds / lv.downsample, ds, item[MPP], None)
     rows = regions.rows_from_json(item["rows"])
     key = hashlib.sha1(str(item["name"]).encode("utf-8", "surrogatepass")).hexdigest()[:16]
@@ -556,7 +553,7 @@ def plan_series(files: list[Listed], src: str, cfg: IngestConfig) -> tuple[list[
         items.append({
             "kind": "volume", "index": len(items), SCAN_ID: scan_id, "name": first.name,
             LABEL: label_for(src, first.name) if cfg.label_from_parent else None,
-            "members": json.dumps(members), "source": json.dumps(about),
+            "members": json.dumps(members), SOURCE: json.dumps(about),
         })  # fmt: skip
     return items, [f for f in files if f.name not in in_volumes]
 
@@ -592,7 +589,7 @@ def run_volume(item: dict, out: str, cfg: IngestConfig) -> dict:
                 shown, scan_id=scan_id, label=item[LABEL], height=h, width=w, channels=c,
                 dtype=pixels.dtype.name, n_patches=len(rows), n_skipped=skipped,
                 normalisation=json.dumps(norm, sort_keys=True), level=0, downsample=1.0,
-                source=item["source"], slice=k,
+                source=item[SOURCE], slice=k,
             ))  # fmt: skip
             pending.extend(rows)
             if sum(len(r[IMAGE]) for r in pending) >= FLUSH_BYTES:
@@ -683,7 +680,7 @@ def _run_chunks(files: list[Listed], src: str, out: str, cfg: IngestConfig, use_
     # several chunks per CPU so a slow file does not leave the rest idle
     n_chunks = max(1, min(len(files), 4 * cpus))
     # paths travel as bytes: a local file name need not be UTF-8, and Arrow strings must be
-    items = [{"path": os.fsencode(f.path), "name": f.name, "size": f.size} for f in files]
+    items = [{PATH: os.fsencode(f.path), "name": f.name, "size": f.size} for f in files]
     with job_data_context():
         ds = ray.data.from_items(items, override_num_blocks=n_chunks)
         ds = ds.map_batches(
@@ -711,7 +708,7 @@ def _prepare_out(out: str, plan_key: str) -> bool:
     one's: of the same command, it is resumed (-> True), its finished work units kept; of
     other parameters, it is replaced."""
     plan = storage.join(out, PLAN_FILE)
-    if storage.exists(storage.join(out, "_ingest.json")):
+    if storage.exists(storage.join(out, INGEST_RECORD)):
         storage.delete(out)
     elif storage.exists(plan):
         if storage.read_json(plan).get("key") == plan_key:
@@ -758,18 +755,18 @@ def ingest(src: str, out: str, cfg: IngestConfig) -> IngestSummary:
 
     good = [s for s in scans if s[REASON] is None]
     bad = [s for s in scans if s[REASON] is not None]
-    norms = sorted({s["normalisation"] for s in good})
+    norms = sorted({s[NORMALISATION] for s in good})
     summary = IngestSummary(
         files=listed + len(refused),
         scans=len({s[SCAN_ID] for s in good}),
         patches=sum(s[N_PATCHES] for s in good),
-        skipped_patches=sum(s["n_skipped"] for s in good),
+        skipped_patches=sum(s[N_SKIPPED] for s in good),
         quarantined=len(bad),
         normalisation=[json.loads(n) for n in norms],
         engine="ray" if use_ray else "local",
         params={"src": src, **asdict(cfg)},
     )
-    for name, rows in (("_scans.parquet", good), ("_quarantine.parquet", bad)):
+    for name, rows in ((SCANS_FILE, good), (QUARANTINE_FILE, bad)):
         if rows:
             fs, inner = storage.filesystem_for(storage.join(out, name))
             with fs.open_output_stream(inner) as f:
@@ -783,5 +780,5 @@ def ingest(src: str, out: str, cfg: IngestConfig) -> IngestSummary:
             why = f"all {summary.skipped_patches} patches fell below --min-foreground"
         raise InputError(f"ingest of '{src}' produced no patches: {why}")
     summary.seconds = round(time.time() - started, 3)
-    storage.write_json(storage.join(out, "_ingest.json"), asdict(summary))
+    storage.write_json(storage.join(out, INGEST_RECORD), asdict(summary))
     return summary
