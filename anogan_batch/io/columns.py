@@ -166,6 +166,7 @@ def scorer_schema() -> pa.Schema:
     )
 
 
+@cache
 def scan_schema(heatmaps: bool) -> pa.Schema:
     """The columns of OUT/scan_scores (and, with `heatmaps`, of OUT/heatmaps), typed once so
     that every file of the table has one schema whatever nulls its scans hold."""
